@@ -1,0 +1,163 @@
+//! Types shared by the eBPF programs and the daemon: map keys, map values,
+//! event records and counter indices.
+//!
+//! Every type is `#[repr(C)]` with explicit padding, because hash and LPM
+//! lookups compare raw bytes: an uninitialised padding byte would make two
+//! equal keys differ. Sizes are pinned with `const` assertions so a layout
+//! change cannot slip through unnoticed; any change to a type here must bump
+//! [`LAYOUT_VERSION`].
+#![no_std]
+
+use core::mem::size_of;
+
+/// Version of the pinned map layout. A daemon refuses to adopt pinned maps
+/// whose `LAYOUT` map holds another value.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Number of slots of the first-level IPv4 table: one per /24.
+pub const V4_L1_SLOTS: u32 = 1 << 24;
+/// Low bits of a v4 first-level slot: one bit per prefix length 25..=32
+/// present below that /24 (bit `len - 25`).
+pub const V4_L1_LEN_BITS: u32 = 8;
+/// Largest rule index a first-level slot can name (24 bits).
+pub const MAX_RULE_INDEX: u32 = (1 << 24) - 1;
+
+/// Shortest IPv6 prefix held in the v6 first level (one hash entry per /32);
+/// shorter drop prefixes are expanded into /32s.
+pub const V6_L1_PREFIX: u32 = 32;
+/// Shortest IPv6 drop prefix accepted (expanded into at most 2^8 /32s).
+pub const V6_MIN_DROP_PREFIX: u32 = 24;
+/// Shortest IPv4 drop prefix accepted (expanded into at most 2^16 /24 slots).
+pub const V4_MIN_DROP_PREFIX: u32 = 8;
+
+/// Packs a v4 first-level slot.
+#[inline(always)]
+pub const fn v4_slot(rule: u32, long_bits: u8) -> u32 {
+    (rule << V4_L1_LEN_BITS) | long_bits as u32
+}
+
+/// Key of the v4 long-prefix hash (prefix lengths 25..=32).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct V4LongKey {
+    /// Address masked to `len` bits, host byte order (numeric value).
+    pub addr: u32,
+    /// Prefix length, 25..=32.
+    pub len: u32,
+}
+const _: () = assert!(size_of::<V4LongKey>() == 8);
+
+/// Value of the v6 first-level hash, keyed by the address's top 32 bits
+/// (host byte order `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V6L1Value {
+    /// Rule index of the longest prefix of length <= 32 covering this /32,
+    /// 0 for none.
+    pub rule: u32,
+    /// Bit `len - 33` set when a prefix of length 33..=64 exists below.
+    pub bits_33_64: u32,
+    /// Bit `len - 65` set when a prefix of length 65..=128 exists below.
+    pub bits_65_128: u64,
+}
+const _: () = assert!(size_of::<V6L1Value>() == 16);
+
+/// Key of the v6 long-prefix hash (prefix lengths 33..=128).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct V6LongKey {
+    /// High 64 bits of the masked address, host byte order.
+    pub hi: u64,
+    /// Low 64 bits of the masked address, host byte order.
+    pub lo: u64,
+    /// Prefix length, 33..=128.
+    pub len: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<V6LongKey>() == 24);
+
+/// One drop rule, indexed by rule index in `DROP_RULES` (index 0 unused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropRule {
+    /// CLOCK_MONOTONIC ns after which the rule no longer drops; 0 = never.
+    /// Userspace stores the latest expiry of this rule and every rule that
+    /// covers it, so an expired longest match means nothing covering drops.
+    pub expires_ns: u64,
+    /// One of the `REASON_*` codes.
+    pub reason: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<DropRule>() == 16);
+
+/// Drop-list reasons (also the counter offset from [`C_DROP_LIST_BASE`]).
+pub const REASON_MANUAL: u32 = 1;
+pub const REASON_DENIED: u32 = 2;
+pub const REASON_AUTO: u32 = 3;
+pub const REASON_IMPORT: u32 = 4;
+pub const REASON_MAX: u32 = 7;
+
+/// Key of `GUARD_PORTS`: `(proto << 16) | port`, port in host byte order.
+#[inline(always)]
+pub const fn guard_port_key(proto: u8, port: u16) -> u32 {
+    ((proto as u32) << 16) | port as u32
+}
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Services a guarded port belongs to (value of `GUARD_PORTS`).
+pub const SERVICE_API: u32 = 1;
+pub const SERVICE_SMTP: u32 = 2;
+
+/// Verdicts carried by events.
+pub const VERDICT_DROP_LIST: u32 = 1;
+pub const VERDICT_DROP_GUARD: u32 = 2;
+
+/// A kernel drop, reported through the `EVENTS` ring buffer (at most one per
+/// source per second).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// CLOCK_MONOTONIC ns.
+    pub ts_ns: u64,
+    /// Source address, network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub saddr: [u8; 16],
+    pub ifindex: u32,
+    /// Destination port, host byte order (0 when not TCP/UDP).
+    pub dport: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub proto: u8,
+    /// `VERDICT_*`.
+    pub verdict: u32,
+    /// `REASON_*` for drop-list drops, `SERVICE_*` for guard drops.
+    pub reason: u32,
+}
+const _: () = assert!(size_of::<DropEvent>() == 40);
+
+/// Indices into the per-CPU `STATS` array.
+pub const C_PASS: u32 = 0;
+pub const C_DROP_GUARD: u32 = 1;
+pub const C_EVENTS_SENT: u32 = 2;
+pub const C_EVENTS_RATE_LIMITED: u32 = 3;
+pub const C_EVENTS_LOST: u32 = 4;
+pub const C_MALFORMED: u32 = 5;
+pub const C_DROP_GUARD_SMTP: u32 = 6;
+/// `C_DROP_LIST_BASE + reason` counts drop-list drops per reason.
+pub const C_DROP_LIST_BASE: u32 = 8;
+pub const STATS_SLOTS: u32 = C_DROP_LIST_BASE + REASON_MAX + 1;
+
+/// Ring buffer size (bytes; power of two, multiple of the page size).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Minimum interval between two events about one source.
+pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for V4LongKey {}
+    unsafe impl aya::Pod for V6L1Value {}
+    unsafe impl aya::Pod for V6LongKey {}
+    unsafe impl aya::Pod for DropRule {}
+    unsafe impl aya::Pod for DropEvent {}
+}

@@ -1,0 +1,417 @@
+//! `edge_filter`: the XDP program on the edge interfaces.
+//!
+//! Order of checks for every IPv4/IPv6 packet (one 802.1Q/802.1ad tag is
+//! looked through; anything else passes untouched):
+//!
+//! 1. IPv6 neighbour discovery always passes (never break ND, like ARP).
+//! 2. Drop list: the source's longest matching drop prefix, unless expired,
+//!    drops the packet.
+//! 3. Guard: a connection-opening packet (TCP SYN without ACK, or any UDP
+//!    datagram) to a port in `GUARD_PORTS` from a source outside the guard
+//!    union of that family is dropped.
+//!
+//! Every drop is counted per reason and reported to userspace through the
+//! `EVENTS` ring buffer, at most once per source per second.
+//!
+//! Fail-open everywhere: a packet this program cannot parse, or a map lookup
+//! that cannot be made, passes. The filter narrows what reaches the host; it
+//! must never cut the host off because of a bug or a malformed frame.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use allowlist_common::{
+    C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
+    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, EVENT_INTERVAL_NS, EVENTS_BYTES,
+    PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_SMTP, STATS_SLOTS, V4_L1_LEN_BITS, V4_L1_SLOTS,
+    V4LongKey, V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST, guard_port_key,
+};
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_ktime_get_ns,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::XdpContext,
+};
+
+/// `BPF_F_NO_PREALLOC`: required for LPM tries, and keeps hash maps from
+/// reserving their full capacity up front.
+const NO_PREALLOC: u32 = 1;
+/// `BPF_F_MMAPABLE`: the daemon writes the 16M-slot v4 table through mmap,
+/// since expanding a short prefix touches up to 65536 slots.
+const MMAPABLE: u32 = 1 << 10;
+
+/// Default capacities; the daemon overrides them from its configuration.
+const DEFAULT_RULES: u32 = 1 << 20;
+const DEFAULT_LONG: u32 = 1 << 20;
+const DEFAULT_GUARD: u32 = 1 << 18;
+
+/// Layout version of the pinned maps (slot 0), written by the daemon.
+#[map]
+static LAYOUT: Array<u32> = Array::pinned(1, 0);
+
+/// v4 drop first level: one slot per /24; see `allowlist_common::v4_slot`.
+#[map]
+static DROP4_L1: Array<u32> = Array::pinned(V4_L1_SLOTS, MMAPABLE);
+/// v4 drop prefixes of length 25..=32 -> rule index.
+#[map]
+static DROP4_LONG: HashMap<V4LongKey, u32> = HashMap::pinned(DEFAULT_LONG, NO_PREALLOC);
+/// v6 drop first level: top 32 bits -> rule for <= /32 + lengths below.
+#[map]
+static DROP6_L1: HashMap<u32, V6L1Value> = HashMap::pinned(DEFAULT_LONG, NO_PREALLOC);
+/// v6 drop prefixes of length 33..=128 -> rule index.
+#[map]
+static DROP6_LONG: HashMap<V6LongKey, u32> = HashMap::pinned(DEFAULT_LONG, NO_PREALLOC);
+/// Rule index -> reason and expiry, shared by both families.
+#[map]
+static DROP_RULES: Array<DropRule> = Array::pinned(DEFAULT_RULES, 0);
+
+/// Guard unions: every source that some rule could allow.
+#[map]
+static GUARD4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
+#[map]
+static GUARD6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
+/// `guard_port_key(proto, port)` -> `SERVICE_*`, for services whose blocking
+/// is active.
+#[map]
+static GUARD_PORTS: HashMap<u32, u32> = HashMap::pinned(1024, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_SLOTS, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+/// Source (v4 as ::ffff:a.b.c.d) -> time of its last event.
+#[map]
+static EVENT_LAST: LruHashMap<[u8; 16], u64> = LruHashMap::pinned(65536, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const IPPROTO_ICMPV6: u8 = 58;
+
+#[xdp]
+pub fn edge_filter(ctx: XdpContext) -> u32 {
+    match try_edge_filter(&ctx) {
+        Ok(action) => action,
+        Err(()) => {
+            count(C_MALFORMED);
+            XDP_PASS
+        }
+    }
+}
+
+/// Pointer to a `T` at `offset` into the packet, if the packet is long enough.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(());
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
+    // SAFETY: ptr_at checked that the whole T lies inside the packet; packet
+    // data has no alignment guarantee, hence read_unaligned.
+    Ok(unsafe { ptr_at::<T>(ctx, offset)?.read_unaligned() })
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// What the L4 header says, when there is one we can read.
+struct L4 {
+    proto: u8,
+    dport: u16,
+    /// TCP SYN without ACK, or any UDP datagram.
+    opens: bool,
+}
+
+#[inline(always)]
+fn parse_l4(ctx: &XdpContext, proto: u8, off: usize) -> Result<Option<L4>, ()> {
+    match proto {
+        PROTO_TCP => {
+            let dport = u16::from_be(read::<u16>(ctx, off + 2)?);
+            let flags: u8 = read(ctx, off + 13)?;
+            Ok(Some(L4 {
+                proto,
+                dport,
+                opens: flags & 0x02 != 0 && flags & 0x10 == 0,
+            }))
+        }
+        PROTO_UDP => {
+            let dport = u16::from_be(read::<u16>(ctx, off + 2)?);
+            Ok(Some(L4 {
+                proto,
+                dport,
+                opens: true,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn try_edge_filter(ctx: &XdpContext) -> Result<u32, ()> {
+    let mut proto: u16 = u16::from_be(read::<u16>(ctx, 12)?);
+    let mut off = ETH_HLEN;
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        proto = u16::from_be(read::<u16>(ctx, off + 2)?);
+        off += 4;
+    }
+    match proto {
+        ETH_P_IP => ipv4(ctx, off),
+        ETH_P_IPV6 => ipv6(ctx, off),
+        _ => Ok(pass()),
+    }
+}
+
+#[inline(always)]
+fn pass() -> u32 {
+    count(C_PASS);
+    XDP_PASS
+}
+
+fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
+    let vihl: u8 = read(ctx, off)?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(());
+    }
+    let frag = u16::from_be(read::<u16>(ctx, off + 6)?);
+    let l4proto: u8 = read(ctx, off + 9)?;
+    let saddr_be: u32 = read(ctx, off + 12)?;
+    let saddr = u32::from_be(saddr_be);
+
+    if let Some(reason) = drop4(saddr) {
+        return Ok(drop_list(ctx, mapped4(saddr_be), 4, reason, None));
+    }
+    // Only a first fragment carries the L4 header.
+    if frag & 0x1fff != 0 {
+        return Ok(pass());
+    }
+    let Some(l4) = parse_l4(ctx, l4proto, off + ihl)? else {
+        return Ok(pass());
+    };
+    if l4.opens
+        && let Some(service) = guarded(&l4)
+        && GUARD4.get(Key::new(32, saddr_be.to_ne_bytes())).is_none()
+    {
+        return Ok(drop_guard(ctx, mapped4(saddr_be), 4, service, &l4));
+    }
+    Ok(pass())
+}
+
+fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
+    let next: u8 = read(ctx, off + 6)?;
+    let saddr: [u8; 16] = read(ctx, off + 8)?;
+    if next == IPPROTO_ICMPV6 {
+        let icmp_type: u8 = read(ctx, off + 40)?;
+        // Router/neighbour solicitation and advertisement, redirect.
+        if (133..=137).contains(&icmp_type) {
+            return Ok(pass());
+        }
+    }
+    let hi = u64::from_be_bytes([
+        saddr[0], saddr[1], saddr[2], saddr[3], saddr[4], saddr[5], saddr[6], saddr[7],
+    ]);
+    let lo = u64::from_be_bytes([
+        saddr[8], saddr[9], saddr[10], saddr[11], saddr[12], saddr[13], saddr[14], saddr[15],
+    ]);
+    if let Some(reason) = drop6(hi, lo) {
+        return Ok(drop_list(ctx, saddr, 6, reason, None));
+    }
+    // Extension headers are not walked: a packet whose next header is not
+    // TCP/UDP passes the guard (fail-open), the drop list already applied.
+    let Some(l4) = parse_l4(ctx, next, off + 40)? else {
+        return Ok(pass());
+    };
+    if l4.opens
+        && let Some(service) = guarded(&l4)
+        && GUARD6.get(Key::new(128, saddr)).is_none()
+    {
+        return Ok(drop_guard(ctx, saddr, 6, service, &l4));
+    }
+    Ok(pass())
+}
+
+#[inline(always)]
+fn guarded(l4: &L4) -> Option<u32> {
+    // SAFETY: plain value read of a map entry.
+    unsafe { GUARD_PORTS.get(guard_port_key(l4.proto, l4.dport)) }.copied()
+}
+
+#[inline(always)]
+fn mapped4(saddr_be: u32) -> [u8; 16] {
+    let b = saddr_be.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+/// The reason of the rule that drops `rule`, if it has not expired.
+#[inline(always)]
+fn rule_verdict(rule: u32) -> Option<u32> {
+    if rule == 0 {
+        return None;
+    }
+    let r = DROP_RULES.get(rule)?;
+    if r.expires_ns != 0 && r.expires_ns <= unsafe { bpf_ktime_get_ns() } {
+        return None;
+    }
+    Some(r.reason)
+}
+
+/// Longest-prefix match of `addr` (host order) in the v4 drop list.
+#[inline(always)]
+fn drop4(addr: u32) -> Option<u32> {
+    let slot = *DROP4_L1.get(addr >> 8)?;
+    let mut bits = (slot & ((1 << V4_L1_LEN_BITS) - 1)) as u8;
+    // Lengths 32 down to 25 present under this /24, longest first.
+    for _ in 0..8 {
+        if bits == 0 {
+            break;
+        }
+        let top = 7 - bits.leading_zeros();
+        bits &= !(1u8 << top);
+        let len = 25 + top;
+        let key = V4LongKey {
+            addr: addr & (u32::MAX << (32 - len)),
+            len,
+        };
+        // SAFETY: plain value read of a map entry.
+        if let Some(rule) = unsafe { DROP4_LONG.get(key) } {
+            return rule_verdict(*rule);
+        }
+    }
+    rule_verdict(slot >> V4_L1_LEN_BITS)
+}
+
+/// Longest-prefix match of `hi:lo` (host order) in the v6 drop list.
+#[inline(always)]
+fn drop6(hi: u64, lo: u64) -> Option<u32> {
+    // SAFETY: plain value read of a map entry.
+    let l1 = unsafe { DROP6_L1.get((hi >> 32) as u32) }?;
+    let mut low = l1.bits_65_128;
+    for _ in 0..64 {
+        if low == 0 {
+            break;
+        }
+        let top = 63 - low.leading_zeros();
+        low &= !(1u64 << top);
+        let len = 65 + top;
+        let key = V6LongKey {
+            hi,
+            lo: lo & (u64::MAX << (128 - len)),
+            len,
+            _pad: 0,
+        };
+        // SAFETY: plain value read of a map entry.
+        if let Some(rule) = unsafe { DROP6_LONG.get(key) } {
+            return rule_verdict(*rule);
+        }
+    }
+    let mut high = l1.bits_33_64;
+    for _ in 0..32 {
+        if high == 0 {
+            break;
+        }
+        let top = 31 - high.leading_zeros();
+        high &= !(1u32 << top);
+        let len = 33 + top;
+        let key = V6LongKey {
+            hi: hi & (u64::MAX << (64 - len)),
+            lo: 0,
+            len,
+            _pad: 0,
+        };
+        // SAFETY: plain value read of a map entry.
+        if let Some(rule) = unsafe { DROP6_LONG.get(key) } {
+            return rule_verdict(*rule);
+        }
+    }
+    rule_verdict(l1.rule)
+}
+
+#[inline(always)]
+fn drop_list(ctx: &XdpContext, saddr: [u8; 16], family: u8, reason: u32, l4: Option<&L4>) -> u32 {
+    count(C_DROP_LIST_BASE + reason.min(REASON_MAX));
+    report(ctx, saddr, family, VERDICT_DROP_LIST, reason, l4);
+    XDP_DROP
+}
+
+#[inline(always)]
+fn drop_guard(ctx: &XdpContext, saddr: [u8; 16], family: u8, service: u32, l4: &L4) -> u32 {
+    count(if service == SERVICE_SMTP {
+        C_DROP_GUARD_SMTP
+    } else {
+        C_DROP_GUARD
+    });
+    report(ctx, saddr, family, VERDICT_DROP_GUARD, service, Some(l4));
+    XDP_DROP
+}
+
+/// Sends one event about this source unless one was sent within the last
+/// `EVENT_INTERVAL_NS`; a flood from one source costs one LRU lookup per
+/// packet and one event per second.
+#[inline(always)]
+fn report(
+    ctx: &XdpContext,
+    saddr: [u8; 16],
+    family: u8,
+    verdict: u32,
+    reason: u32,
+    l4: Option<&L4>,
+) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(last) = EVENT_LAST.get_ptr_mut(saddr) {
+        // SAFETY: a racing writer on another CPU can at worst let one extra
+        // event through; the value is a plain u64.
+        unsafe {
+            if now.wrapping_sub(*last) < EVENT_INTERVAL_NS {
+                count(C_EVENTS_RATE_LIMITED);
+                return;
+            }
+            *last = now;
+        }
+    } else {
+        let _ = EVENT_LAST.insert(saddr, now, 0);
+    }
+    match EVENTS.reserve::<DropEvent>(0) {
+        Some(mut entry) => {
+            entry.write(DropEvent {
+                ts_ns: now,
+                saddr,
+                // SAFETY: ctx points at a live xdp_md.
+                ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+                dport: l4.map_or(0, |l| l.dport),
+                family,
+                proto: l4.map_or(0, |l| l.proto),
+                verdict,
+                reason,
+            });
+            entry.submit(0);
+            count(C_EVENTS_SENT);
+        }
+        None => count(C_EVENTS_LOST),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,82 @@
+//! The admin API's request and response bodies, shared by the daemon and
+//! `allowlistctl`, and the one JSON error shape.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::kernel::{FillLevels, KernelStats};
+use crate::store::{BlockingState, DropRecord};
+
+/// `{"error":{"code":"...","message":"..."}}`
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddDrop {
+    pub cidr: String,
+    /// Like "90s", "10m", "24h", "7d"; none = until removed.
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DropView {
+    #[serde(flatten)]
+    pub record: DropRecord,
+    /// Seconds left, for entries with an expiry.
+    pub expires_in: Option<i64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DropList {
+    pub drops: Vec<DropView>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub kernel_enabled: bool,
+    /// Interface -> XDP mode in use ("driver", "generic", "adopted").
+    pub interfaces: BTreeMap<String, String>,
+    pub kernel: Option<KernelStats>,
+    pub maps: Option<FillLevels>,
+    /// Drop events read from the ring buffer since this daemon started.
+    pub events_received: u64,
+    pub drop_entries: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Blocking {
+    #[serde(flatten)]
+    pub state: BlockingState,
+    /// `[blocking] always_allow`: never blocked or dropped.
+    pub always_allow: Vec<String>,
+    pub learning_days: u32,
+    pub smtp_ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KernelEvent {
+    /// Unix seconds (converted from the kernel's monotonic time).
+    pub at: f64,
+    pub source: String,
+    pub verdict: String,
+    pub reason: String,
+    pub port: u16,
+    pub protocol: u8,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Events {
+    pub events: Vec<KernelEvent>,
+}

@@ -1,0 +1,86 @@
+//! `allowlistctl drop ...`
+
+use allowlist::api::{AddDrop, DropList, DropView};
+use clap::Subcommand;
+
+use crate::{
+    Output,
+    client::{Client, CtlError, query_value},
+};
+
+#[derive(Subcommand, Debug)]
+pub enum DropCmd {
+    /// List the drop list.
+    List,
+    /// Drop a source prefix at XDP (IPv4 /8 or longer, IPv6 /24 or longer).
+    Add {
+        /// Address or CIDR, e.g. 203.0.113.0/24 or 2001:db8::/48.
+        cidr: String,
+        /// Remove the entry after this long, e.g. 90s, 10m, 24h, 7d.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Why (shown in `drop list` and the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove a prefix from the drop list.
+    Remove { cidr: String },
+}
+
+fn line(v: &DropView) -> String {
+    let r = &v.record;
+    let expires = match v.expires_in {
+        Some(s) => format!(
+            "in {}",
+            humantime::format_duration(std::time::Duration::from_secs(s.max(0) as u64))
+        ),
+        None => "never".into(),
+    };
+    format!(
+        "{:<43} {:<8} {:<22} {}\n",
+        r.cidr.to_string(),
+        r.kind.as_str(),
+        expires,
+        r.reason
+    )
+}
+
+pub async fn run(client: &Client, cmd: DropCmd) -> Result<Output, CtlError> {
+    match cmd {
+        DropCmd::List => {
+            let list: DropList = client.get("/v1/drop").await?;
+            let mut text = format!(
+                "{:<43} {:<8} {:<22} {}\n",
+                "CIDR", "KIND", "EXPIRES", "REASON"
+            );
+            for v in &list.drops {
+                text.push_str(&line(v));
+            }
+            if list.drops.is_empty() {
+                text = "the drop list is empty\n".into();
+            }
+            Ok(Output {
+                json: serde_json::to_value(&list).unwrap_or_default(),
+                text,
+            })
+        }
+        DropCmd::Add { cidr, ttl, reason } => {
+            let v: DropView = client
+                .post("/v1/drop", &AddDrop { cidr, ttl, reason })
+                .await?;
+            Ok(Output {
+                text: format!("dropping {}\n", v.record.cidr),
+                json: serde_json::to_value(&v).unwrap_or_default(),
+            })
+        }
+        DropCmd::Remove { cidr } => {
+            let v: DropView = client
+                .delete(&format!("/v1/drop?cidr={}", query_value(&cidr)))
+                .await?;
+            Ok(Output {
+                text: format!("removed {} from the drop list\n", v.record.cidr),
+                json: serde_json::to_value(&v).unwrap_or_default(),
+            })
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! `allowlistctl stats`
+
+use allowlist::api::Stats;
+
+use crate::{
+    Output,
+    client::{Client, CtlError},
+};
+
+pub async fn run(client: &Client) -> Result<Output, CtlError> {
+    let s: Stats = client.get("/v1/stats").await?;
+    let mut text = String::new();
+    if let Some(k) = &s.kernel {
+        text.push_str("kernel (XDP edge_filter)\n");
+        if s.interfaces.is_empty() {
+            text.push_str("  attached to: no interface ([kernel] interfaces is empty)\n");
+        }
+        for (i, m) in &s.interfaces {
+            text.push_str(&format!("  attached to: {i} ({m})\n"));
+        }
+        text.push_str(&format!("  passed                {}\n", k.passed));
+        for (reason, n) in &k.dropped {
+            text.push_str(&format!("  {:<21} {n}\n", format!("dropped ({reason})")));
+        }
+        text.push_str(&format!(
+            "  guard dropped (api)   {}\n",
+            k.guard_dropped_api
+        ));
+        text.push_str(&format!(
+            "  guard dropped (smtp)  {}\n",
+            k.guard_dropped_smtp
+        ));
+        text.push_str(&format!(
+            "  events sent {} / rate-limited {} / lost {}; received by the daemon {}\n",
+            k.events_sent, k.events_rate_limited, k.events_lost, s.events_received
+        ));
+        if let Some(m) = &s.maps {
+            text.push_str(&format!(
+                "  maps: drop list {}/{} prefixes, guard {} v4 + {} v6 of {} each\n",
+                m.drop_rules, m.drop_capacity, m.guard_v4, m.guard_v6, m.guard_capacity
+            ));
+        }
+    } else {
+        text.push_str("kernel enforcement is off (allowlistd runs with --no-kernel or [kernel] enabled = false)\n");
+    }
+    text.push_str(&format!("drop list entries: {}\n", s.drop_entries));
+    Ok(Output {
+        json: serde_json::to_value(&s).unwrap_or_default(),
+        text,
+    })
+}

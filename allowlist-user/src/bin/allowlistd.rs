@@ -1,0 +1,209 @@
+//! allowlistd: the daemon.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use allowlist::{
+    admin,
+    config::{self, Config},
+    daemon::Daemon,
+    kernel::{self, Kernel, KernelOptions},
+    store::{SqliteStore, Store, sqlite_path},
+};
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Per-key network allowlists for API edges, enforced in the proxy and in
+/// the kernel.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML). Missing default file = built-in defaults.
+    #[arg(long, short, env = "ALLOWLIST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Run without eBPF (development): no XDP, no kernel maps.
+    #[arg(long)]
+    no_kernel: bool,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Remove every eBPF program, link and map this daemon pinned, then exit.
+    /// (A normal stop leaves them in place so enforcement has no gap.)
+    #[arg(long)]
+    unload: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ALLOWLIST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let explicit = args.config.is_some();
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| config::DEFAULT_PATH.into());
+    let config = match Config::load(&path, explicit) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("allowlistd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("{}: configuration is valid", path.display());
+        return ExitCode::SUCCESS;
+    }
+    if args.unload {
+        return match kernel::unload(&config.kernel.bpffs) {
+            Ok(true) => {
+                println!(
+                    "removed every program, link and map under {}",
+                    config.kernel.bpffs.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                println!("nothing pinned under {}", config.kernel.bpffs.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("allowlistd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("allowlistd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, args.no_kernel)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("allowlistd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
+    let db = sqlite_path(&config.store.url).map_err(anyhow::Error::msg)?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db)?);
+    tracing::info!(store = %db.display(), "store opened");
+
+    let mut kernel = None;
+    if config.kernel.enabled && !no_kernel {
+        let opts = KernelOptions {
+            bpffs: config.kernel.bpffs.clone(),
+            interfaces: config.kernel.interfaces.clone(),
+            mode: config.kernel.xdp_mode,
+            drop_capacity: config.kernel.drop_capacity,
+            guard_capacity: config.kernel.guard_capacity,
+        };
+        let k = tokio::task::spawn_blocking(move || Kernel::load(opts)).await??;
+        if k.attached.is_empty() {
+            tracing::info!("XDP not attached: [kernel] interfaces is empty");
+        }
+        kernel = Some(k);
+    } else {
+        tracing::warn!("kernel enforcement is off (--no-kernel or [kernel] enabled = false)");
+    }
+    let events = match kernel.as_mut() {
+        Some(k) => Some(k.take_events()?),
+        None => None,
+    };
+    let daemon = Arc::new(Daemon::new(config.clone(), store.clone(), kernel));
+    {
+        let d = daemon.clone();
+        let records = store.list_drops()?;
+        tokio::task::spawn_blocking(move || d.sync_kernel(&records))
+            .await?
+            .context("writing the stored drop list into the kernel maps")?;
+    }
+    if let Some(ring) = events {
+        tokio::spawn(daemon.clone().read_events(ring));
+    }
+    let listener = admin::bind(&config.admin.socket)
+        .await
+        .with_context(|| format!("admin socket {}", config.admin.socket.display()))?;
+    tracing::info!(socket = %config.admin.socket.display(), "admin API listening");
+
+    let sweeper = {
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = d.sweep().await {
+                    tracing::warn!(error = %e, "sweeping expired drop entries");
+                }
+            }
+        })
+    };
+
+    let app = admin::router(daemon.clone());
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let shutdown = async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: nothing in this version reloads at runtime; restart to apply configuration changes");
+                }
+            }
+        }
+        tracing::info!(
+            "stopping; kernel enforcement stays pinned (allowlistd --unload removes it)"
+        );
+    };
+    notify_ready();
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<admin::Peer>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
+    sweeper.abort();
+    let _ = std::fs::remove_file(&config.admin.socket);
+    Ok(())
+}
+
+/// Tells systemd (Type=notify) that the maps are loaded and the admin API
+/// listens. A no-op outside systemd.
+fn notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sock = match std::os::unix::net::UnixDatagram::unbound() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "sd_notify: cannot create a socket");
+            return;
+        }
+    };
+    let bytes = path.as_encoded_bytes();
+    let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|addr| sock.send_to_addr(b"READY=1\n", &addr))
+    } else {
+        sock.send_to(b"READY=1\n", &path)
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "sd_notify READY=1 failed");
+    }
+}

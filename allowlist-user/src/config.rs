@@ -1,0 +1,441 @@
+//! The TOML configuration (`/etc/allowlist/allowlist.toml`). Every field has
+//! a default, so an empty file is a valid configuration.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::kernel::AttachMode;
+
+pub const DEFAULT_PATH: &str = "/etc/allowlist/allowlist.toml";
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub kernel: KernelConfig,
+    pub blocking: BlockingConfig,
+    pub metrics: MetricsConfig,
+    pub notify: NotifyConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// TLS listener of the API edge.
+    pub listen: SocketAddr,
+    /// Where allowed requests are forwarded.
+    pub upstream: String,
+    /// Peers allowed to set the client address (PROXY protocol,
+    /// X-Forwarded-For).
+    pub trusted_proxies: Vec<IpNet>,
+    /// PEM certificate chain and key; a self-signed pair is generated when
+    /// unset.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: "0.0.0.0:8443".parse().expect("valid"),
+            upstream: "http://127.0.0.1:8080".into(),
+            trusted_proxies: Vec::new(),
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Unix socket of the admin API (created with mode 0600).
+    pub socket: PathBuf,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            socket: "/run/allowlist/admin.sock".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite:///absolute/path.db` or `sqlite://relative/path.db`.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "sqlite:///var/lib/allowlist/allowlist.db".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KernelConfig {
+    pub enabled: bool,
+    /// Interfaces `edge_filter` attaches to; none by default.
+    pub interfaces: Vec<String>,
+    /// `auto` (generic on virtual devices such as veth, driver on NICs),
+    /// `driver` or `generic`.
+    pub xdp_mode: AttachMode,
+    pub smtp_ports: Vec<u16>,
+    /// Folder on bpffs where programs, links and maps are pinned.
+    pub bpffs: PathBuf,
+    /// Drop-list prefixes the kernel maps hold.
+    pub drop_capacity: u32,
+    /// Prefixes per family the guard union holds.
+    pub guard_capacity: u32,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            enabled: true,
+            interfaces: Vec::new(),
+            xdp_mode: AttachMode::Auto,
+            smtp_ports: vec![25, 465, 587],
+            bpffs: "/sys/fs/bpf/allowlist".into(),
+            drop_capacity: 1 << 20,
+            guard_capacity: 1 << 18,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlockingConfig {
+    /// Days without a newly learned address after which API blocking turns
+    /// active by itself.
+    pub learning_days: u32,
+    /// Management networks that are never blocked or dropped.
+    pub always_allow: Vec<IpNet>,
+}
+
+impl Default for BlockingConfig {
+    fn default() -> Self {
+        BlockingConfig {
+            learning_days: 30,
+            always_allow: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus text at /metrics.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: Some("127.0.0.1:9477".parse().expect("valid")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NotifyConfig {
+    pub action_base_url: String,
+    pub smtp: Option<SmtpConfig>,
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            action_base_url: "https://127.0.0.1:8443".into(),
+            smtp: None,
+            webhooks: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub relay: String,
+    pub from: String,
+    pub to: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    pub secret: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates `path`. A missing file at the default path means
+    /// "all defaults"; a missing file named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                });
+            }
+        };
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        let uri: hyper::Uri = self.proxy.upstream.parse().map_err(|e| {
+            invalid(
+                "[proxy] upstream",
+                format!(
+                    "{:?} is not a URL ({e}); write it like \"http://127.0.0.1:8080\"",
+                    self.proxy.upstream
+                ),
+            )
+        })?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(invalid(
+                "[proxy] upstream",
+                format!(
+                    "{:?} must be an http:// or https:// URL with a host, like \"http://127.0.0.1:8080\"",
+                    self.proxy.upstream
+                ),
+            ));
+        }
+        for net in self
+            .proxy
+            .trusted_proxies
+            .iter()
+            .chain(&self.blocking.always_allow)
+        {
+            if net.trunc() != *net {
+                let key = if self.proxy.trusted_proxies.contains(net) {
+                    "[proxy] trusted_proxies"
+                } else {
+                    "[blocking] always_allow"
+                };
+                return Err(invalid(
+                    key,
+                    format!("{net} has host bits set; did you mean {}?", net.trunc()),
+                ));
+            }
+        }
+        if self.proxy.cert.is_some() != self.proxy.key.is_some() {
+            return Err(invalid(
+                "[proxy] cert/key",
+                "set both cert and key, or neither (a self-signed pair is generated)".into(),
+            ));
+        }
+        if self.admin.socket.as_os_str().is_empty() {
+            return Err(invalid(
+                "[admin] socket",
+                "must be a path, like \"/run/allowlist/admin.sock\"".into(),
+            ));
+        }
+        crate::store::sqlite_path(&self.store.url)
+            .map_err(|message| invalid("[store] url", message))?;
+        if !self.kernel.bpffs.is_absolute() {
+            return Err(invalid(
+                "[kernel] bpffs",
+                format!(
+                    "{} must be an absolute path on bpffs, like \"/sys/fs/bpf/allowlist\"",
+                    self.kernel.bpffs.display()
+                ),
+            ));
+        }
+        for i in &self.kernel.interfaces {
+            if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "[kernel] interfaces",
+                    format!(
+                        "{i:?} is not an interface name (at most 15 characters, no '/' or spaces)"
+                    ),
+                ));
+            }
+        }
+        if self.kernel.smtp_ports.contains(&0) {
+            return Err(invalid(
+                "[kernel] smtp_ports",
+                "port 0 is not a port; list ports 1-65535".into(),
+            ));
+        }
+        if !(1..=(1 << 23)).contains(&self.kernel.drop_capacity) {
+            return Err(invalid(
+                "[kernel] drop_capacity",
+                format!("{} is out of range 1..=8388608", self.kernel.drop_capacity),
+            ));
+        }
+        if !(1..=(1 << 24)).contains(&self.kernel.guard_capacity) {
+            return Err(invalid(
+                "[kernel] guard_capacity",
+                format!(
+                    "{} is out of range 1..=16777216",
+                    self.kernel.guard_capacity
+                ),
+            ));
+        }
+        if !(1..=3650).contains(&self.blocking.learning_days) {
+            return Err(invalid(
+                "[blocking] learning_days",
+                format!("{} is out of range 1..=3650", self.blocking.learning_days),
+            ));
+        }
+        for hook in &self.notify.webhooks {
+            let ok = hook
+                .url
+                .parse::<hyper::Uri>()
+                .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")));
+            if !ok {
+                return Err(invalid(
+                    "[[notify.webhooks]] url",
+                    format!("{:?} must be an http:// or https:// URL", hook.url),
+                ));
+            }
+            if hook.secret.len() < 16 {
+                return Err(invalid(
+                    "[[notify.webhooks]] secret",
+                    "must be at least 16 characters (it keys the HMAC signature)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.proxy.listen.port(), 8443);
+        assert_eq!(c.admin.socket, Path::new("/run/allowlist/admin.sock"));
+        assert_eq!(c.kernel.smtp_ports, vec![25, 465, 587]);
+        assert!(c.kernel.enabled && c.kernel.interfaces.is_empty());
+        assert_eq!(c.blocking.learning_days, 30);
+    }
+
+    #[test]
+    fn spec_example_parses() {
+        let c = parse(
+            r#"
+[proxy]
+listen = "0.0.0.0:8443"
+upstream = "http://127.0.0.1:8080"
+trusted_proxies = ["10.0.0.0/8"]
+[admin]
+socket = "/run/allowlist/admin.sock"
+[store]
+url = "sqlite:///var/lib/allowlist/allowlist.db"
+[kernel]
+enabled = true
+interfaces = ["eth0"]
+smtp_ports = [25, 465, 587]
+bpffs = "/sys/fs/bpf/allowlist"
+[blocking]
+learning_days = 30
+[metrics]
+listen = "127.0.0.1:9477"
+[notify]
+action_base_url = "https://127.0.0.1:8443"
+[notify.smtp]
+relay = "127.0.0.1:25"
+from = "allowlist@localhost"
+to = ["ops@localhost"]
+[[notify.webhooks]]
+url = "http://127.0.0.1:9000/hook"
+secret = "0123456789abcdef0123"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.kernel.interfaces, vec!["eth0"]);
+        assert_eq!(c.notify.webhooks.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let e = parse("[proxy]\ntrusted_proxies = [\"203.0.113.5/24\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[proxy] trusted_proxies") && e.contains("did you mean 203.0.113.0/24?"),
+            "{e}"
+        );
+        let e = parse("[kernel]\nbpffs = \"relative\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("[kernel] bpffs") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = parse("[proxy]\nupstream = \"ftp://x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http://"), "{e}");
+        let e = parse("[kernel]\nxdp_mode = \"turbo\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("xdp_mode") || e.contains("turbo"), "{e}");
+        let e = parse("[kernal]\nenabled = true").unwrap_err().to_string();
+        assert!(e.contains("kernal"), "{e}");
+        let e = parse("[store]\nurl = \"mysql://x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[store] url"), "{e}");
+        let e = parse("[kernel]\nsmtp_ports = [0]").unwrap_err().to_string();
+        assert!(e.contains("smtp_ports"), "{e}");
+    }
+}

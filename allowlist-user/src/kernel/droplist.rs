@@ -1,0 +1,984 @@
+//! The drop list's hot-path layout, and its incremental compiler.
+//!
+//! The kernel's LPM trie costs ~100 ns a lookup at 100k prefixes (a walk of
+//! ~20 nodes). `edge_filter` instead uses:
+//!
+//! - **IPv4**: a 2^24-slot array indexed by the address's top 24 bits (one
+//!   inlined array load, no hashing). A slot holds the rule index of the
+//!   longest prefix of length <= 24 covering that /24 (prefixes shorter than
+//!   /24 are painted over every slot they cover) and an 8-bit mask of the
+//!   lengths 25..=32 present below it; only when that mask is non-zero does
+//!   the program probe a hash of (masked address, length), longest first.
+//! - **IPv6**: a hash keyed by the top 32 bits, holding the longest prefix of
+//!   length <= 32 covering it (shorter prefixes, down to /24, are expanded)
+//!   and a 96-bit mask of the lengths 33..=128 present below it; then, again,
+//!   one hash probe per present length, longest first.
+//! - Reason and expiry live in a rule array indexed by rule number.
+//!
+//! A miss (the common case: legitimate traffic) costs one array load for
+//! IPv4 and one hash lookup for IPv6. Memory: 64 MiB for the v4 array
+//! (fixed), 16 B per rule, and a hash entry per long prefix and per /32 used.
+//!
+//! Changes are applied as diffs: only the slots and hash entries that a
+//! changed prefix covers are recomputed, and writes happen in an order that
+//! never shows the program a slot naming a rule that is not yet written.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use allowlist_common::{
+    DropRule, MAX_RULE_INDEX, V4_MIN_DROP_PREFIX, V4LongKey, V6_L1_PREFIX, V6_MIN_DROP_PREFIX,
+    V6L1Value, V6LongKey, v4_slot,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+/// One wanted drop entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropSpec {
+    pub net: IpNet,
+    pub reason: u32,
+    /// CLOCK_MONOTONIC ns, 0 = never.
+    pub expires_ns: u64,
+}
+
+/// Where the compiled layout is written: the pinned kernel maps, or an
+/// in-memory model in tests.
+pub trait DropMaps {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn set_rule(&mut self, index: u32, rule: DropRule) -> Result<(), Self::Error>;
+    fn v4_slot(&self, slot: u32) -> u32;
+    fn set_v4_slot(&mut self, slot: u32, value: u32) -> Result<(), Self::Error>;
+    fn set_v4_long(&mut self, key: V4LongKey, rule: u32) -> Result<(), Self::Error>;
+    fn del_v4_long(&mut self, key: V4LongKey) -> Result<(), Self::Error>;
+    fn set_v6_l1(&mut self, top: u32, value: V6L1Value) -> Result<(), Self::Error>;
+    fn del_v6_l1(&mut self, top: u32) -> Result<(), Self::Error>;
+    fn set_v6_long(&mut self, key: V6LongKey, rule: u32) -> Result<(), Self::Error>;
+    fn del_v6_long(&mut self, key: V6LongKey) -> Result<(), Self::Error>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DropListError {
+    #[error(
+        "{net} is too wide for the drop list: IPv4 prefixes must be /{V4_MIN_DROP_PREFIX} or \
+         longer and IPv6 prefixes /{V6_MIN_DROP_PREFIX} or longer; split it into longer prefixes"
+    )]
+    TooWide { net: IpNet },
+    #[error(
+        "the drop list would hold {wanted} entries but the kernel maps hold {capacity}; raise \
+         [kernel] drop_capacity or remove entries (nothing was changed)"
+    )]
+    Full { wanted: usize, capacity: usize },
+    #[error("writing the kernel drop maps failed: {0}")]
+    Maps(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Checks that `net` can go in the drop list.
+pub fn validate(net: &IpNet) -> Result<(), DropListError> {
+    let min = match net {
+        IpNet::V4(_) => V4_MIN_DROP_PREFIX,
+        IpNet::V6(_) => V6_MIN_DROP_PREFIX,
+    };
+    if u32::from(net.prefix_len()) < min {
+        return Err(DropListError::TooWide { net: *net });
+    }
+    Ok(())
+}
+
+type Wanted = (HashMap<Ipv4Net, (u32, u64)>, HashMap<Ipv6Net, (u32, u64)>);
+
+/// What adoption needs to read back from maps an earlier daemon filled.
+pub trait AdoptMaps: DropMaps {
+    /// Indices of non-zero rules.
+    fn used_rules(&self) -> Vec<u32>;
+    fn v4_long_keys(&self) -> Vec<V4LongKey>;
+    fn v6_l1_keys(&self) -> Vec<u32>;
+    fn v6_long_keys(&self) -> Vec<V6LongKey>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Entry {
+    index: u32,
+    reason: u32,
+    expires_ns: u64,
+}
+
+/// The compiler's memory of what the maps hold, so that the next change is
+/// written as a diff.
+#[derive(Debug)]
+pub struct DropList {
+    capacity: usize,
+    v4: HashMap<Ipv4Net, Entry>,
+    v6: HashMap<Ipv6Net, Entry>,
+    /// (slot /24, len) -> number of v4 prefixes of that length below it.
+    v4_long_count: HashMap<(u32, u8), u32>,
+    /// (top /32, len) -> number of v6 prefixes of that length below it.
+    v6_long_count: HashMap<(u32, u8), u32>,
+    /// Rule values as last written, to skip unchanged writes.
+    written: HashMap<u32, DropRule>,
+    free: Vec<u32>,
+    next_index: u32,
+    /// Indices an earlier daemon's rules still use during adoption.
+    reserved: HashSet<u32>,
+}
+
+impl DropList {
+    /// `capacity` is the number of prefixes the list may hold; the rule
+    /// array must have `2 * capacity + 1` slots (see [`Self::max_index`]).
+    pub fn new(capacity: usize) -> Self {
+        DropList {
+            capacity: capacity.min(MAX_RULE_INDEX as usize / 2),
+            v4: HashMap::new(),
+            v6: HashMap::new(),
+            v4_long_count: HashMap::new(),
+            v6_long_count: HashMap::new(),
+            written: HashMap::new(),
+            free: Vec::new(),
+            next_index: 1,
+            reserved: HashSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes the maps hold exactly `wanted` (last spec wins for a duplicate
+    /// prefix). Refused as a whole, before any write, when it does not fit.
+    fn wanted_sets(&self, wanted: &[DropSpec]) -> Result<Wanted, DropListError> {
+        let mut want4: HashMap<Ipv4Net, (u32, u64)> = HashMap::new();
+        let mut want6: HashMap<Ipv6Net, (u32, u64)> = HashMap::new();
+        for spec in wanted {
+            validate(&spec.net)?;
+            match spec.net.trunc() {
+                IpNet::V4(n) => want4.insert(n, (spec.reason, spec.expires_ns)),
+                IpNet::V6(n) => want6.insert(n, (spec.reason, spec.expires_ns)),
+            };
+        }
+        let total = want4.len() + want6.len();
+        if total > self.capacity {
+            return Err(DropListError::Full {
+                wanted: total,
+                capacity: self.capacity,
+            });
+        }
+        Ok((want4, want6))
+    }
+
+    /// Makes the maps hold exactly `wanted` (last spec wins for a duplicate
+    /// prefix). Refused as a whole, before any write, when it does not fit.
+    pub fn apply<M: DropMaps>(
+        &mut self,
+        maps: &mut M,
+        wanted: &[DropSpec],
+    ) -> Result<(), DropListError> {
+        let (want4, want6) = self.wanted_sets(wanted)?;
+        let maps_err = |e: M::Error| DropListError::Maps(Box::new(e));
+
+        // 1. New and changed rules get an index and their rule value first.
+        let removed4: Vec<Ipv4Net> = self
+            .v4
+            .keys()
+            .filter(|n| !want4.contains_key(n))
+            .copied()
+            .collect();
+        let removed6: Vec<Ipv6Net> = self
+            .v6
+            .keys()
+            .filter(|n| !want6.contains_key(n))
+            .copied()
+            .collect();
+        let mut added4 = Vec::new();
+        let mut added6 = Vec::new();
+        let mut changed = false;
+        for (net, &(reason, expires_ns)) in &want4 {
+            match self.v4.get_mut(net) {
+                Some(e) if e.reason == reason && e.expires_ns == expires_ns => {}
+                Some(e) => {
+                    (e.reason, e.expires_ns) = (reason, expires_ns);
+                    changed = true;
+                }
+                None => added4.push(*net),
+            }
+        }
+        for (net, &(reason, expires_ns)) in &want6 {
+            match self.v6.get_mut(net) {
+                Some(e) if e.reason == reason && e.expires_ns == expires_ns => {}
+                Some(e) => {
+                    (e.reason, e.expires_ns) = (reason, expires_ns);
+                    changed = true;
+                }
+                None => added6.push(*net),
+            }
+        }
+        for net in &added4 {
+            let (reason, expires_ns) = want4[net];
+            let index = self.alloc();
+            self.v4.insert(
+                *net,
+                Entry {
+                    index,
+                    reason,
+                    expires_ns,
+                },
+            );
+        }
+        for net in &added6 {
+            let (reason, expires_ns) = want6[net];
+            let index = self.alloc();
+            self.v6.insert(
+                *net,
+                Entry {
+                    index,
+                    reason,
+                    expires_ns,
+                },
+            );
+        }
+        // Removed entries leave the set now (so covering expiries are
+        // computed without them) but keep their rule until nothing points
+        // at it.
+        let mut removed_entries4 = Vec::new();
+        for net in &removed4 {
+            let e = self.v4.remove(net).expect("listed from the map");
+            removed_entries4.push((*net, e));
+            if net.prefix_len() > 24 {
+                let k = (v4_long_key(net).addr >> 8, net.prefix_len());
+                decrement(&mut self.v4_long_count, k);
+            }
+        }
+        let mut removed_entries6 = Vec::new();
+        for net in &removed6 {
+            let e = self.v6.remove(net).expect("listed from the map");
+            removed_entries6.push((*net, e));
+            if u32::from(net.prefix_len()) > V6_L1_PREFIX {
+                decrement(&mut self.v6_long_count, (top32(net), net.prefix_len()));
+            }
+        }
+
+        if changed
+            || !added4.is_empty()
+            || !added6.is_empty()
+            || !removed4.is_empty()
+            || !removed6.is_empty()
+        {
+            self.write_rules(maps).map_err(maps_err)?;
+        }
+
+        // 2. Long prefixes added, then first levels recomputed where touched.
+        for net in &added4 {
+            if net.prefix_len() > 24 {
+                let key = v4_long_key(net);
+                maps.set_v4_long(key, self.v4[net].index)
+                    .map_err(maps_err)?;
+                *self
+                    .v4_long_count
+                    .entry((key.addr >> 8, net.prefix_len()))
+                    .or_default() += 1;
+            }
+        }
+        for net in &added6 {
+            if u32::from(net.prefix_len()) > V6_L1_PREFIX {
+                let key = v6_long_key(net);
+                maps.set_v6_long(key, self.v6[net].index)
+                    .map_err(maps_err)?;
+                *self
+                    .v6_long_count
+                    .entry((top32(net), net.prefix_len()))
+                    .or_default() += 1;
+            }
+        }
+        let mut dirty4: HashSet<u32> = HashSet::new();
+        for net in added4.iter().chain(&removed4) {
+            let first = u32::from(net.network()) >> 8;
+            let count = 1u32 << (24u8.saturating_sub(net.prefix_len()));
+            dirty4.extend(first..first + count);
+        }
+        for slot in dirty4 {
+            let value = self.v4_slot_value(slot);
+            if maps.v4_slot(slot) != value {
+                maps.set_v4_slot(slot, value).map_err(maps_err)?;
+            }
+        }
+        let mut dirty6: HashSet<u32> = HashSet::new();
+        for net in added6.iter().chain(&removed6) {
+            let first = top32(net);
+            let count = 1u32 << (32u8.saturating_sub(net.prefix_len()));
+            dirty6.extend(first..first + count);
+        }
+        for top in dirty6 {
+            match self.v6_l1_value(top) {
+                Some(v) => maps.set_v6_l1(top, v).map_err(maps_err)?,
+                None => maps.del_v6_l1(top).map_err(maps_err)?,
+            }
+        }
+
+        // 3. Only now that nothing points at them, drop removed long keys
+        // and recycle the indices of removed rules.
+        for (net, e) in removed_entries4 {
+            if net.prefix_len() > 24 {
+                maps.del_v4_long(v4_long_key(&net)).map_err(maps_err)?;
+            }
+            self.release(maps, e.index).map_err(maps_err)?;
+        }
+        for (net, e) in removed_entries6 {
+            if u32::from(net.prefix_len()) > V6_L1_PREFIX {
+                maps.del_v6_long(v6_long_key(&net)).map_err(maps_err)?;
+            }
+            self.release(maps, e.index).map_err(maps_err)?;
+        }
+        Ok(())
+    }
+
+    /// Indices run up to twice the capacity: within one change the new
+    /// rules are written before the removed ones are released, so up to
+    /// `capacity` old and `capacity` new can be live at once.
+    pub fn max_index(&self) -> usize {
+        self.capacity * 2
+    }
+
+    fn alloc(&mut self) -> u32 {
+        if let Some(i) = self.free.pop() {
+            return i;
+        }
+        while self.reserved.contains(&self.next_index) {
+            self.next_index += 1;
+        }
+        if self.next_index as usize > self.max_index()
+            && let Some(&i) = self.reserved.iter().next()
+        {
+            // No room beside the earlier daemon's rules: reuse one of them.
+            // Until its slots are rewritten a few addresses may see this
+            // rule's expiry instead of their own (never a missed drop of a
+            // permanent entry, which is rewritten in the same pass).
+            self.reserved.remove(&i);
+            return i;
+        }
+        let i = self.next_index;
+        self.next_index += 1;
+        i
+    }
+
+    /// Takes over maps an earlier daemon filled: writes `wanted` with rule
+    /// indices that do not collide with the rules in use, repaints every
+    /// first-level slot that differs, then deletes what is no longer wanted.
+    /// The old rules keep dropping until their slots point elsewhere, so
+    /// enforcement has no gap.
+    pub fn adopt<M: AdoptMaps>(
+        &mut self,
+        maps: &mut M,
+        wanted: &[DropSpec],
+    ) -> Result<(), DropListError> {
+        let (want4, want6) = self.wanted_sets(wanted)?;
+        let maps_err = |e: M::Error| DropListError::Maps(Box::new(e));
+        let old_rules: Vec<u32> = maps.used_rules();
+        *self = DropList::new(self.capacity);
+        self.reserved = old_rules.iter().copied().collect();
+        for (net, (reason, expires_ns)) in want4 {
+            let index = self.alloc();
+            self.v4.insert(
+                net,
+                Entry {
+                    index,
+                    reason,
+                    expires_ns,
+                },
+            );
+        }
+        for (net, (reason, expires_ns)) in want6 {
+            let index = self.alloc();
+            self.v6.insert(
+                net,
+                Entry {
+                    index,
+                    reason,
+                    expires_ns,
+                },
+            );
+        }
+        self.reserved.clear();
+        self.write_rules(maps).map_err(maps_err)?;
+
+        let mut long4 = HashSet::new();
+        for (net, e) in &self.v4 {
+            if net.prefix_len() > 24 {
+                let key = v4_long_key(net);
+                maps.set_v4_long(key, e.index).map_err(maps_err)?;
+                *self
+                    .v4_long_count
+                    .entry((key.addr >> 8, net.prefix_len()))
+                    .or_default() += 1;
+                long4.insert(key);
+            }
+        }
+        let mut long6 = HashSet::new();
+        let mut tops = HashSet::new();
+        for (net, e) in &self.v6 {
+            let first = top32(net);
+            tops.extend(first..first + (1u32 << (32u8.saturating_sub(net.prefix_len()))));
+            if u32::from(net.prefix_len()) > V6_L1_PREFIX {
+                let key = v6_long_key(net);
+                maps.set_v6_long(key, e.index).map_err(maps_err)?;
+                *self
+                    .v6_long_count
+                    .entry((first, net.prefix_len()))
+                    .or_default() += 1;
+                long6.insert(key);
+            }
+        }
+
+        // Paint the v4 first level: shorter prefixes first, longer ones over
+        // them, then the long-length bits.
+        let mut paint = vec![0u32; allowlist_common::V4_L1_SLOTS as usize];
+        let mut short: Vec<(&Ipv4Net, &Entry)> = self
+            .v4
+            .iter()
+            .filter(|(n, _)| n.prefix_len() <= 24)
+            .collect();
+        short.sort_by_key(|(n, _)| n.prefix_len());
+        for (net, e) in short {
+            let first = (u32::from(net.network()) >> 8) as usize;
+            let count = 1usize << (24 - net.prefix_len());
+            paint[first..first + count].fill(v4_slot(e.index, 0));
+        }
+        for &(slot, len) in self.v4_long_count.keys() {
+            paint[slot as usize] |= 1 << (len - 25);
+        }
+        for (slot, &value) in paint.iter().enumerate() {
+            if maps.v4_slot(slot as u32) != value {
+                maps.set_v4_slot(slot as u32, value).map_err(maps_err)?;
+            }
+        }
+        for &top in &tops {
+            if let Some(v) = self.v6_l1_value(top) {
+                maps.set_v6_l1(top, v).map_err(maps_err)?;
+            }
+        }
+        for top in maps.v6_l1_keys() {
+            if !tops.contains(&top) {
+                maps.del_v6_l1(top).map_err(maps_err)?;
+            }
+        }
+        for key in maps.v4_long_keys() {
+            if !long4.contains(&key) {
+                maps.del_v4_long(key).map_err(maps_err)?;
+            }
+        }
+        for key in maps.v6_long_keys() {
+            if !long6.contains(&key) {
+                maps.del_v6_long(key).map_err(maps_err)?;
+            }
+        }
+        let in_use: HashSet<u32> = self
+            .v4
+            .values()
+            .chain(self.v6.values())
+            .map(|e| e.index)
+            .collect();
+        for index in old_rules {
+            if !in_use.contains(&index) {
+                self.release(maps, index).map_err(maps_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn release<M: DropMaps>(&mut self, maps: &mut M, index: u32) -> Result<(), M::Error> {
+        // A zeroed rule never drops, should a stale pointer still reach it.
+        maps.set_rule(index, DropRule::default())?;
+        self.written.remove(&index);
+        self.free.push(index);
+        Ok(())
+    }
+
+    /// Writes every rule whose value changed. A rule's stored expiry is the
+    /// latest among it and every prefix covering it (0 = never wins), so
+    /// when the longest match has expired nothing covering it still drops.
+    fn write_rules<M: DropMaps>(&mut self, maps: &mut M) -> Result<(), M::Error> {
+        let mut values: Vec<(u32, DropRule)> = Vec::with_capacity(self.len());
+        for (net, e) in &self.v4 {
+            let mut expires = e.expires_ns;
+            if expires != 0 {
+                for len in (0..net.prefix_len()).rev() {
+                    let parent = Ipv4Net::new(net.network(), len).expect("len < 32").trunc();
+                    if let Some(p) = self.v4.get(&parent) {
+                        expires = later(expires, p.expires_ns);
+                    }
+                }
+            }
+            values.push((e.index, rule(e.reason, expires)));
+        }
+        for (net, e) in &self.v6 {
+            let mut expires = e.expires_ns;
+            if expires != 0 {
+                for len in (0..net.prefix_len()).rev() {
+                    let parent = Ipv6Net::new(net.network(), len).expect("len < 128").trunc();
+                    if let Some(p) = self.v6.get(&parent) {
+                        expires = later(expires, p.expires_ns);
+                    }
+                }
+            }
+            values.push((e.index, rule(e.reason, expires)));
+        }
+        for (index, value) in values {
+            if self.written.get(&index) != Some(&value) {
+                maps.set_rule(index, value)?;
+                self.written.insert(index, value);
+            }
+        }
+        Ok(())
+    }
+
+    fn v4_slot_value(&self, slot: u32) -> u32 {
+        let base = Ipv4Addr::from(slot << 8);
+        let mut rule = 0;
+        for len in (0..=24u8).rev() {
+            let net = Ipv4Net::new(base, len).expect("len <= 24").trunc();
+            if let Some(e) = self.v4.get(&net) {
+                rule = e.index;
+                break;
+            }
+        }
+        let mut bits = 0u8;
+        for len in 25..=32u8 {
+            if self.v4_long_count.contains_key(&(slot, len)) {
+                bits |= 1 << (len - 25);
+            }
+        }
+        v4_slot(rule, bits)
+    }
+
+    fn v6_l1_value(&self, top: u32) -> Option<V6L1Value> {
+        let base = Ipv6Addr::from((top as u128) << 96);
+        let mut value = V6L1Value::default();
+        for len in (V6_MIN_DROP_PREFIX as u8..=V6_L1_PREFIX as u8).rev() {
+            let net = Ipv6Net::new(base, len).expect("len <= 32").trunc();
+            if let Some(e) = self.v6.get(&net) {
+                value.rule = e.index;
+                break;
+            }
+        }
+        for len in 33..=128u8 {
+            if self.v6_long_count.contains_key(&(top, len)) {
+                if len <= 64 {
+                    value.bits_33_64 |= 1 << (len - 33);
+                } else {
+                    value.bits_65_128 |= 1 << (len - 65);
+                }
+            }
+        }
+        (value != V6L1Value::default()).then_some(value)
+    }
+}
+
+fn rule(reason: u32, expires_ns: u64) -> DropRule {
+    DropRule {
+        expires_ns,
+        reason,
+        _pad: 0,
+    }
+}
+
+/// The later of two expiries, where 0 means never.
+fn later(a: u64, b: u64) -> u64 {
+    if a == 0 || b == 0 { 0 } else { a.max(b) }
+}
+
+fn decrement(counts: &mut HashMap<(u32, u8), u32>, key: (u32, u8)) {
+    if let Some(c) = counts.get_mut(&key) {
+        *c -= 1;
+        if *c == 0 {
+            counts.remove(&key);
+        }
+    }
+}
+
+fn top32(net: &Ipv6Net) -> u32 {
+    (u128::from(net.network()) >> 96) as u32
+}
+
+pub fn v4_long_key(net: &Ipv4Net) -> V4LongKey {
+    V4LongKey {
+        addr: u32::from(net.network()),
+        len: u32::from(net.prefix_len()),
+    }
+}
+
+pub fn v6_long_key(net: &Ipv6Net) -> V6LongKey {
+    let a = u128::from(net.network());
+    V6LongKey {
+        hi: (a >> 64) as u64,
+        lo: a as u64,
+        len: u32::from(net.prefix_len()),
+        _pad: 0,
+    }
+}
+
+/// An in-memory [`DropMaps`] with a lookup that mirrors `edge_filter`'s,
+/// step for step. Used by the property tests and the benchmark's check.
+#[derive(Debug)]
+pub struct ModelMaps {
+    pub rules: HashMap<u32, DropRule>,
+    pub v4_l1: Vec<u32>,
+    pub v4_long: HashMap<V4LongKey, u32>,
+    pub v6_l1: HashMap<u32, V6L1Value>,
+    pub v6_long: HashMap<V6LongKey, u32>,
+}
+
+impl Default for ModelMaps {
+    fn default() -> Self {
+        ModelMaps {
+            rules: HashMap::new(),
+            v4_l1: vec![0; allowlist_common::V4_L1_SLOTS as usize],
+            v4_long: HashMap::new(),
+            v6_l1: HashMap::new(),
+            v6_long: HashMap::new(),
+        }
+    }
+}
+
+impl DropMaps for ModelMaps {
+    type Error = std::convert::Infallible;
+    fn set_rule(&mut self, index: u32, rule: DropRule) -> Result<(), Self::Error> {
+        self.rules.insert(index, rule);
+        Ok(())
+    }
+    fn v4_slot(&self, slot: u32) -> u32 {
+        self.v4_l1[slot as usize]
+    }
+    fn set_v4_slot(&mut self, slot: u32, value: u32) -> Result<(), Self::Error> {
+        self.v4_l1[slot as usize] = value;
+        Ok(())
+    }
+    fn set_v4_long(&mut self, key: V4LongKey, rule: u32) -> Result<(), Self::Error> {
+        self.v4_long.insert(key, rule);
+        Ok(())
+    }
+    fn del_v4_long(&mut self, key: V4LongKey) -> Result<(), Self::Error> {
+        self.v4_long.remove(&key);
+        Ok(())
+    }
+    fn set_v6_l1(&mut self, top: u32, value: V6L1Value) -> Result<(), Self::Error> {
+        self.v6_l1.insert(top, value);
+        Ok(())
+    }
+    fn del_v6_l1(&mut self, top: u32) -> Result<(), Self::Error> {
+        self.v6_l1.remove(&top);
+        Ok(())
+    }
+    fn set_v6_long(&mut self, key: V6LongKey, rule: u32) -> Result<(), Self::Error> {
+        self.v6_long.insert(key, rule);
+        Ok(())
+    }
+    fn del_v6_long(&mut self, key: V6LongKey) -> Result<(), Self::Error> {
+        self.v6_long.remove(&key);
+        Ok(())
+    }
+}
+
+impl AdoptMaps for ModelMaps {
+    fn used_rules(&self) -> Vec<u32> {
+        self.rules
+            .iter()
+            .filter(|(_, r)| **r != DropRule::default())
+            .map(|(i, _)| *i)
+            .collect()
+    }
+    fn v4_long_keys(&self) -> Vec<V4LongKey> {
+        self.v4_long.keys().copied().collect()
+    }
+    fn v6_l1_keys(&self) -> Vec<u32> {
+        self.v6_l1.keys().copied().collect()
+    }
+    fn v6_long_keys(&self) -> Vec<V6LongKey> {
+        self.v6_long.keys().copied().collect()
+    }
+}
+
+impl ModelMaps {
+    fn verdict(&self, rule: u32, now_ns: u64) -> Option<u32> {
+        if rule == 0 {
+            return None;
+        }
+        let r = self.rules.get(&rule)?;
+        if r.expires_ns != 0 && r.expires_ns <= now_ns {
+            return None;
+        }
+        Some(r.reason)
+    }
+
+    /// The reason `edge_filter` would drop `addr` for, if it would.
+    pub fn lookup_v4(&self, addr: Ipv4Addr, now_ns: u64) -> Option<u32> {
+        let addr = u32::from(addr);
+        let slot = self.v4_l1[(addr >> 8) as usize];
+        for len in (25..=32u32).rev() {
+            if slot & (1 << (len - 25)) != 0 {
+                let key = V4LongKey {
+                    addr: addr & (u32::MAX << (32 - len)),
+                    len,
+                };
+                if let Some(rule) = self.v4_long.get(&key) {
+                    return self.verdict(*rule, now_ns);
+                }
+            }
+        }
+        self.verdict(slot >> 8, now_ns)
+    }
+
+    pub fn lookup_v6(&self, addr: Ipv6Addr, now_ns: u64) -> Option<u32> {
+        let a = u128::from(addr);
+        let l1 = self.v6_l1.get(&((a >> 96) as u32))?;
+        for len in (33..=128u32).rev() {
+            let present = if len > 64 {
+                l1.bits_65_128 & (1 << (len - 65)) != 0
+            } else {
+                l1.bits_33_64 & (1 << (len - 33)) != 0
+            };
+            if present {
+                let masked = a & (u128::MAX << (128 - len));
+                let key = V6LongKey {
+                    hi: (masked >> 64) as u64,
+                    lo: masked as u64,
+                    len,
+                    _pad: 0,
+                };
+                if let Some(rule) = self.v6_long.get(&key) {
+                    return self.verdict(*rule, now_ns);
+                }
+            }
+        }
+        self.verdict(l1.rule, now_ns)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::net::IpAddr;
+
+    /// The meaning the layout must have: among unexpired entries covering
+    /// the address, the longest decides.
+    fn reference(specs: &[DropSpec], addr: IpAddr, now: u64) -> Option<u32> {
+        let mut by_net: HashMap<IpNet, &DropSpec> = HashMap::new();
+        for s in specs {
+            by_net.insert(s.net.trunc(), s);
+        }
+        by_net
+            .values()
+            .filter(|s| s.net.contains(&addr) && (s.expires_ns == 0 || s.expires_ns > now))
+            .max_by_key(|s| s.net.prefix_len())
+            .map(|s| s.reason)
+    }
+
+    /// Whether the longest entry covering `addr` is itself unexpired.
+    fn longest_unexpired(specs: &[DropSpec], addr: IpAddr, now: u64) -> bool {
+        let mut by_net: HashMap<IpNet, &DropSpec> = HashMap::new();
+        for s in specs {
+            by_net.insert(s.net.trunc(), s);
+        }
+        by_net
+            .values()
+            .filter(|s| s.net.contains(&addr))
+            .max_by_key(|s| s.net.prefix_len())
+            .is_none_or(|s| s.expires_ns == 0 || s.expires_ns > now)
+    }
+
+    fn lookup(m: &ModelMaps, addr: IpAddr, now: u64) -> Option<u32> {
+        match addr {
+            IpAddr::V4(a) => m.lookup_v4(a, now),
+            IpAddr::V6(a) => m.lookup_v6(a, now),
+        }
+    }
+
+    // Addresses are drawn from a small space so prefixes nest and collide.
+    fn spec4() -> impl Strategy<Value = DropSpec> {
+        (
+            0u32..4096,
+            20u8..=32,
+            1u32..4,
+            prop_oneof![Just(0u64), 1u64..100],
+        )
+            .prop_map(|(a, len, reason, exp)| DropSpec {
+                net: IpNet::V4(
+                    Ipv4Net::new(Ipv4Addr::from(0xC000_0000 | (a << 4)), len)
+                        .unwrap()
+                        .trunc(),
+                ),
+                reason,
+                expires_ns: exp,
+            })
+    }
+
+    fn spec6() -> impl Strategy<Value = DropSpec> {
+        (
+            0u32..64,
+            0u64..256,
+            24u8..=128,
+            1u32..4,
+            prop_oneof![Just(0u64), 1u64..100],
+        )
+            .prop_map(|(top, low, len, reason, exp)| {
+                let a = (0x2001_0db8u128 << 96)
+                    | ((top as u128) << 90)
+                    | ((low as u128) << 60)
+                    | low as u128;
+                DropSpec {
+                    net: IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), len).unwrap().trunc()),
+                    reason,
+                    expires_ns: exp,
+                }
+            })
+    }
+
+    fn probes(specs: &[DropSpec]) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for s in specs {
+            out.push(s.net.network());
+            out.push(s.net.broadcast());
+            match s.net {
+                IpNet::V4(n) => {
+                    let a = u32::from(n.network());
+                    out.push(IpAddr::V4(Ipv4Addr::from(a.wrapping_sub(1))));
+                    out.push(IpAddr::V4(Ipv4Addr::from(
+                        u32::from(n.broadcast()).wrapping_add(1),
+                    )));
+                    out.push(IpAddr::V4(Ipv4Addr::from(a | 0x55)));
+                }
+                IpNet::V6(n) => {
+                    let a = u128::from(n.network());
+                    out.push(IpAddr::V6(Ipv6Addr::from(a.wrapping_sub(1))));
+                    out.push(IpAddr::V6(Ipv6Addr::from(
+                        u128::from(n.broadcast()).wrapping_add(1),
+                    )));
+                }
+            }
+        }
+        out
+    }
+
+    /// Half of the current set, permanent, in a new order: a different
+    /// set for the adopter to converge to.
+    fn probes_specs_rev(list: &DropList) -> Vec<DropSpec> {
+        let mut out: Vec<DropSpec> = list
+            .v4
+            .keys()
+            .map(|n| IpNet::V4(*n))
+            .chain(list.v6.keys().map(|n| IpNet::V6(*n)))
+            .step_by(2)
+            .map(|net| DropSpec {
+                net,
+                reason: 3,
+                expires_ns: 0,
+            })
+            .collect();
+        out.reverse();
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// After any sequence of whole-set changes, every probe address gets
+        /// the reference LPM verdict, at several points in time.
+        #[test]
+        fn layout_equals_lpm(
+            steps in prop::collection::vec(
+                (prop::collection::vec(spec4(), 0..40), prop::collection::vec(spec6(), 0..40)),
+                1..4,
+            ),
+        ) {
+            let mut maps = ModelMaps::default();
+            let mut list = DropList::new(10_000);
+            for (v4, v6) in steps {
+                let specs: Vec<DropSpec> = v4.into_iter().chain(v6).collect();
+                list.apply(&mut maps, &specs).unwrap();
+                for addr in probes(&specs) {
+                    for now in [0u64, 50, 150] {
+                        let got = lookup(&maps, addr, now);
+                        let want = reference(&specs, addr, now);
+                        // Whether it drops is exact. The reason is exact too,
+                        // except that an expired entry nested in a live one
+                        // keeps its own reason until the sweeper removes it.
+                        prop_assert_eq!(got.is_some(), want.is_some(), "{} at {}", addr, now);
+                        if longest_unexpired(&specs, addr, now) {
+                            prop_assert_eq!(got, want, "{} at {}", addr, now);
+                        }
+                    }
+                }
+            }
+            // A new daemon adopting these maps with another set ends up
+            // with exactly that set, and nothing stale.
+            let mut adopter = DropList::new(10_000);
+            let last: Vec<DropSpec> = probes_specs_rev(&list);
+            adopter.adopt(&mut maps, &last).unwrap();
+            for s in &last {
+                for addr in [s.net.network(), s.net.broadcast()] {
+                    prop_assert_eq!(lookup(&maps, addr, 0), reference(&last, addr, 0));
+                }
+            }
+            let mut list = adopter;
+            // Removing everything leaves nothing behind.
+            list.apply(&mut maps, &[]).unwrap();
+            prop_assert!(maps.rules.values().all(|r| *r == DropRule::default()));
+            prop_assert!(maps.v4_l1.iter().all(|&s| s == 0));
+            prop_assert!(maps.v4_long.is_empty() && maps.v6_l1.is_empty() && maps.v6_long.is_empty());
+        }
+    }
+
+    #[test]
+    fn slash24_covers_exactly_its_addresses() {
+        let mut maps = ModelMaps::default();
+        let mut list = DropList::new(10);
+        let net: IpNet = "198.51.100.0/24".parse().unwrap();
+        list.apply(
+            &mut maps,
+            &[DropSpec {
+                net,
+                reason: 1,
+                expires_ns: 0,
+            }],
+        )
+        .unwrap();
+        for a in 0..=u32::MAX >> 20 {
+            let addr = Ipv4Addr::from(0xC633_6000u32.wrapping_sub(2048) + a);
+            let want = net.contains(&IpAddr::V4(addr)).then_some(1);
+            assert_eq!(maps.lookup_v4(addr, 0), want, "{addr}");
+        }
+    }
+
+    #[test]
+    fn refuses_too_wide_and_over_capacity_without_writing() {
+        let mut maps = ModelMaps::default();
+        let mut list = DropList::new(2);
+        let wide = DropSpec {
+            net: "10.0.0.0/7".parse().unwrap(),
+            reason: 1,
+            expires_ns: 0,
+        };
+        let err = list.apply(&mut maps, &[wide]).unwrap_err();
+        assert!(err.to_string().contains("10.0.0.0/7 is too wide"), "{err}");
+        let specs: Vec<DropSpec> = (0..3)
+            .map(|i| DropSpec {
+                net: format!("192.0.2.{i}/32").parse().unwrap(),
+                reason: 1,
+                expires_ns: 0,
+            })
+            .collect();
+        let err = list.apply(&mut maps, &specs).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DropListError::Full {
+                    wanted: 3,
+                    capacity: 2
+                }
+            ),
+            "{err}"
+        );
+        assert!(maps.rules.is_empty() && maps.v4_long.is_empty());
+    }
+}

@@ -1,0 +1,764 @@
+//! Loading, pinning and feeding the eBPF programs.
+//!
+//! Everything lives under the configured bpffs folder:
+//!
+//! ```text
+//! {bpffs}/maps/<MAP>            every map, pinned by name
+//! {bpffs}/progs/edge_filter     the XDP program
+//! {bpffs}/links/xdp-<ifname>    one XDP link per attached interface
+//! ```
+//!
+//! A restarted daemon adopts that state: it reuses the pinned maps (after
+//! checking `LAYOUT` holds [`LAYOUT_VERSION`]), swaps its freshly loaded
+//! program into each pinned link atomically (`bpf_link_update`), and rewrites
+//! the maps from the store as a diff, so enforcement never has a gap. The
+//! daemon leaves all of it in place when it stops; `allowlistd --unload`
+//! removes it.
+
+pub mod droplist;
+pub mod sys;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs, io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use allowlist_common::{
+    C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
+    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, LAYOUT_VERSION, REASON_AUTO,
+    REASON_DENIED, REASON_IMPORT, REASON_MANUAL, STATS_SLOTS, V4_L1_SLOTS, V4LongKey, V6L1Value,
+    V6LongKey, guard_port_key,
+};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::Serialize;
+
+pub use droplist::{DropList, DropListError, DropMaps, DropSpec};
+
+/// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/allowlist"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "this allowlistd was built without its eBPF programs (AYA_BUILD_SKIP); rebuild with \
+         `cargo xtask build`, or run with --no-kernel"
+    )]
+    NoObject,
+    #[error("{what} needs root or CAP_BPF + CAP_NET_ADMIN; run as root, or with --no-kernel")]
+    NotPrivileged { what: &'static str },
+    #[error(
+        "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); allowlistd needs a kernel \
+         built with CONFIG_DEBUG_INFO_BTF, or run with --no-kernel"
+    )]
+    NoBtf,
+    #[error("bpffs at {path}: {source}; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    Bpffs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the pinned maps under {path} have layout version {found}, this allowlistd needs \
+         {wanted}; stop the old daemon and run its `allowlistd --unload` (or remove {path}) \
+         before starting this one"
+    )]
+    LayoutMismatch {
+        path: PathBuf,
+        found: u32,
+        wanted: u32,
+    },
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("interface {ifname}: {message}")]
+    Interface { ifname: String, message: String },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    DropList(#[from] DropListError),
+    #[error(
+        "the guard union would hold {wanted} {family} prefixes but the kernel map holds \
+         {capacity}; raise [kernel] guard_capacity (nothing was changed)"
+    )]
+    GuardFull {
+        family: &'static str,
+        wanted: usize,
+        capacity: u32,
+    },
+}
+
+/// How the XDP program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Generic mode on virtual devices (veth, where driver mode collapses
+    /// in VMs), driver mode on real NICs.
+    #[default]
+    Auto,
+    Driver,
+    Generic,
+}
+
+impl AttachMode {
+    fn resolve(self, ifname: &str) -> (XdpMode, &'static str) {
+        match self {
+            AttachMode::Driver => (XdpMode::Driver, "driver"),
+            AttachMode::Generic => (XdpMode::Skb, "generic"),
+            AttachMode::Auto if sys::is_virtual_interface(ifname) => (XdpMode::Skb, "generic"),
+            AttachMode::Auto => (XdpMode::Driver, "driver"),
+        }
+    }
+}
+
+/// What the kernel module needs from the configuration.
+#[derive(Clone, Debug)]
+pub struct KernelOptions {
+    pub bpffs: PathBuf,
+    pub interfaces: Vec<String>,
+    pub mode: AttachMode,
+    pub drop_capacity: u32,
+    pub guard_capacity: u32,
+}
+
+/// The pinned maps, written through [`DropMaps`].
+struct KernelDropMaps {
+    rules: Array<MapData, DropRule>,
+    v4_l1: sys::MmapU32,
+    /// Keeps the map (and so the mapping) alive.
+    _v4_l1_map: MapData,
+    v4_long: BpfHashMap<MapData, V4LongKey, u32>,
+    v6_l1: BpfHashMap<MapData, u32, V6L1Value>,
+    v6_long: BpfHashMap<MapData, V6LongKey, u32>,
+}
+
+/// A map write that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {source}")]
+pub struct MapWriteError {
+    name: &'static str,
+    #[source]
+    source: MapError,
+}
+
+fn mw(name: &'static str) -> impl FnOnce(MapError) -> MapWriteError {
+    move |source| MapWriteError { name, source }
+}
+
+/// Deleting a key that is already gone is what we wanted anyway.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl DropMaps for KernelDropMaps {
+    type Error = MapWriteError;
+    fn set_rule(&mut self, index: u32, rule: DropRule) -> Result<(), Self::Error> {
+        self.rules.set(index, rule, 0).map_err(mw("DROP_RULES"))
+    }
+    fn v4_slot(&self, slot: u32) -> u32 {
+        self.v4_l1.get(slot)
+    }
+    fn set_v4_slot(&mut self, slot: u32, value: u32) -> Result<(), Self::Error> {
+        self.v4_l1.set(slot, value);
+        Ok(())
+    }
+    fn set_v4_long(&mut self, key: V4LongKey, rule: u32) -> Result<(), Self::Error> {
+        self.v4_long.insert(key, rule, 0).map_err(mw("DROP4_LONG"))
+    }
+    fn del_v4_long(&mut self, key: V4LongKey) -> Result<(), Self::Error> {
+        ignore_missing(self.v4_long.remove(&key)).map_err(mw("DROP4_LONG"))
+    }
+    fn set_v6_l1(&mut self, top: u32, value: V6L1Value) -> Result<(), Self::Error> {
+        self.v6_l1.insert(top, value, 0).map_err(mw("DROP6_L1"))
+    }
+    fn del_v6_l1(&mut self, top: u32) -> Result<(), Self::Error> {
+        ignore_missing(self.v6_l1.remove(&top)).map_err(mw("DROP6_L1"))
+    }
+    fn set_v6_long(&mut self, key: V6LongKey, rule: u32) -> Result<(), Self::Error> {
+        self.v6_long.insert(key, rule, 0).map_err(mw("DROP6_LONG"))
+    }
+    fn del_v6_long(&mut self, key: V6LongKey) -> Result<(), Self::Error> {
+        ignore_missing(self.v6_long.remove(&key)).map_err(mw("DROP6_LONG"))
+    }
+}
+
+impl droplist::AdoptMaps for KernelDropMaps {
+    fn used_rules(&self) -> Vec<u32> {
+        // Index 0 is never used; a zeroed rule is a free one.
+        (1..self.rules.len())
+            .filter(|&i| {
+                self.rules
+                    .get(&i, 0)
+                    .is_ok_and(|r| r != DropRule::default())
+            })
+            .collect()
+    }
+    fn v4_long_keys(&self) -> Vec<V4LongKey> {
+        self.v4_long.keys().filter_map(Result::ok).collect()
+    }
+    fn v6_l1_keys(&self) -> Vec<u32> {
+        self.v6_l1.keys().filter_map(Result::ok).collect()
+    }
+    fn v6_long_keys(&self) -> Vec<V6LongKey> {
+        self.v6_long.keys().filter_map(Result::ok).collect()
+    }
+}
+
+/// Kernel counters, summed over CPUs.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct KernelStats {
+    pub passed: u64,
+    /// Drop-list drops by reason name.
+    pub dropped: BTreeMap<String, u64>,
+    pub guard_dropped_api: u64,
+    pub guard_dropped_smtp: u64,
+    pub events_sent: u64,
+    pub events_rate_limited: u64,
+    pub events_lost: u64,
+    pub malformed: u64,
+}
+
+pub fn reason_name(code: u32) -> &'static str {
+    match code {
+        REASON_MANUAL => "manual",
+        REASON_DENIED => "denied",
+        REASON_AUTO => "auto",
+        REASON_IMPORT => "import",
+        _ => "other",
+    }
+}
+
+/// Map fill levels, for metrics and warnings.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct FillLevels {
+    pub drop_rules: usize,
+    pub drop_capacity: u32,
+    pub guard_v4: usize,
+    pub guard_v6: usize,
+    pub guard_capacity: u32,
+}
+
+/// The guard union and guarded ports as last written.
+#[derive(Default)]
+struct GuardState {
+    v4: HashSet<Ipv4Net>,
+    v6: HashSet<Ipv6Net>,
+    ports: BTreeMap<u32, u32>,
+}
+
+pub struct Kernel {
+    opts: KernelOptions,
+    ebpf: Ebpf,
+    drop_maps: KernelDropMaps,
+    drops: DropList,
+    /// False until the first sync, which rewrites whatever an earlier daemon
+    /// left in the pinned maps.
+    adopted: bool,
+    guard4: LpmTrie<MapData, [u8; 4], u8>,
+    guard6: LpmTrie<MapData, [u8; 16], u8>,
+    guard_ports: BpfHashMap<MapData, u32, u32>,
+    guard: GuardState,
+    stats: PerCpuArray<MapData, u64>,
+    /// Interface -> attach mode in use.
+    pub attached: BTreeMap<String, &'static str>,
+}
+
+fn maps_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join("maps")
+}
+
+fn take<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, KernelError> {
+    let map = ebpf.take_map(name).ok_or(KernelError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> KernelError + 'a {
+    move |source| KernelError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Refuses early, with a message that says what to do, when this host
+/// cannot run the programs.
+pub fn preflight(bpffs: &Path) -> Result<(), KernelError> {
+    if EBPF_OBJECT.is_empty() {
+        return Err(KernelError::NoObject);
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(KernelError::NoBtf);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && !has_caps() {
+        return Err(KernelError::NotPrivileged {
+            what: "loading eBPF programs",
+        });
+    }
+    sys::ensure_bpffs(bpffs).map_err(|source| KernelError::Bpffs {
+        path: bpffs.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// CAP_BPF (39) and CAP_NET_ADMIN (12) in the effective set.
+fn has_caps() -> bool {
+    let Ok(status) = fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 39) != 0 && caps & (1 << 12) != 0)
+}
+
+fn read_layout(path: &Path) -> Result<Option<u32>, KernelError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(path).map_err(|source| KernelError::Map {
+        name: "LAYOUT",
+        source,
+    })?;
+    let layout: Array<MapData, u32> =
+        Array::try_from(Map::Array(data)).map_err(|source| KernelError::Map {
+            name: "LAYOUT",
+            source,
+        })?;
+    let v = layout.get(&0, 0).map_err(|source| KernelError::Map {
+        name: "LAYOUT",
+        source,
+    })?;
+    Ok(Some(v))
+}
+
+impl Kernel {
+    /// Loads (or adopts) the programs and maps and attaches to the
+    /// configured interfaces.
+    pub fn load(opts: KernelOptions) -> Result<Kernel, KernelError> {
+        preflight(&opts.bpffs)?;
+        let maps = maps_dir(&opts.bpffs);
+        fs::create_dir_all(&maps).map_err(io_err("creating", &maps))?;
+        let layout_pin = maps.join("LAYOUT");
+        let adopting = match read_layout(&layout_pin)? {
+            Some(v) if v != LAYOUT_VERSION => {
+                return Err(KernelError::LayoutMismatch {
+                    path: opts.bpffs.clone(),
+                    found: v,
+                    wanted: LAYOUT_VERSION,
+                });
+            }
+            Some(_) => true,
+            // A layout of 0 means a daemon died between creating the maps
+            // and writing the version: same layout, adopt it.
+            None => false,
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps)
+            .map_max_entries("DROP_RULES", 2 * opts.drop_capacity + 1)
+            .map_max_entries("DROP4_LONG", opts.drop_capacity)
+            .map_max_entries("DROP6_L1", opts.drop_capacity)
+            .map_max_entries("DROP6_LONG", opts.drop_capacity)
+            .map_max_entries("GUARD4", opts.guard_capacity)
+            .map_max_entries("GUARD6", opts.guard_capacity)
+            .load(EBPF_OBJECT)?;
+        let mut layout: Array<MapData, u32> = take(&mut ebpf, "LAYOUT")?;
+        layout
+            .set(0, LAYOUT_VERSION, 0)
+            .map_err(|source| KernelError::Map {
+                name: "LAYOUT",
+                source,
+            })?;
+
+        let v4_l1_map = match ebpf.take_map("DROP4_L1") {
+            Some(Map::Array(data)) => data,
+            _ => {
+                return Err(KernelError::Map {
+                    name: "DROP4_L1",
+                    source: MapError::InvalidName {
+                        name: "DROP4_L1".into(),
+                    },
+                });
+            }
+        };
+        let v4_l1 = sys::MmapU32::new(v4_l1_map.fd().as_fd(), V4_L1_SLOTS as usize)
+            .map_err(io_err("mmap", &maps.join("DROP4_L1")))?;
+        let drop_maps = KernelDropMaps {
+            rules: take(&mut ebpf, "DROP_RULES")?,
+            v4_l1,
+            _v4_l1_map: v4_l1_map,
+            v4_long: take(&mut ebpf, "DROP4_LONG")?,
+            v6_l1: take(&mut ebpf, "DROP6_L1")?,
+            v6_long: take(&mut ebpf, "DROP6_LONG")?,
+        };
+        let mut kernel = Kernel {
+            drops: DropList::new(opts.drop_capacity as usize),
+            drop_maps,
+            adopted: !adopting,
+            guard4: take(&mut ebpf, "GUARD4")?,
+            guard6: take(&mut ebpf, "GUARD6")?,
+            guard_ports: take(&mut ebpf, "GUARD_PORTS")?,
+            guard: GuardState::default(),
+            stats: take(&mut ebpf, "STATS")?,
+            attached: BTreeMap::new(),
+            ebpf,
+            opts,
+        };
+        if adopting {
+            kernel.load_guard_state()?;
+        }
+        kernel.attach_all()?;
+        Ok(kernel)
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp, KernelError> {
+        let prog = self
+            .ebpf
+            .program_mut("edge_filter")
+            .ok_or(KernelError::Program {
+                name: "edge_filter",
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+        prog.try_into().map_err(|source| KernelError::Program {
+            name: "edge_filter",
+            source,
+        })
+    }
+
+    /// Loads the program, pins it, and attaches it to every configured
+    /// interface: through the pinned link when one exists (an atomic program
+    /// swap), else with a new link that is then pinned. Links to interfaces
+    /// no longer configured are removed.
+    fn attach_all(&mut self) -> Result<(), KernelError> {
+        let progs = self.opts.bpffs.join("progs");
+        let links = self.opts.bpffs.join("links");
+        fs::create_dir_all(&progs).map_err(io_err("creating", &progs))?;
+        fs::create_dir_all(&links).map_err(io_err("creating", &links))?;
+        let interfaces = self.opts.interfaces.clone();
+        let mode = self.opts.mode;
+        let prog = self.program()?;
+        prog.load().map_err(|source| KernelError::Program {
+            name: "edge_filter",
+            source,
+        })?;
+        let mut attached = BTreeMap::new();
+        for ifname in &interfaces {
+            let pin = links.join(format!("xdp-{ifname}"));
+            let (xdp_mode, mode_name) = mode.resolve(ifname);
+            let iface_err = |message: String| KernelError::Interface {
+                ifname: ifname.clone(),
+                message,
+            };
+            if pin.exists() {
+                let pinned = PinnedLink::from_pin(&pin).map_err(|e| {
+                    iface_err(format!("opening pinned link {}: {e}", pin.display()))
+                })?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| iface_err(format!("pinned link is not an XDP link: {e}")))?;
+                prog.attach_to_link(link).map_err(|e| {
+                    iface_err(format!("replacing the program in the pinned link: {e}"))
+                })?;
+                tracing::info!(interface = %ifname, "adopted pinned XDP link; program replaced atomically");
+                attached.insert(ifname.clone(), "adopted");
+            } else {
+                let id = prog
+                    .attach(ifname, xdp_mode)
+                    .map_err(|e| iface_err(format!("attaching XDP in {mode_name} mode: {e}")))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|e| iface_err(format!("taking the XDP link: {e}")))?;
+                let fd_link = FdLink::try_from(link).map_err(|e| {
+                    iface_err(format!(
+                        "this kernel attached XDP without a bpf_link, which cannot be pinned: {e}"
+                    ))
+                })?;
+                fd_link.pin(&pin).map_err(|e| {
+                    iface_err(format!("pinning the link at {}: {e}", pin.display()))
+                })?;
+                tracing::info!(interface = %ifname, mode = mode_name, "attached XDP edge_filter");
+                attached.insert(ifname.clone(), mode_name);
+            }
+        }
+        // Interfaces dropped from the configuration: unpinning their link
+        // detaches the program.
+        for entry in fs::read_dir(&links).map_err(io_err("reading", &links))? {
+            let entry = entry.map_err(io_err("reading", &links))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(ifname) = name.strip_prefix("xdp-")
+                && !interfaces.iter().any(|i| i == ifname)
+            {
+                fs::remove_file(entry.path()).map_err(io_err("removing", &entry.path()))?;
+                tracing::info!(interface = %ifname, "detached XDP edge_filter (no longer configured)");
+            }
+        }
+        let prog_pin = progs.join("edge_filter");
+        if prog_pin.exists() {
+            fs::remove_file(&prog_pin).map_err(io_err("replacing", &prog_pin))?;
+        }
+        self.program()?
+            .pin(&prog_pin)
+            .map_err(|e| KernelError::Io {
+                op: "pinning",
+                path: prog_pin.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+        self.attached = attached;
+        Ok(())
+    }
+
+    /// Makes the drop maps hold exactly `wanted`. The first call after
+    /// adopting pinned maps rewrites them whole (as a diff against what is
+    /// there); later calls touch only what changed.
+    pub fn sync_drops(&mut self, wanted: &[DropSpec]) -> Result<(), KernelError> {
+        if self.adopted {
+            self.drops.apply(&mut self.drop_maps, wanted)?;
+        } else {
+            self.drops.adopt(&mut self.drop_maps, wanted)?;
+            self.adopted = true;
+        }
+        Ok(())
+    }
+
+    fn load_guard_state(&mut self) -> Result<(), KernelError> {
+        for key in self.guard4.keys() {
+            let key = key.map_err(|source| KernelError::Map {
+                name: "GUARD4",
+                source,
+            })?;
+            if let Ok(net) = Ipv4Net::new(key.data().into(), key.prefix_len() as u8) {
+                self.guard.v4.insert(net);
+            }
+        }
+        for key in self.guard6.keys() {
+            let key = key.map_err(|source| KernelError::Map {
+                name: "GUARD6",
+                source,
+            })?;
+            if let Ok(net) = Ipv6Net::new(key.data().into(), key.prefix_len() as u8) {
+                self.guard.v6.insert(net);
+            }
+        }
+        for item in self.guard_ports.iter() {
+            let (k, v) = item.map_err(|source| KernelError::Map {
+                name: "GUARD_PORTS",
+                source,
+            })?;
+            self.guard.ports.insert(k, v);
+        }
+        Ok(())
+    }
+
+    /// Makes the guard hold exactly `union` and guard exactly `ports`
+    /// (`(proto, port, service)`). Additions are written before removals,
+    /// and ports are armed last, so a change never drops a source that both
+    /// the old and the new union admit.
+    pub fn sync_guard(
+        &mut self,
+        union: &[IpNet],
+        ports: &[(u8, u16, u32)],
+    ) -> Result<(), KernelError> {
+        let want4: HashSet<Ipv4Net> = union
+            .iter()
+            .filter_map(|n| match n.trunc() {
+                IpNet::V4(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let want6: HashSet<Ipv6Net> = union
+            .iter()
+            .filter_map(|n| match n.trunc() {
+                IpNet::V6(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let cap = self.opts.guard_capacity;
+        if want4.len() > cap as usize {
+            return Err(KernelError::GuardFull {
+                family: "IPv4",
+                wanted: want4.len(),
+                capacity: cap,
+            });
+        }
+        if want6.len() > cap as usize {
+            return Err(KernelError::GuardFull {
+                family: "IPv6",
+                wanted: want6.len(),
+                capacity: cap,
+            });
+        }
+        let gm = |name: &'static str| move |source| KernelError::Map { name, source };
+        for n in want4.difference(&self.guard.v4) {
+            self.guard4
+                .insert(&Key::new(n.prefix_len().into(), n.network().octets()), 1, 0)
+                .map_err(gm("GUARD4"))?;
+        }
+        for n in want6.difference(&self.guard.v6) {
+            self.guard6
+                .insert(&Key::new(n.prefix_len().into(), n.network().octets()), 1, 0)
+                .map_err(gm("GUARD6"))?;
+        }
+        let want_ports: BTreeMap<u32, u32> = ports
+            .iter()
+            .map(|&(proto, port, service)| (guard_port_key(proto, port), service))
+            .collect();
+        // Disarm ports first, then shrink the union, then arm new ports.
+        for k in self.guard.ports.keys() {
+            if !want_ports.contains_key(k) {
+                ignore_missing(self.guard_ports.remove(k)).map_err(gm("GUARD_PORTS"))?;
+            }
+        }
+        for n in self.guard.v4.difference(&want4) {
+            ignore_missing(
+                self.guard4
+                    .remove(&Key::new(n.prefix_len().into(), n.network().octets())),
+            )
+            .map_err(gm("GUARD4"))?;
+        }
+        for n in self.guard.v6.difference(&want6) {
+            ignore_missing(
+                self.guard6
+                    .remove(&Key::new(n.prefix_len().into(), n.network().octets())),
+            )
+            .map_err(gm("GUARD6"))?;
+        }
+        for (k, v) in &want_ports {
+            if self.guard.ports.get(k) != Some(v) {
+                self.guard_ports
+                    .insert(k, v, 0)
+                    .map_err(gm("GUARD_PORTS"))?;
+            }
+        }
+        self.guard = GuardState {
+            v4: want4,
+            v6: want6,
+            ports: want_ports,
+        };
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Result<KernelStats, KernelError> {
+        let mut sums = vec![0u64; STATS_SLOTS as usize];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            let v = self
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|source| KernelError::Map {
+                    name: "STATS",
+                    source,
+                })?;
+            *sum = v.iter().sum();
+        }
+        let mut dropped = BTreeMap::new();
+        for reason in [REASON_MANUAL, REASON_DENIED, REASON_AUTO, REASON_IMPORT] {
+            dropped.insert(
+                reason_name(reason).to_string(),
+                sums[(C_DROP_LIST_BASE + reason) as usize],
+            );
+        }
+        Ok(KernelStats {
+            passed: sums[C_PASS as usize],
+            dropped,
+            guard_dropped_api: sums[C_DROP_GUARD as usize],
+            guard_dropped_smtp: sums[C_DROP_GUARD_SMTP as usize],
+            events_sent: sums[C_EVENTS_SENT as usize],
+            events_rate_limited: sums[C_EVENTS_RATE_LIMITED as usize],
+            events_lost: sums[C_EVENTS_LOST as usize],
+            malformed: sums[C_MALFORMED as usize],
+        })
+    }
+
+    pub fn fill_levels(&self) -> FillLevels {
+        FillLevels {
+            drop_rules: self.drops.len(),
+            drop_capacity: self.opts.drop_capacity,
+            guard_v4: self.guard.v4.len(),
+            guard_v6: self.guard.v6.len(),
+            guard_capacity: self.opts.guard_capacity,
+        }
+    }
+
+    /// The ring buffer of drop events, for [`read_events`]. Call once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+        take(&mut self.ebpf, "EVENTS")
+    }
+
+    pub fn bpffs(&self) -> &Path {
+        &self.opts.bpffs
+    }
+}
+
+/// Removes every program, link and map this daemon pinned under `bpffs`.
+/// Unpinning the links detaches the programs.
+pub fn unload(bpffs: &Path) -> Result<bool, KernelError> {
+    if !bpffs.exists() {
+        return Ok(false);
+    }
+    // Links first, so nothing is left attached while maps disappear.
+    for sub in ["links", "progs", "maps"] {
+        let dir = bpffs.join(sub);
+        if dir.exists() {
+            fs::remove_dir_all(&dir).map_err(io_err("removing", &dir))?;
+        }
+    }
+    fs::remove_dir(bpffs).map_err(io_err("removing", bpffs))?;
+    Ok(true)
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
+    if bytes.len() < std::mem::size_of::<DropEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; DropEvent is plain old data.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
+}
+
+/// The source address of an event.
+pub fn event_source(ev: &DropEvent) -> std::net::IpAddr {
+    let v6 = std::net::Ipv6Addr::from(ev.saddr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if ev.family == 4 => std::net::IpAddr::V4(v4),
+        _ => std::net::IpAddr::V6(v6),
+    }
+}

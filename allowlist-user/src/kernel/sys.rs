@@ -1,0 +1,149 @@
+//! Small pieces of system plumbing the kernel module needs: bpffs, the
+//! monotonic clock the eBPF side uses, and mmap of array maps.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// CLOCK_MONOTONIC in ns: what `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// Whether `path` lies on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid C string and statfs buffer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `dir` exists on a bpf filesystem, mounting one at its nearest
+/// existing ancestor's usual place (`/sys/fs/bpf`) when none is mounted.
+/// Returns the mount point it mounted, if it did.
+pub fn ensure_bpffs(dir: &Path) -> io::Result<Option<PathBuf>> {
+    let mut existing = dir.to_path_buf();
+    while !existing.exists() {
+        if !existing.pop() {
+            break;
+        }
+    }
+    let mut mounted = None;
+    if !is_bpffs(&existing)? {
+        // Mount at /sys/fs/bpf when the folder is meant to live there,
+        // otherwise at the folder itself.
+        let target = if dir.starts_with("/sys/fs/bpf") {
+            PathBuf::from("/sys/fs/bpf")
+        } else {
+            std::fs::create_dir_all(dir)?;
+            dir.to_path_buf()
+        };
+        let src = CString::new("bpf").expect("no NUL");
+        let tgt = CString::new(target.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path has a NUL byte"))?;
+        // SAFETY: valid C strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                tgt.as_ptr(),
+                src.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        mounted = Some(target);
+    }
+    std::fs::create_dir_all(dir)?;
+    Ok(mounted)
+}
+
+/// A shared, writable mapping of a `BPF_F_MMAPABLE` array map of `u32`.
+pub struct MmapU32 {
+    ptr: NonNull<AtomicU32>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory accessed through atomics.
+unsafe impl Send for MmapU32 {}
+unsafe impl Sync for MmapU32 {}
+
+impl MmapU32 {
+    pub fn new(fd: impl AsFd, len: usize) -> io::Result<Self> {
+        let bytes = len * 4;
+        // SAFETY: mapping a map fd the kernel allows to be mmapped; the
+        // length is the map's size; failure is checked.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(MmapU32 {
+            ptr: NonNull::new(p.cast()).expect("mmap returned NULL"),
+            len,
+        })
+    }
+
+    pub fn get(&self, i: u32) -> u32 {
+        assert!((i as usize) < self.len);
+        // SAFETY: in bounds; the eBPF side reads the slot concurrently, so
+        // every access is atomic.
+        unsafe { (*self.ptr.as_ptr().add(i as usize)).load(Ordering::Acquire) }
+    }
+
+    pub fn set(&self, i: u32, v: u32) {
+        assert!((i as usize) < self.len);
+        // SAFETY: as in `get`. Release orders the slot after the rule and
+        // hash writes made before it (those went through syscalls).
+        unsafe { (*self.ptr.as_ptr().add(i as usize)).store(v, Ordering::Release) }
+    }
+
+    /// Number of non-zero slots (for fill-level reporting).
+    pub fn count_nonzero(&self) -> usize {
+        (0..self.len as u32).filter(|&i| self.get(i) != 0).count()
+    }
+}
+
+impl Drop for MmapU32 {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len * 4) };
+    }
+}
+
+/// Whether `ifname` is a virtual device (veth, bridge ...): those have no
+/// `device` link in sysfs. Driver-mode XDP collapses on veth in VMs, so
+/// `auto` picks generic mode for them.
+pub fn is_virtual_interface(ifname: &str) -> bool {
+    !Path::new("/sys/class/net")
+        .join(ifname)
+        .join("device")
+        .exists()
+}

@@ -1,0 +1,152 @@
+//! `cargo xtask test` and `cargo xtask bench`.
+
+use std::{
+    ffi::OsString,
+    io::{BufRead, BufReader, IsTerminal},
+    process::{ExitCode, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+
+use crate::{Repo, build, cmd, describe, ensure_bpffs, fix, output, say, setup::setup, status};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Suite {
+    Kernel,
+    Policy,
+    Edge,
+}
+
+pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
+    setup(repo)?;
+    if !quick {
+        for (name, line) in [
+            ("fmt", "fmt --all --check"),
+            (
+                "clippy (workspace)",
+                "clippy --workspace --exclude allowlist-ebpf --all-targets -- -D warnings",
+            ),
+        ] {
+            let mut cmd = repo.cargo(line)?;
+            say("test", format_args!("{name}: {}", describe(&cmd)));
+            status(&mut cmd).with_context(|| format!("test step '{name}' failed"))?;
+        }
+        clippy_ebpf(repo).context("test step 'clippy (eBPF)' failed")?;
+    }
+
+    let mut build = repo.cargo("build -p allowlist-user --bins")?;
+    say("test", format_args!("build: {}", describe(&build)));
+    status(&mut build).context("test step 'build' failed")?;
+
+    ensure_bpffs().context("test step 'mount bpffs' failed")?;
+
+    // Before a further `--`: cargo's own arguments (a filter, -p, --test);
+    // after it: the test binaries' arguments.
+    let (cargo_args, bin_args) = match extra.iter().position(|a| a == "--") {
+        Some(i) => (&extra[..i], &extra[i + 1..]),
+        None => (extra, &[][..]),
+    };
+    // cargo ignores -p when --workspace is given, so a package the user
+    // picks replaces the workspace-wide selection.
+    let picks_package = cargo_args
+        .iter()
+        .any(|a| a == "-p" || a == "--package" || a.to_string_lossy().starts_with("--package="));
+    let mut cmd = repo.cargo("test")?;
+    if !picks_package {
+        cmd.args(["--workspace", "--exclude", "allowlist-ebpf"]);
+    }
+    // One thread: kernel tests share the kernel (maps, pins, namespaces).
+    cmd.args(cargo_args)
+        .args(["--", "--test-threads=1"])
+        .args(bin_args)
+        .env("ALLOWLIST_BIN_DIR", repo.bin_dir(false));
+    say("test", format_args!("tests: {}", describe(&cmd)));
+    status(&mut cmd).context("test step 'tests' failed")?;
+    say("test", "all steps passed");
+    Ok(())
+}
+
+/// Lints the eBPF crate for its real target: in the workspace run, feature
+/// unification would give it std through allowlist-common's `user` feature.
+/// A nightly whose clippy is missing or crashes gets a warning rather than a
+/// failure, since nightly breakage is outside this project's control; lint
+/// errors still fail.
+fn clippy_ebpf(repo: &Repo) -> Result<()> {
+    let has_clippy = || output(&mut cmd("cargo +nightly clippy --version")).is_some();
+    if !has_clippy() {
+        say("test", "clippy for nightly: missing, installing");
+        let added = fix(
+            "adding clippy to nightly",
+            "rustup component add clippy --toolchain nightly",
+        );
+        if added.is_err() || !has_clippy() {
+            say(
+                "test",
+                "WARNING: no clippy for nightly, so the eBPF crate was NOT linted \
+                 (fix: rustup component add clippy --toolchain nightly)",
+            );
+            return Ok(());
+        }
+    }
+    let mut cmd = repo.cargo(
+        "+nightly clippy -p allowlist-ebpf --target bpfel-unknown-none \
+         -Z build-std=core --release",
+    )?;
+    // Its stderr goes through a pipe (to spot a compiler crash), which would
+    // otherwise turn cargo's colours off.
+    if std::io::stderr().is_terminal() {
+        cmd.arg("--color=always");
+    }
+    cmd.args(["--", "-D", "warnings"]);
+    say("test", format_args!("clippy (eBPF): {}", describe(&cmd)));
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", describe(&cmd)))?;
+    let mut crashed = false;
+    if let Some(err) = child.stderr.take() {
+        for line in BufReader::new(err).lines() {
+            let line = line.context("reading clippy's output")?;
+            crashed |= line.contains("internal compiler error")
+                || line.contains("the compiler unexpectedly panicked");
+            eprintln!("{line}");
+        }
+    }
+    let st = child.wait().context("waiting for clippy")?;
+    if st.success() {
+        Ok(())
+    } else if crashed {
+        say(
+            "test",
+            "WARNING: clippy crashed on the eBPF target with this nightly, so \
+             the eBPF crate was NOT linted; continuing",
+        );
+        Ok(())
+    } else {
+        bail!("`{}` failed ({st})", describe(&cmd))
+    }
+}
+
+pub fn bench(repo: &Repo, suite: Suite) -> Result<ExitCode> {
+    let name = match suite {
+        Suite::Kernel => "kernel",
+        Suite::Policy => "policy",
+        Suite::Edge => "edge",
+    };
+    if !matches!(suite, Suite::Kernel) {
+        eprintln!("bench {name}: not yet implemented (tracked in its own issue)");
+        return Ok(ExitCode::from(2));
+    }
+    build(repo, true)?;
+    ensure_bpffs()?;
+    let mut cmd = repo.cargo(&format!(
+        "test --release -p allowlist-tests --test bench_{name} \
+         -- --ignored --nocapture --test-threads=1"
+    ))?;
+    cmd.env("ALLOWLIST_BIN_DIR", repo.bin_dir(true))
+        .env("ALLOWLIST_BENCH_OUT", repo.root.join("BENCHMARKS.md"));
+    say("bench", describe(&cmd));
+    status(&mut cmd).with_context(|| format!("bench {name} failed"))?;
+    Ok(ExitCode::SUCCESS)
+}
