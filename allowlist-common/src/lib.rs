@@ -14,8 +14,12 @@ use core::mem::size_of;
 /// whose `LAYOUT` map holds another value.
 pub const LAYOUT_VERSION: u32 = 1;
 
-/// Number of slots of the first-level IPv4 table: one per /24.
+/// Number of slots of the first-level IPv4 table: one `u32` per /24.
 pub const V4_L1_SLOTS: u32 = 1 << 24;
+/// The table's map elements: array elements are 8-byte aligned, so two
+/// slots share one `u64` element (slot `2i` in the low half, `2i + 1` in the
+/// high half, little-endian), which makes the mmap a plain `[u32; 2^24]`.
+pub const V4_L1_ELEMENTS: u32 = V4_L1_SLOTS / 2;
 /// Low bits of a v4 first-level slot: one bit per prefix length 25..=32
 /// present below that /24 (bit `len - 25`).
 pub const V4_L1_LEN_BITS: u32 = 8;

@@ -24,7 +24,7 @@ use core::mem::size_of;
 use allowlist_common::{
     C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
     C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, EVENT_INTERVAL_NS, EVENTS_BYTES,
-    PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_SMTP, STATS_SLOTS, V4_L1_LEN_BITS, V4_L1_SLOTS,
+    PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_SMTP, STATS_SLOTS, V4_L1_ELEMENTS, V4_L1_LEN_BITS,
     V4LongKey, V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST, guard_port_key,
 };
 use aya_ebpf::{
@@ -51,9 +51,10 @@ const DEFAULT_GUARD: u32 = 1 << 18;
 #[map]
 static LAYOUT: Array<u32> = Array::pinned(1, 0);
 
-/// v4 drop first level: one slot per /24; see `allowlist_common::v4_slot`.
+/// v4 drop first level: one `u32` slot per /24, two per element; see
+/// `allowlist_common::{v4_slot, V4_L1_ELEMENTS}`.
 #[map]
-static DROP4_L1: Array<u32> = Array::pinned(V4_L1_SLOTS, MMAPABLE);
+static DROP4_L1: Array<u64> = Array::pinned(V4_L1_ELEMENTS, MMAPABLE);
 /// v4 drop prefixes of length 25..=32 -> rule index.
 #[map]
 static DROP4_LONG: HashMap<V4LongKey, u32> = HashMap::pinned(DEFAULT_LONG, NO_PREALLOC);
@@ -193,7 +194,13 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     let saddr = u32::from_be(saddr_be);
 
     if let Some(reason) = drop4(saddr) {
-        return Ok(drop_list(ctx, mapped4(saddr_be), 4, reason, None));
+        // L4 is parsed only on this (rare) path, for the event's port.
+        let l4 = if frag & 0x1fff == 0 {
+            parse_l4(ctx, l4proto, off + ihl).ok().flatten()
+        } else {
+            None
+        };
+        return Ok(drop_list(ctx, mapped4(saddr_be), 4, reason, l4.as_ref()));
     }
     // Only a first fragment carries the L4 header.
     if frag & 0x1fff != 0 {
@@ -228,7 +235,8 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
         saddr[8], saddr[9], saddr[10], saddr[11], saddr[12], saddr[13], saddr[14], saddr[15],
     ]);
     if let Some(reason) = drop6(hi, lo) {
-        return Ok(drop_list(ctx, saddr, 6, reason, None));
+        let l4 = parse_l4(ctx, next, off + 40).ok().flatten();
+        return Ok(drop_list(ctx, saddr, 6, reason, l4.as_ref()));
     }
     // Extension headers are not walked: a packet whose next header is not
     // TCP/UDP passes the guard (fail-open), the drop list already applied.
@@ -274,7 +282,12 @@ fn rule_verdict(rule: u32) -> Option<u32> {
 /// Longest-prefix match of `addr` (host order) in the v4 drop list.
 #[inline(always)]
 fn drop4(addr: u32) -> Option<u32> {
-    let slot = *DROP4_L1.get(addr >> 8)?;
+    let pair = *DROP4_L1.get(addr >> 9)?;
+    let slot = if addr & (1 << 8) == 0 {
+        pair as u32
+    } else {
+        (pair >> 32) as u32
+    };
     let mut bits = (slot & ((1 << V4_L1_LEN_BITS) - 1)) as u8;
     // Lengths 32 down to 25 present under this /24, longest first.
     for _ in 0..8 {

@@ -40,6 +40,8 @@ enum Command {
     /// Blocking of unknown addresses, per service.
     #[command(subcommand)]
     Blocking(blocking::BlockingCmd),
+    /// Recent kernel drop events (at most one per source per second).
+    Events,
 }
 
 /// What a command prints: JSON for `--json`, text otherwise.
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
             Command::Drop(cmd) => drop::run(&client, cmd).await,
             Command::Stats => stats::run(&client).await,
             Command::Blocking(cmd) => blocking::run(&client, cmd).await,
+            Command::Events => stats::events(&client).await,
         }
     });
     match result {

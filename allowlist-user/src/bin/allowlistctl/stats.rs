@@ -1,6 +1,6 @@
 //! `allowlistctl stats`
 
-use allowlist::api::Stats;
+use allowlist::api::{Events, Stats};
 
 use crate::{
     Output,
@@ -46,6 +46,24 @@ pub async fn run(client: &Client) -> Result<Output, CtlError> {
     text.push_str(&format!("drop list entries: {}\n", s.drop_entries));
     Ok(Output {
         json: serde_json::to_value(&s).unwrap_or_default(),
+        text,
+    })
+}
+
+pub async fn events(client: &Client) -> Result<Output, CtlError> {
+    let e: Events = client.get("/v1/events").await?;
+    let mut text = String::new();
+    for ev in &e.events {
+        text.push_str(&format!(
+            "{:.3}  {:<39} {:<9} {:<7} port {} proto {}\n",
+            ev.at, ev.source, ev.verdict, ev.reason, ev.port, ev.protocol
+        ));
+    }
+    if e.events.is_empty() {
+        text.push_str("no kernel drop events since the daemon started\n");
+    }
+    Ok(Output {
+        json: serde_json::to_value(&e).unwrap_or_default(),
         text,
     })
 }
