@@ -14,7 +14,9 @@ fn main() -> anyhow::Result<()> {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
         println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
-        fs::write(out_dir.join("allowlist"), []).context("writing the empty eBPF stub")?;
+        for object in ["allowlist", "bench"] {
+            fs::write(out_dir.join(object), []).context("writing the empty eBPF stub")?;
+        }
         return Ok(());
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?)

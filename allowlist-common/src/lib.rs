@@ -101,10 +101,30 @@ pub const REASON_AUTO: u32 = 3;
 pub const REASON_IMPORT: u32 = 4;
 pub const REASON_MAX: u32 = 7;
 
-/// Key of `GUARD_PORTS`: `(proto << 16) | port`, port in host byte order.
+/// `GUARD_PORTS` is an array indexed by destination port (host byte order):
+/// an inlined load on every connection-opening packet, where a hash lookup
+/// would cost ~10 ns. Its value holds the `SERVICE_*` guarding the port for
+/// TCP in the low 16 bits and for UDP in the high 16 bits (0 = unguarded).
+pub const GUARD_PORT_SLOTS: u32 = 1 << 16;
+
+/// The part of a `GUARD_PORTS` value that concerns `proto`.
 #[inline(always)]
-pub const fn guard_port_key(proto: u8, port: u16) -> u32 {
-    ((proto as u32) << 16) | port as u32
+pub const fn guard_service(value: u32, proto: u8) -> u32 {
+    if proto == PROTO_UDP {
+        value >> 16
+    } else {
+        value & 0xffff
+    }
+}
+
+/// A `GUARD_PORTS` value with `service` set for `proto`, other protocol kept.
+#[inline(always)]
+pub const fn with_guard_service(value: u32, proto: u8, service: u32) -> u32 {
+    if proto == PROTO_UDP {
+        (value & 0xffff) | (service << 16)
+    } else {
+        (value & 0xffff_0000) | (service & 0xffff)
+    }
 }
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;

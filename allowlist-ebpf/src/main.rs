@@ -24,8 +24,9 @@ use core::mem::size_of;
 use allowlist_common::{
     C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
     C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, EVENT_INTERVAL_NS, EVENTS_BYTES,
-    PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_SMTP, STATS_SLOTS, V4_L1_ELEMENTS, V4_L1_LEN_BITS,
-    V4LongKey, V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST, guard_port_key,
+    GUARD_PORT_SLOTS, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_SMTP, STATS_SLOTS, V4_L1_ELEMENTS,
+    V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST,
+    guard_service,
 };
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
@@ -73,10 +74,10 @@ static DROP_RULES: Array<DropRule> = Array::pinned(DEFAULT_RULES, 0);
 static GUARD4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
 #[map]
 static GUARD6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
-/// `guard_port_key(proto, port)` -> `SERVICE_*`, for services whose blocking
-/// is active.
+/// Port -> `SERVICE_*` per protocol (see `allowlist_common::guard_service`),
+/// for services whose blocking is active.
 #[map]
-static GUARD_PORTS: HashMap<u32, u32> = HashMap::pinned(1024, 0);
+static GUARD_PORTS: Array<u32> = Array::pinned(GUARD_PORT_SLOTS, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_SLOTS, 0);
@@ -194,13 +195,9 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     let saddr = u32::from_be(saddr_be);
 
     if let Some(reason) = drop4(saddr) {
-        // L4 is parsed only on this (rare) path, for the event's port.
-        let l4 = if frag & 0x1fff == 0 {
-            parse_l4(ctx, l4proto, off + ihl).ok().flatten()
-        } else {
-            None
-        };
-        return Ok(drop_list(ctx, mapped4(saddr_be), 4, reason, l4.as_ref()));
+        // Only a first fragment carries the L4 header the event reports.
+        let l4_at = (frag & 0x1fff == 0).then_some((l4proto, off + ihl));
+        return Ok(drop_list(ctx, mapped4(saddr_be), 4, reason, l4_at));
     }
     // Only a first fragment carries the L4 header.
     if frag & 0x1fff != 0 {
@@ -235,8 +232,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
         saddr[8], saddr[9], saddr[10], saddr[11], saddr[12], saddr[13], saddr[14], saddr[15],
     ]);
     if let Some(reason) = drop6(hi, lo) {
-        let l4 = parse_l4(ctx, next, off + 40).ok().flatten();
-        return Ok(drop_list(ctx, saddr, 6, reason, l4.as_ref()));
+        return Ok(drop_list(ctx, saddr, 6, reason, Some((next, off + 40))));
     }
     // Extension headers are not walked: a packet whose next header is not
     // TCP/UDP passes the guard (fail-open), the drop list already applied.
@@ -254,8 +250,11 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
 
 #[inline(always)]
 fn guarded(l4: &L4) -> Option<u32> {
-    // SAFETY: plain value read of a map entry.
-    unsafe { GUARD_PORTS.get(guard_port_key(l4.proto, l4.dport)) }.copied()
+    let value = *GUARD_PORTS.get(u32::from(l4.dport))?;
+    match guard_service(value, l4.proto) {
+        0 => None,
+        service => Some(service),
+    }
 }
 
 #[inline(always)]
@@ -355,10 +354,21 @@ fn drop6(hi: u64, lo: u64) -> Option<u32> {
     rule_verdict(l1.rule)
 }
 
+/// `l4_at`: protocol and offset of the L4 header, parsed only if an event
+/// is actually sent (the rate limiter suppresses nearly all in a flood).
 #[inline(always)]
-fn drop_list(ctx: &XdpContext, saddr: [u8; 16], family: u8, reason: u32, l4: Option<&L4>) -> u32 {
+fn drop_list(
+    ctx: &XdpContext,
+    saddr: [u8; 16],
+    family: u8,
+    reason: u32,
+    l4_at: Option<(u8, usize)>,
+) -> u32 {
     count(C_DROP_LIST_BASE + reason.min(REASON_MAX));
-    report(ctx, saddr, family, VERDICT_DROP_LIST, reason, l4);
+    if may_report(&saddr) {
+        let l4 = l4_at.and_then(|(proto, off)| parse_l4(ctx, proto, off).ok().flatten());
+        send_event(ctx, saddr, family, VERDICT_DROP_LIST, reason, l4.as_ref());
+    }
     XDP_DROP
 }
 
@@ -369,22 +379,17 @@ fn drop_guard(ctx: &XdpContext, saddr: [u8; 16], family: u8, service: u32, l4: &
     } else {
         C_DROP_GUARD
     });
-    report(ctx, saddr, family, VERDICT_DROP_GUARD, service, Some(l4));
+    if may_report(&saddr) {
+        send_event(ctx, saddr, family, VERDICT_DROP_GUARD, service, Some(l4));
+    }
     XDP_DROP
 }
 
-/// Sends one event about this source unless one was sent within the last
-/// `EVENT_INTERVAL_NS`; a flood from one source costs one LRU lookup per
-/// packet and one event per second.
+/// Whether an event about this source may be sent now: at most one per
+/// source per `EVENT_INTERVAL_NS`, so a flood from one source costs one LRU
+/// lookup per packet and one event per second.
 #[inline(always)]
-fn report(
-    ctx: &XdpContext,
-    saddr: [u8; 16],
-    family: u8,
-    verdict: u32,
-    reason: u32,
-    l4: Option<&L4>,
-) {
+fn may_report(saddr: &[u8; 16]) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(last) = EVENT_LAST.get_ptr_mut(saddr) {
         // SAFETY: a racing writer on another CPU can at worst let one extra
@@ -392,17 +397,29 @@ fn report(
         unsafe {
             if now.wrapping_sub(*last) < EVENT_INTERVAL_NS {
                 count(C_EVENTS_RATE_LIMITED);
-                return;
+                return false;
             }
             *last = now;
         }
     } else {
         let _ = EVENT_LAST.insert(saddr, now, 0);
     }
+    true
+}
+
+#[inline(always)]
+fn send_event(
+    ctx: &XdpContext,
+    saddr: [u8; 16],
+    family: u8,
+    verdict: u32,
+    reason: u32,
+    l4: Option<&L4>,
+) {
     match EVENTS.reserve::<DropEvent>(0) {
         Some(mut entry) => {
             entry.write(DropEvent {
-                ts_ns: now,
+                ts_ns: unsafe { bpf_ktime_get_ns() },
                 saddr,
                 // SAFETY: ctx points at a live xdp_md.
                 ifindex: unsafe { (*ctx.ctx).ingress_ifindex },

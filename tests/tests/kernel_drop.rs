@@ -322,6 +322,21 @@ fn guard_drops_syns_from_outside_the_union_on_guarded_ports_only() {
         connect(c, "2001:db8:1::21", SERVER_V6, PORT, T),
         Connect::Ok
     );
+    // Only connection-opening packets are guarded: a TCP segment without
+    // SYN passes (it belongs to no connection here, the stack answers it),
+    // any UDP datagram to a UDP-guarded port does not.
+    let prog = bpf::edge_filter(&setup.bpffs);
+    let outside = ip("198.51.100.21");
+    let mut ack = bpf::syn(outside, ip(SERVER_V4), 8443, None);
+    let flags = ack.len() - 20 + 13;
+    ack[flags] = 0x10;
+    assert_eq!(bpf::test_run(&prog, &ack, 1).unwrap().0, bpf::XDP_PASS);
+    let dgram = bpf::udp(outside, ip(SERVER_V4), 8443);
+    assert_eq!(
+        bpf::test_run(&prog, &dgram, 1).unwrap().0,
+        bpf::XDP_PASS,
+        "8443 is guarded for TCP only"
+    );
     let stats = kernel.stats().unwrap();
     assert!(stats.guard_dropped_api >= 2, "{stats:?}");
     assert_eq!(stats.guard_dropped_smtp, 0);

@@ -84,6 +84,9 @@ pub fn validate(net: &IpNet) -> Result<(), DropListError> {
     Ok(())
 }
 
+/// Above this many touched /24 slots a change repaints the v4 table whole.
+const FULL_REPAINT_SLOTS: u64 = 1 << 20;
+
 type Wanted = (HashMap<Ipv4Net, (u32, u64)>, HashMap<Ipv6Net, (u32, u64)>);
 
 /// What adoption needs to read back from maps an earlier daemon filled.
@@ -113,6 +116,9 @@ pub struct DropList {
     v4_long_count: HashMap<(u32, u8), u32>,
     /// (top /32, len) -> number of v6 prefixes of that length below it.
     v6_long_count: HashMap<(u32, u8), u32>,
+    /// top /32 -> lengths 33..=64 and 65..=128 present below it (the
+    /// non-zero counts above, as the L1 value's masks).
+    v6_bits: HashMap<u32, (u32, u64)>,
     /// Rule values as last written, to skip unchanged writes.
     written: HashMap<u32, DropRule>,
     free: Vec<u32>,
@@ -131,6 +137,7 @@ impl DropList {
             v6: HashMap::new(),
             v4_long_count: HashMap::new(),
             v6_long_count: HashMap::new(),
+            v6_bits: HashMap::new(),
             written: HashMap::new(),
             free: Vec::new(),
             next_index: 1,
@@ -255,7 +262,7 @@ impl DropList {
             let e = self.v6.remove(net).expect("listed from the map");
             removed_entries6.push((*net, e));
             if u32::from(net.prefix_len()) > V6_L1_PREFIX {
-                decrement(&mut self.v6_long_count, (top32(net), net.prefix_len()));
+                self.count6(top32(net), net.prefix_len(), false);
             }
         }
 
@@ -285,22 +292,30 @@ impl DropList {
                 let key = v6_long_key(net);
                 maps.set_v6_long(key, self.v6[net].index)
                     .map_err(maps_err)?;
-                *self
-                    .v6_long_count
-                    .entry((top32(net), net.prefix_len()))
-                    .or_default() += 1;
+                self.count6(top32(net), net.prefix_len(), true);
             }
         }
-        let mut dirty4: HashSet<u32> = HashSet::new();
-        for net in added4.iter().chain(&removed4) {
-            let first = u32::from(net.network()) >> 8;
-            let count = 1u32 << (24u8.saturating_sub(net.prefix_len()));
-            dirty4.extend(first..first + count);
-        }
-        for slot in dirty4 {
-            let value = self.v4_slot_value(slot);
-            if maps.v4_slot(slot) != value {
-                maps.set_v4_slot(slot, value).map_err(maps_err)?;
+        let touched: u64 = added4
+            .iter()
+            .chain(&removed4)
+            .map(|n| 1u64 << 24u8.saturating_sub(n.prefix_len()))
+            .sum();
+        if touched > FULL_REPAINT_SLOTS {
+            // Cheaper to repaint everything linearly than to recompute this
+            // many slots by lookups.
+            self.repaint_v4(maps).map_err(maps_err)?;
+        } else {
+            let mut dirty4: HashSet<u32> = HashSet::new();
+            for net in added4.iter().chain(&removed4) {
+                let first = u32::from(net.network()) >> 8;
+                let count = 1u32 << (24u8.saturating_sub(net.prefix_len()));
+                dirty4.extend(first..first + count);
+            }
+            for slot in dirty4 {
+                let value = self.v4_slot_value(slot);
+                if maps.v4_slot(slot) != value {
+                    maps.set_v4_slot(slot, value).map_err(maps_err)?;
+                }
             }
         }
         let mut dirty6: HashSet<u32> = HashSet::new();
@@ -416,42 +431,22 @@ impl DropList {
         }
         let mut long6 = HashSet::new();
         let mut tops = HashSet::new();
+        let mut counted6 = Vec::new();
         for (net, e) in &self.v6 {
             let first = top32(net);
             tops.extend(first..first + (1u32 << (32u8.saturating_sub(net.prefix_len()))));
             if u32::from(net.prefix_len()) > V6_L1_PREFIX {
                 let key = v6_long_key(net);
                 maps.set_v6_long(key, e.index).map_err(maps_err)?;
-                *self
-                    .v6_long_count
-                    .entry((first, net.prefix_len()))
-                    .or_default() += 1;
+                counted6.push((first, net.prefix_len()));
                 long6.insert(key);
             }
         }
+        for (top, len) in counted6 {
+            self.count6(top, len, true);
+        }
 
-        // Paint the v4 first level: shorter prefixes first, longer ones over
-        // them, then the long-length bits.
-        let mut paint = vec![0u32; allowlist_common::V4_L1_SLOTS as usize];
-        let mut short: Vec<(&Ipv4Net, &Entry)> = self
-            .v4
-            .iter()
-            .filter(|(n, _)| n.prefix_len() <= 24)
-            .collect();
-        short.sort_by_key(|(n, _)| n.prefix_len());
-        for (net, e) in short {
-            let first = (u32::from(net.network()) >> 8) as usize;
-            let count = 1usize << (24 - net.prefix_len());
-            paint[first..first + count].fill(v4_slot(e.index, 0));
-        }
-        for &(slot, len) in self.v4_long_count.keys() {
-            paint[slot as usize] |= 1 << (len - 25);
-        }
-        for (slot, &value) in paint.iter().enumerate() {
-            if maps.v4_slot(slot as u32) != value {
-                maps.set_v4_slot(slot as u32, value).map_err(maps_err)?;
-            }
-        }
+        self.repaint_v4(maps).map_err(maps_err)?;
         for &top in &tops {
             if let Some(v) = self.v6_l1_value(top) {
                 maps.set_v6_l1(top, v).map_err(maps_err)?;
@@ -532,6 +527,60 @@ impl DropList {
         Ok(())
     }
 
+    /// Paints the whole v4 first level (shorter prefixes first, longer ones
+    /// over them, then the long-length bits) and writes the slots that
+    /// differ from what the maps hold.
+    fn repaint_v4<M: DropMaps>(&self, maps: &mut M) -> Result<(), M::Error> {
+        let mut paint = vec![0u32; allowlist_common::V4_L1_SLOTS as usize];
+        let mut short: Vec<(&Ipv4Net, &Entry)> = self
+            .v4
+            .iter()
+            .filter(|(n, _)| n.prefix_len() <= 24)
+            .collect();
+        short.sort_by_key(|(n, _)| n.prefix_len());
+        for (net, e) in short {
+            let first = (u32::from(net.network()) >> 8) as usize;
+            let count = 1usize << (24 - net.prefix_len());
+            paint[first..first + count].fill(v4_slot(e.index, 0));
+        }
+        for &(slot, len) in self.v4_long_count.keys() {
+            paint[slot as usize] |= 1 << (len - 25);
+        }
+        for (slot, &value) in paint.iter().enumerate() {
+            if maps.v4_slot(slot as u32) != value {
+                maps.set_v4_slot(slot as u32, value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts a v6 prefix of length `len` (> 32) below `top` in or out,
+    /// keeping the length masks in step.
+    fn count6(&mut self, top: u32, len: u8, add: bool) {
+        let (bit_hi, bit_lo) = if len <= 64 {
+            (1u32 << (len - 33), 0)
+        } else {
+            (0, 1u64 << (len - 65))
+        };
+        if add {
+            *self.v6_long_count.entry((top, len)).or_default() += 1;
+            let bits = self.v6_bits.entry(top).or_default();
+            bits.0 |= bit_hi;
+            bits.1 |= bit_lo;
+            return;
+        }
+        decrement(&mut self.v6_long_count, (top, len));
+        if !self.v6_long_count.contains_key(&(top, len))
+            && let Some(bits) = self.v6_bits.get_mut(&top)
+        {
+            bits.0 &= !bit_hi;
+            bits.1 &= !bit_lo;
+            if *bits == (0, 0) {
+                self.v6_bits.remove(&top);
+            }
+        }
+    }
+
     fn v4_slot_value(&self, slot: u32) -> u32 {
         let base = Ipv4Addr::from(slot << 8);
         let mut rule = 0;
@@ -561,14 +610,9 @@ impl DropList {
                 break;
             }
         }
-        for len in 33..=128u8 {
-            if self.v6_long_count.contains_key(&(top, len)) {
-                if len <= 64 {
-                    value.bits_33_64 |= 1 << (len - 33);
-                } else {
-                    value.bits_65_128 |= 1 << (len - 65);
-                }
-            }
+        if let Some(&(hi, lo)) = self.v6_bits.get(&top) {
+            value.bits_33_64 = hi;
+            value.bits_65_128 = lo;
         }
         (value != V6L1Value::default()).then_some(value)
     }
@@ -927,6 +971,51 @@ mod tests {
             prop_assert!(maps.v4_l1.iter().all(|&s| s == 0));
             prop_assert!(maps.v4_long.is_empty() && maps.v6_l1.is_empty() && maps.v6_long.is_empty());
         }
+    }
+
+    #[test]
+    fn a_change_touching_many_slots_repaints_the_whole_table() {
+        let mut maps = ModelMaps::default();
+        let mut list = DropList::new(100);
+        let mut specs: Vec<DropSpec> = (10..30u8)
+            .map(|a| DropSpec {
+                net: format!("{a}.0.0.0/8").parse().unwrap(),
+                reason: 1,
+                expires_ns: 0,
+            })
+            .collect();
+        specs.push(DropSpec {
+            net: "12.34.0.0/16".parse().unwrap(),
+            reason: 2,
+            expires_ns: 0,
+        });
+        specs.push(DropSpec {
+            net: "12.34.56.78/32".parse().unwrap(),
+            reason: 3,
+            expires_ns: 0,
+        });
+        list.apply(&mut maps, &specs).unwrap();
+        let check = |maps: &ModelMaps, specs: &[DropSpec]| {
+            for addr in [
+                "9.255.255.255",
+                "10.0.0.0",
+                "12.34.56.77",
+                "12.34.56.78",
+                "12.35.0.1",
+                "29.1.2.3",
+                "30.0.0.0",
+            ] {
+                let a: IpAddr = addr.parse().unwrap();
+                assert_eq!(lookup(maps, a, 0), reference(specs, a, 0), "{addr}");
+            }
+        };
+        check(&maps, &specs);
+        // Removing most of them again goes through the repaint too.
+        specs.drain(0..18);
+        list.apply(&mut maps, &specs).unwrap();
+        check(&maps, &specs);
+        // 28.0.0.0/8 and 29.0.0.0/8, plus 12.34.0.0/16 now that 12/8 is gone.
+        assert_eq!(maps.v4_l1.iter().filter(|&&s| s != 0).count(), 2 * 65536 + 256);
     }
 
     #[test]

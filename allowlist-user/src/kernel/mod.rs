@@ -27,9 +27,9 @@ use std::{
 
 use allowlist_common::{
     C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
-    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, LAYOUT_VERSION, REASON_AUTO,
-    REASON_DENIED, REASON_IMPORT, REASON_MANUAL, STATS_SLOTS, V4_L1_SLOTS, V4LongKey, V6L1Value,
-    V6LongKey, guard_port_key,
+    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP,
+    REASON_AUTO, REASON_DENIED, REASON_IMPORT, REASON_MANUAL, STATS_SLOTS, V4_L1_SLOTS, V4LongKey,
+    V6L1Value, V6LongKey, guard_service, with_guard_service,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -50,6 +50,10 @@ pub use droplist::{DropList, DropListError, DropMaps, DropSpec};
 
 /// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/allowlist"));
+
+/// The benchmark's baselines (`bench_pass`, `bench_lpm`); never loaded by
+/// the daemon.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -276,7 +280,8 @@ pub struct FillLevels {
 struct GuardState {
     v4: HashSet<Ipv4Net>,
     v6: HashSet<Ipv6Net>,
-    ports: BTreeMap<u32, u32>,
+    /// Port -> `GUARD_PORTS` value (non-zero entries only).
+    ports: BTreeMap<u16, u32>,
 }
 
 pub struct Kernel {
@@ -289,7 +294,7 @@ pub struct Kernel {
     adopted: bool,
     guard4: LpmTrie<MapData, [u8; 4], u8>,
     guard6: LpmTrie<MapData, [u8; 16], u8>,
-    guard_ports: BpfHashMap<MapData, u32, u32>,
+    guard_ports: Array<MapData, u32>,
     guard: GuardState,
     stats: PerCpuArray<MapData, u64>,
     /// Interface -> attach mode in use.
@@ -579,12 +584,17 @@ impl Kernel {
                 self.guard.v6.insert(net);
             }
         }
-        for item in self.guard_ports.iter() {
-            let (k, v) = item.map_err(|source| KernelError::Map {
-                name: "GUARD_PORTS",
-                source,
-            })?;
-            self.guard.ports.insert(k, v);
+        for port in 0..=u16::MAX {
+            let v = self
+                .guard_ports
+                .get(&u32::from(port), 0)
+                .map_err(|source| KernelError::Map {
+                    name: "GUARD_PORTS",
+                    source,
+                })?;
+            if v != 0 {
+                self.guard.ports.insert(port, v);
+            }
         }
         Ok(())
     }
@@ -638,14 +648,23 @@ impl Kernel {
                 .insert(&Key::new(n.prefix_len().into(), n.network().octets()), 1, 0)
                 .map_err(gm("GUARD6"))?;
         }
-        let want_ports: BTreeMap<u32, u32> = ports
-            .iter()
-            .map(|&(proto, port, service)| (guard_port_key(proto, port), service))
-            .collect();
+        let mut want_ports: BTreeMap<u16, u32> = BTreeMap::new();
+        for &(proto, port, service) in ports {
+            let v = want_ports.entry(port).or_default();
+            *v = with_guard_service(*v, proto, service);
+        }
         // Disarm ports first, then shrink the union, then arm new ports.
-        for k in self.guard.ports.keys() {
-            if !want_ports.contains_key(k) {
-                ignore_missing(self.guard_ports.remove(k)).map_err(gm("GUARD_PORTS"))?;
+        for (port, old) in &self.guard.ports {
+            let new = want_ports.get(port).copied().unwrap_or(0);
+            // Keep only what both the old and new value guard for now.
+            let both = [PROTO_TCP, PROTO_UDP].into_iter().fold(0, |acc, proto| {
+                let (o, n) = (guard_service(*old, proto), guard_service(new, proto));
+                with_guard_service(acc, proto, if o == n { o } else { 0 })
+            });
+            if both != *old {
+                self.guard_ports
+                    .set(u32::from(*port), both, 0)
+                    .map_err(gm("GUARD_PORTS"))?;
             }
         }
         for n in self.guard.v4.difference(&want4) {
@@ -662,12 +681,10 @@ impl Kernel {
             )
             .map_err(gm("GUARD6"))?;
         }
-        for (k, v) in &want_ports {
-            if self.guard.ports.get(k) != Some(v) {
-                self.guard_ports
-                    .insert(k, v, 0)
-                    .map_err(gm("GUARD_PORTS"))?;
-            }
+        for (port, v) in &want_ports {
+            self.guard_ports
+                .set(u32::from(*port), *v, 0)
+                .map_err(gm("GUARD_PORTS"))?;
         }
         self.guard = GuardState {
             v4: want4,

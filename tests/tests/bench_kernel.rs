@@ -1,0 +1,525 @@
+//! `cargo xtask bench kernel`: the drop list's cost per packet.
+//!
+//! 1. BPF_PROG_TEST_RUN (same packet repeated, so caches are warm): mean ns
+//!    per packet of `edge_filter` with 10 .. 1M random drop prefixes, beside
+//!    a bare `XDP_PASS` program and the plain kernel LPM trie holding the
+//!    same prefixes, all in this run. Sources that miss and sources that hit
+//!    are timed separately. Before timing, `edge_filter`'s verdict is checked
+//!    against the LPM trie's on random sources: the fast layout must mean
+//!    exactly what the trie means.
+//! 2. A bounded SYN flood (trafgen, fixed packet count) across a veth pair
+//!    into generic-mode XDP `edge_filter` versus an nftables set drop in
+//!    prerouting, holding the same prefixes: CPU time (system + softirq, all
+//!    CPUs, from /proc/stat) per dropped packet, and packets/s.
+//!
+//! Writes the tables into BENCHMARKS.md (`ALLOWLIST_BENCH_OUT`).
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use allowlist::kernel::{AttachMode, BENCH_OBJECT, DropSpec, Kernel, KernelOptions};
+use allowlist_common::REASON_MANUAL;
+use allowlist_tests::{bpf, kernel_tests_enabled, net::Pair};
+use aya::{
+    EbpfLoader,
+    maps::{LpmTrie, lpm_trie::Key},
+    programs::Xdp,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+const SIZES: [usize; 4] = [10, 10_000, 100_000, 1_000_000];
+const REPEAT: u32 = 300_000;
+const SAMPLES: usize = 16;
+
+/// xorshift64*: deterministic, so every run measures the same prefixes.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+fn random_prefixes(rng: &mut Rng, v6: bool, n: usize) -> Vec<IpNet> {
+    (0..n)
+        .map(|_| {
+            if v6 {
+                let a = ((rng.next() as u128) << 64) | rng.next() as u128;
+                let len = rng.range(32, 128) as u8;
+                IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), len).unwrap().trunc())
+            } else {
+                let len = rng.range(16, 32) as u8;
+                IpNet::V4(
+                    Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len)
+                        .unwrap()
+                        .trunc(),
+                )
+            }
+        })
+        .collect()
+}
+
+fn random_inside(rng: &mut Rng, net: &IpNet) -> IpAddr {
+    match net {
+        IpNet::V4(n) => {
+            let host = (rng.next() as u32) & !u32::from(n.netmask());
+            IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
+        }
+        IpNet::V6(n) => {
+            let r = ((rng.next() as u128) << 64) | rng.next() as u128;
+            IpAddr::V6(Ipv6Addr::from(
+                u128::from(n.network()) | (r & !u128::from(n.netmask())),
+            ))
+        }
+    }
+}
+
+fn random_addr(rng: &mut Rng, v6: bool) -> IpAddr {
+    if v6 {
+        IpAddr::V6(Ipv6Addr::from(
+            ((rng.next() as u128) << 64) | rng.next() as u128,
+        ))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(rng.next() as u32))
+    }
+}
+
+fn dst(v6: bool) -> IpAddr {
+    if v6 {
+        "2001:db8:1::1".parse().unwrap()
+    } else {
+        "198.51.100.1".parse().unwrap()
+    }
+}
+
+struct Row {
+    family: &'static str,
+    prefixes: usize,
+    update_ms: u128,
+    bare: f64,
+    lpm_miss: f64,
+    lpm_hit: f64,
+    edge_miss: f64,
+    edge_hit: f64,
+}
+
+fn mean_ns(prog: &std::os::fd::OwnedFd, packets: &[Vec<u8>]) -> f64 {
+    let total: u64 = packets
+        .iter()
+        .map(|p| u64::from(bpf::test_run(prog, p, REPEAT).expect("test_run").1))
+        .sum();
+    total as f64 / packets.len() as f64
+}
+
+fn test_run_table(bpffs: PathBuf) -> (Vec<Row>, String) {
+    let mut ebpf = EbpfLoader::new()
+        .load(BENCH_OBJECT)
+        .expect("load bench object");
+    for name in ["bench_pass", "bench_lpm"] {
+        let p: &mut Xdp = ebpf.program_mut(name).unwrap().try_into().unwrap();
+        p.load().unwrap();
+    }
+    let pass_fd = {
+        let p: &Xdp = ebpf.program("bench_pass").unwrap().try_into().unwrap();
+        p.fd().unwrap().as_fd().try_clone_to_owned().unwrap()
+    };
+    let lpm_fd = {
+        let p: &Xdp = ebpf.program("bench_lpm").unwrap().try_into().unwrap();
+        p.fd().unwrap().as_fd().try_clone_to_owned().unwrap()
+    };
+    let mut lpm4: LpmTrie<_, [u8; 4], u32> =
+        LpmTrie::try_from(ebpf.take_map("BENCH_LPM4").unwrap()).unwrap();
+    let mut lpm6: LpmTrie<_, [u8; 16], u32> =
+        LpmTrie::try_from(ebpf.take_map("BENCH_LPM6").unwrap()).unwrap();
+
+    let mut kernel = Kernel::load(KernelOptions {
+        bpffs: bpffs.clone(),
+        interfaces: vec![],
+        mode: AttachMode::Generic,
+        drop_capacity: 1 << 20,
+        guard_capacity: 1024,
+    })
+    .expect("load edge_filter");
+    let edge_fd = bpf::edge_filter(&bpffs);
+
+    let mut rows = Vec::new();
+    let mut checked = 0usize;
+    for v6 in [false, true] {
+        let mut rng = Rng(if v6 { 0x6666_0001 } else { 0x4444_0001 });
+        let mut prefixes: Vec<IpNet> = Vec::new();
+        for &n in &SIZES {
+            let more = random_prefixes(&mut rng, v6, n - prefixes.len());
+            for p in &more {
+                match p {
+                    IpNet::V4(n) => lpm4
+                        .insert(&Key::new(n.prefix_len().into(), n.network().octets()), 1, 0)
+                        .unwrap(),
+                    IpNet::V6(n) => lpm6
+                        .insert(&Key::new(n.prefix_len().into(), n.network().octets()), 1, 0)
+                        .unwrap(),
+                }
+            }
+            prefixes.extend(more);
+            let specs: Vec<DropSpec> = prefixes
+                .iter()
+                .map(|net| DropSpec {
+                    net: *net,
+                    reason: REASON_MANUAL,
+                    expires_ns: 0,
+                })
+                .collect();
+            let t = Instant::now();
+            kernel.sync_drops(&specs).expect("sync drops");
+            let update_ms = t.elapsed().as_millis();
+
+            // Equivalence on random sources and on sources inside prefixes,
+            // then the timing samples.
+            let mut hits = Vec::new();
+            let mut misses = Vec::new();
+            for i in 0..4000 {
+                let src = if i % 2 == 0 {
+                    let p = prefixes[(rng.next() % prefixes.len() as u64) as usize];
+                    random_inside(&mut rng, &p)
+                } else {
+                    random_addr(&mut rng, v6)
+                };
+                let pkt = bpf::syn(src, dst(v6), 8443, None);
+                let lpm = bpf::test_run(&lpm_fd, &pkt, 1).unwrap().0;
+                let edge = bpf::test_run(&edge_fd, &pkt, 1).unwrap().0;
+                assert_eq!(
+                    edge, lpm,
+                    "edge_filter and the LPM trie disagree on {src} with {n} prefixes"
+                );
+                checked += 1;
+                match lpm {
+                    bpf::XDP_DROP if hits.len() < SAMPLES => hits.push(pkt),
+                    bpf::XDP_PASS if misses.len() < SAMPLES => misses.push(pkt),
+                    _ => {}
+                }
+            }
+            assert!(
+                hits.len() == SAMPLES && !misses.is_empty(),
+                "not enough samples"
+            );
+            let all: Vec<Vec<u8>> = misses.iter().chain(&hits).cloned().collect();
+            let row = Row {
+                family: if v6 {
+                    "IPv6 /32–/128"
+                } else {
+                    "IPv4 /16–/32"
+                },
+                prefixes: n,
+                update_ms,
+                bare: mean_ns(&pass_fd, &all),
+                lpm_miss: mean_ns(&lpm_fd, &misses),
+                lpm_hit: mean_ns(&lpm_fd, &hits),
+                edge_miss: mean_ns(&edge_fd, &misses),
+                edge_hit: mean_ns(&edge_fd, &hits),
+            };
+            eprintln!(
+                "{} {:>9}: bare {:.1} ns, lpm {:.1}/{:.1}, edge_filter {:.1}/{:.1} (miss/hit), update {} ms",
+                row.family,
+                n,
+                row.bare,
+                row.lpm_miss,
+                row.lpm_hit,
+                row.edge_miss,
+                row.edge_hit,
+                update_ms
+            );
+            rows.push(row);
+        }
+        // Empty the list before the other family (capacity is shared).
+        kernel.sync_drops(&[]).unwrap();
+    }
+    let mut md = String::new();
+    writeln!(md, "| family | prefixes | bare XDP_PASS ns | LPM trie ns (miss / hit) | edge_filter ns (miss / hit) | edge_filter ÷ bare (miss / hit) | LPM ÷ bare (miss / hit) | edge_filter update (ms) |").unwrap();
+    writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    for r in &rows {
+        writeln!(
+            md,
+            "| {} | {} | {:.1} | {:.1} / {:.1} | {:.1} / {:.1} | {:.2}× / {:.2}× | {:.2}× / {:.2}× | {} |",
+            r.family, r.prefixes, r.bare, r.lpm_miss, r.lpm_hit, r.edge_miss, r.edge_hit,
+            r.edge_miss / r.bare, r.edge_hit / r.bare, r.lpm_miss / r.bare, r.lpm_hit / r.bare, r.update_ms
+        )
+        .unwrap();
+    }
+    writeln!(md, "\nVerdicts of edge_filter and the LPM trie compared on {checked} random sources (half inside a listed prefix): all equal.").unwrap();
+    drop(kernel);
+    (rows, md)
+}
+
+/// System + softirq + irq jiffies over all CPUs.
+fn kernel_cpu_jiffies() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    // user nice system idle iowait irq softirq
+    f[2] + f[5] + f[6]
+}
+
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+struct Flood {
+    dropped: u64,
+    secs: f64,
+    cpu_secs: f64,
+}
+
+const FLOOD_PACKETS: u64 = 4_000_000;
+const FLOOD_SOURCE: &str = "198.51.100.9";
+
+fn flood(pair: &Pair, conf: &std::path::Path, count_dropped: impl Fn() -> u64) -> Flood {
+    let before = count_dropped();
+    let cpu0 = kernel_cpu_jiffies();
+    let t = Instant::now();
+    let out = Command::new("timeout")
+        .args([
+            "60",
+            "ip",
+            "netns",
+            "exec",
+            &pair.client.name,
+            "taskset",
+            "-c",
+            "0",
+            "trafgen",
+        ])
+        .args(["--dev", "vc", "--conf"])
+        .arg(conf)
+        .args([
+            "--num",
+            &FLOOD_PACKETS.to_string(),
+            "--cpus",
+            "1",
+            "--no-sock-mem",
+            "--notouch-irq",
+            "--no-cpu-stats",
+        ])
+        .output()
+        .expect("trafgen (netsniff-ng) must be installed");
+    assert!(
+        out.status.success(),
+        "trafgen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Let the receive side drain its backlog before reading the counters.
+    std::thread::sleep(Duration::from_millis(300));
+    let secs = t.elapsed().as_secs_f64() - 0.3;
+    let cpu_secs = (kernel_cpu_jiffies() - cpu0) as f64 / ticks_per_sec();
+    Flood {
+        dropped: count_dropped() - before,
+        secs,
+        cpu_secs,
+    }
+}
+
+fn flood_table(bpffs: PathBuf, dir: &std::path::Path) -> String {
+    let pair = Pair::new();
+    let mac = {
+        let out = Command::new("ip")
+            .args(["-n", &pair.server.name, "-br", "link", "show", "vs"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .to_string()
+    };
+    let conf = dir.join("syn.trafgen");
+    std::fs::write(
+        &conf,
+        format!("{{ eth(da={mac}), ipv4(sa={FLOOD_SOURCE}, da=198.51.100.1), tcp(sp=drnd(), dp=8443, syn) }}\n"),
+    )
+    .unwrap();
+    let mut md = String::new();
+    writeln!(md, "| prefixes | filter | packets dropped | Mpps | kernel CPU ns / dropped packet | ÷ nftables |").unwrap();
+    writeln!(md, "|---:|---|---:|---:|---:|---:|").unwrap();
+    for n in [10_000usize, 100_000] {
+        let mut rng = Rng(0xF100_D000 + n as u64);
+        let mut prefixes = random_prefixes(&mut rng, false, n);
+        prefixes.push(format!("{FLOOD_SOURCE}/32").parse().unwrap());
+
+        // edge_filter, generic mode on the server's veth.
+        let b = bpffs.clone();
+        let specs: Vec<DropSpec> = prefixes
+            .iter()
+            .map(|net| DropSpec {
+                net: *net,
+                reason: REASON_MANUAL,
+                expires_ns: 0,
+            })
+            .collect();
+        let kernel = pair.server.run(move || {
+            let mut k = Kernel::load(KernelOptions {
+                bpffs: b,
+                interfaces: vec!["vs".into()],
+                mode: AttachMode::Generic,
+                drop_capacity: 1 << 20,
+                guard_capacity: 1024,
+            })
+            .unwrap();
+            k.sync_drops(&specs).unwrap();
+            k
+        });
+        let xdp = flood(&pair, &conf, || kernel.stats().unwrap().dropped["manual"]);
+        drop(kernel);
+        allowlist::kernel::unload(&bpffs).unwrap();
+
+        // nftables: a set of the same prefixes, dropped in prerouting.
+        let nft_file = dir.join("bench.nft");
+        let mut rules = String::from(
+            "table inet albench {\n set drop4 { type ipv4_addr; flags interval; auto-merge; elements = { ",
+        );
+        rules.push_str(
+            &prefixes
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        rules.push_str(" } }\n chain pre { type filter hook prerouting priority -300; ip saddr @drop4 counter drop } }\n");
+        std::fs::write(&nft_file, rules).unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &pair.server.name, "nft", "-f"])
+            .arg(&nft_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = pair.server.name.clone();
+        let nft_count = move || {
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", &ns, "nft", "list", "chain", "inet", "albench", "pre",
+                ])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split("packets ")
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)
+        };
+        let nft = flood(&pair, &conf, &nft_count);
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pair.server.name,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "albench",
+            ])
+            .status();
+
+        let per = |f: &Flood| f.cpu_secs * 1e9 / f.dropped.max(1) as f64;
+        for (name, f) in [
+            ("edge_filter (XDP, generic)", &xdp),
+            ("nftables set, prerouting", &nft),
+        ] {
+            eprintln!(
+                "flood {n}: {name}: {} dropped in {:.2}s, {:.1} ns CPU/packet",
+                f.dropped,
+                f.secs,
+                per(f)
+            );
+            writeln!(
+                md,
+                "| {n} | {name} | {} | {:.2} | {:.0} | {:.2}× |",
+                f.dropped,
+                f.dropped as f64 / f.secs / 1e6,
+                per(f),
+                per(f) / per(&nft)
+            )
+            .unwrap();
+        }
+    }
+    md
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench kernel`"]
+fn bench_kernel() {
+    assert!(
+        kernel_tests_enabled("bench_kernel"),
+        "the kernel benchmark needs root"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix(allowlist_tests::PREFIX)
+        .tempdir()
+        .unwrap();
+    let bpffs = PathBuf::from("/sys/fs/bpf").join(allowlist_tests::unique("bench"));
+    let (_rows, micro) = test_run_table(bpffs.clone());
+    let _ = allowlist::kernel::unload(&bpffs);
+    let flood = flood_table(bpffs.clone(), dir.path());
+    let _ = allowlist::kernel::unload(&bpffs);
+
+    let kernel =
+        String::from_utf8(Command::new("uname").arg("-r").output().unwrap().stdout).unwrap();
+    let section = format!(
+        "## Kernel data plane (`cargo xtask bench kernel`)\n\n\
+         Machine: {} CPUs, kernel {}. Every figure in a table comes from the same run.\n\n\
+         ### BPF_PROG_TEST_RUN, mean ns per packet\n\n\
+         Each cell: {SAMPLES} source addresses × {REPEAT} runs of one TCP SYN (the same packet \
+         repeated, so caches are warm). Prefixes are random, lengths uniform in the range shown; \
+         \"miss\" sources match no prefix, \"hit\" sources do. `edge_filter`'s hit path includes \
+         its per-CPU counter and the per-source event rate limiter (an LRU lookup).\n\n{micro}\n\
+         ### SYN flood across a veth pair\n\n\
+         trafgen sends {FLOOD_PACKETS} SYNs from {FLOOD_SOURCE} (pinned to CPU 0) into the server \
+         namespace, whose drop set holds the listed number of random IPv4 prefixes plus the \
+         source. CPU is system + softirq + irq time of all CPUs from /proc/stat over the flood, \
+         which includes the sender's own cost (identical for both filters).\n\n{flood}\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        kernel.trim(),
+    );
+    eprintln!("\n{section}");
+    if let Some(out) = std::env::var_os("ALLOWLIST_BENCH_OUT") {
+        write_section(&PathBuf::from(out), "## Kernel data plane", &section);
+    }
+}
+
+/// Replaces (or appends) the section starting with `heading` in `path`.
+fn write_section(path: &std::path::Path, heading: &str, section: &str) {
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\nLatest figures, with the command that made them. Ratios are against a baseline measured in the same run.\n\n".into());
+    let new = match old.find(heading) {
+        Some(start) => {
+            let end = old[start + heading.len()..]
+                .find("\n## ")
+                .map(|e| start + heading.len() + e + 1)
+                .unwrap_or(old.len());
+            format!("{}{}{}", &old[..start], section, &old[end..])
+        }
+        None => format!("{old}{section}"),
+    };
+    std::fs::write(path, new).unwrap();
+}
