@@ -171,6 +171,20 @@ pub const C_DROP_GUARD_SMTP: u32 = 6;
 pub const C_DROP_LIST_BASE: u32 = 8;
 pub const STATS_SLOTS: u32 = C_DROP_LIST_BASE + REASON_MAX + 1;
 
+/// One slot of the per-CPU cache in front of the event rate limiter's LRU
+/// map: the last source this CPU checked in the slot and the time of that
+/// source's last event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventCacheSlot {
+    /// The source address as two native-endian words (compared word-wise,
+    /// since eBPF has no memcmp).
+    pub addr: [u64; 2],
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<EventCacheSlot>() == 24);
+pub const EVENT_CACHE_SLOTS: u32 = 1024;
+
 /// Ring buffer size (bytes; power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
 /// Minimum interval between two events about one source.
@@ -184,4 +198,5 @@ mod user {
     unsafe impl aya::Pod for V6LongKey {}
     unsafe impl aya::Pod for DropRule {}
     unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for EventCacheSlot {}
 }

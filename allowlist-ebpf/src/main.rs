@@ -23,14 +23,14 @@ use core::mem::size_of;
 
 use allowlist_common::{
     C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
-    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, EVENT_INTERVAL_NS, EVENTS_BYTES,
-    GUARD_PORT_SLOTS, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_SMTP, STATS_SLOTS, V4_L1_ELEMENTS,
-    V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST,
-    guard_service,
+    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, EVENT_CACHE_SLOTS, EVENT_INTERVAL_NS,
+    EVENTS_BYTES, EventCacheSlot, GUARD_PORT_SLOTS, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_SMTP,
+    STATS_SLOTS, V4_L1_ELEMENTS, V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey,
+    VERDICT_DROP_GUARD, VERDICT_DROP_LIST, guard_service,
 };
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
@@ -83,9 +83,13 @@ static GUARD_PORTS: Array<u32> = Array::pinned(GUARD_PORT_SLOTS, 0);
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_SLOTS, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
-/// Source (v4 as ::ffff:a.b.c.d) -> time of its last event.
+/// Source (v4 as ::ffff:a.b.c.d) -> time of its last event. Authoritative.
 #[map]
 static EVENT_LAST: LruHashMap<[u8; 16], u64> = LruHashMap::pinned(65536, 0);
+/// Per-CPU direct-mapped cache of `EVENT_LAST`: a flood from one source is
+/// suppressed by an inlined array load instead of an LRU hash lookup.
+#[map]
+static EVENT_CACHE: PerCpuArray<EventCacheSlot> = PerCpuArray::pinned(EVENT_CACHE_SLOTS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -272,7 +276,7 @@ fn rule_verdict(rule: u32) -> Option<u32> {
         return None;
     }
     let r = DROP_RULES.get(rule)?;
-    if r.expires_ns != 0 && r.expires_ns <= unsafe { bpf_ktime_get_ns() } {
+    if r.expires_ns != 0 && r.expires_ns <= now_ns() {
         return None;
     }
     Some(r.reason)
@@ -385,26 +389,70 @@ fn drop_guard(ctx: &XdpContext, saddr: [u8; 16], family: u8, service: u32, l4: &
     XDP_DROP
 }
 
+/// Coarse monotonic time (CLOCK_MONOTONIC_COARSE, a few ms behind
+/// CLOCK_MONOTONIC): cheaper, and ample for one-second limits and expiries.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
 /// Whether an event about this source may be sent now: at most one per
-/// source per `EVENT_INTERVAL_NS`, so a flood from one source costs one LRU
-/// lookup per packet and one event per second.
+/// source per `EVENT_INTERVAL_NS`. The LRU map decides; the per-CPU cache in
+/// front of it only ever holds the LRU's own last-event times, so it
+/// suppresses nothing the LRU would let through, and turns a one-source
+/// flood into one array load per packet.
 #[inline(always)]
 fn may_report(saddr: &[u8; 16]) -> bool {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now_ns();
+    let w = [
+        u64::from_ne_bytes([
+            saddr[0], saddr[1], saddr[2], saddr[3], saddr[4], saddr[5], saddr[6], saddr[7],
+        ]),
+        u64::from_ne_bytes([
+            saddr[8], saddr[9], saddr[10], saddr[11], saddr[12], saddr[13], saddr[14], saddr[15],
+        ]),
+    ];
+    let h = (w[0] ^ w[1]) as u32 ^ ((w[0] ^ w[1]) >> 32) as u32;
+    let idx = h.wrapping_mul(0x9E37_79B1) >> 22;
+    let cache = EVENT_CACHE.get_ptr_mut(idx % EVENT_CACHE_SLOTS);
+    if let Some(c) = cache {
+        // SAFETY: this CPU's own slot.
+        let c = unsafe { &*c };
+        if c.addr == w && now.wrapping_sub(c.last_ns) < EVENT_INTERVAL_NS {
+            count(C_EVENTS_RATE_LIMITED);
+            return false;
+        }
+    }
+    let mut allowed = true;
+    let mut last_event = now;
     if let Some(last) = EVENT_LAST.get_ptr_mut(saddr) {
         // SAFETY: a racing writer on another CPU can at worst let one extra
         // event through; the value is a plain u64.
         unsafe {
             if now.wrapping_sub(*last) < EVENT_INTERVAL_NS {
-                count(C_EVENTS_RATE_LIMITED);
-                return false;
+                allowed = false;
+                last_event = *last;
+            } else {
+                *last = now;
             }
-            *last = now;
         }
     } else {
         let _ = EVENT_LAST.insert(saddr, now, 0);
     }
-    true
+    if let Some(c) = cache {
+        // SAFETY: this CPU's own slot.
+        unsafe {
+            *c = EventCacheSlot {
+                addr: w,
+                last_ns: last_event,
+            }
+        };
+    }
+    if !allowed {
+        count(C_EVENTS_RATE_LIMITED);
+    }
+    allowed
 }
 
 #[inline(always)]
@@ -419,7 +467,7 @@ fn send_event(
     match EVENTS.reserve::<DropEvent>(0) {
         Some(mut entry) => {
             entry.write(DropEvent {
-                ts_ns: unsafe { bpf_ktime_get_ns() },
+                ts_ns: now_ns(),
                 saddr,
                 // SAFETY: ctx points at a live xdp_md.
                 ifindex: unsafe { (*ctx.ctx).ingress_ifindex },

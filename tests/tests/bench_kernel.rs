@@ -399,7 +399,7 @@ fn flood_table(bpffs: PathBuf, dir: &std::path::Path) -> String {
                 .collect::<Vec<_>>()
                 .join(", "),
         );
-        rules.push_str(" } }\n chain pre { type filter hook prerouting priority -300; ip saddr @drop4 counter drop } }\n");
+        rules.push_str(" } }\n chain pre { type filter hook prerouting priority -300; ip saddr @drop4 counter drop; }\n}\n");
         std::fs::write(&nft_file, rules).unwrap();
         let out = Command::new("ip")
             .args(["netns", "exec", &pair.server.name, "nft", "-f"])

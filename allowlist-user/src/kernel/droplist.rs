@@ -1015,7 +1015,10 @@ mod tests {
         list.apply(&mut maps, &specs).unwrap();
         check(&maps, &specs);
         // 28.0.0.0/8 and 29.0.0.0/8, plus 12.34.0.0/16 now that 12/8 is gone.
-        assert_eq!(maps.v4_l1.iter().filter(|&&s| s != 0).count(), 2 * 65536 + 256);
+        assert_eq!(
+            maps.v4_l1.iter().filter(|&&s| s != 0).count(),
+            2 * 65536 + 256
+        );
     }
 
     #[test]
