@@ -21,6 +21,12 @@ pub fn bench_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 
+/// Baseline of the flood benchmark: the cheapest possible XDP drop.
+#[xdp]
+pub fn bench_drop(_ctx: XdpContext) -> u32 {
+    XDP_DROP
+}
+
 #[inline(always)]
 fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     let start = ctx.data();
