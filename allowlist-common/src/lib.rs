@@ -133,6 +133,10 @@ pub const PROTO_UDP: u8 = 17;
 pub const SERVICE_API: u32 = 1;
 pub const SERVICE_SMTP: u32 = 2;
 
+/// `KEY_STATE` values.
+pub const KEY_ACTIVE: u32 = 1;
+pub const KEY_REVOKED: u32 = 2;
+
 /// Verdicts carried by events.
 pub const VERDICT_DROP_LIST: u32 = 1;
 pub const VERDICT_DROP_GUARD: u32 = 2;

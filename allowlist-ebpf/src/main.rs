@@ -69,11 +69,24 @@ static DROP6_LONG: HashMap<V6LongKey, u32> = HashMap::pinned(DEFAULT_LONG, NO_PR
 #[map]
 static DROP_RULES: Array<DropRule> = Array::pinned(DEFAULT_RULES, 0);
 
-/// Guard unions: every source that some rule could allow.
+/// Guard unions, one per service: every source that some rule could allow
+/// for that service. Key: the service (`SERVICE_*`, one byte) then the
+/// address, prefix length 8 + the address prefix.
 #[map]
-static GUARD4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
+static GUARD4: LpmTrie<[u8; 5], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
 #[map]
-static GUARD6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
+static GUARD6: LpmTrie<[u8; 17], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
+
+/// Per-key allowlists for the connection hooks: key id (big-endian) then
+/// the address, prefix length 32 + the entry's; a key with an empty
+/// allowlist has one entry of length 32 (every address).
+#[map]
+static KEY_ALLOW4: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
+#[map]
+static KEY_ALLOW6: LpmTrie<[u8; 20], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
+/// Key id -> `KEY_*` state.
+#[map]
+static KEY_STATE: HashMap<u32, u32> = HashMap::pinned(DEFAULT_GUARD, NO_PREALLOC);
 /// Port -> `SERVICE_*` per protocol (see `allowlist_common::guard_service`),
 /// for services whose blocking is active.
 #[map]
@@ -212,7 +225,7 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     };
     if l4.opens
         && let Some(service) = guarded(&l4)
-        && GUARD4.get(Key::new(32, saddr_be.to_ne_bytes())).is_none()
+        && !in_guard4(service, saddr_be)
     {
         return Ok(drop_guard(ctx, mapped4(saddr_be), 4, service, &l4));
     }
@@ -245,11 +258,43 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     };
     if l4.opens
         && let Some(service) = guarded(&l4)
-        && GUARD6.get(Key::new(128, saddr)).is_none()
+        && !in_guard6(service, &saddr)
     {
         return Ok(drop_guard(ctx, saddr, 6, service, &l4));
     }
     Ok(pass())
+}
+
+#[inline(always)]
+fn in_guard4(service: u32, saddr_be: u32) -> bool {
+    let a = saddr_be.to_ne_bytes();
+    GUARD4
+        .get(Key::new(40, [service as u8, a[0], a[1], a[2], a[3]]))
+        .is_some()
+}
+
+#[inline(always)]
+fn in_guard6(service: u32, a: &[u8; 16]) -> bool {
+    let k = [
+        service as u8,
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        a[4],
+        a[5],
+        a[6],
+        a[7],
+        a[8],
+        a[9],
+        a[10],
+        a[11],
+        a[12],
+        a[13],
+        a[14],
+        a[15],
+    ];
+    GUARD6.get(Key::new(136, k)).is_some()
 }
 
 #[inline(always)]

@@ -10,4 +10,5 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
+pub mod policy;
 pub mod store;

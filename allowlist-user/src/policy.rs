@@ -48,7 +48,11 @@ impl Scope {
             "read" => Scope::Read,
             "send" => Scope::Send,
             "contacts" => Scope::Contacts,
-            _ => return Err(format!("unknown scope {s:?}; use full, read, send or contacts")),
+            _ => {
+                return Err(format!(
+                    "unknown scope {s:?}; use full, read, send or contacts"
+                ));
+            }
         })
     }
 
@@ -99,11 +103,17 @@ pub struct RateLimit {
 impl RateLimit {
     /// Parses `N/second|minute|hour|day`.
     pub fn parse(s: &str) -> Result<RateLimit, String> {
-        let bad = || format!("rate {s:?} is not N/PERIOD; write it like 100/minute (periods: second, minute, hour, day)");
+        let bad = || {
+            format!(
+                "rate {s:?} is not N/PERIOD; write it like 100/minute (periods: second, minute, hour, day)"
+            )
+        };
         let (n, p) = s.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = n.trim().parse().map_err(|_| bad())?;
         if count == 0 {
-            return Err(format!("rate {s:?} allows nothing; revoke the key instead, or give a count of 1 or more"));
+            return Err(format!(
+                "rate {s:?} allows nothing; revoke the key instead, or give a count of 1 or more"
+            ));
         }
         let period = match p.trim() {
             "s" | "sec" | "second" => Period::Second,
@@ -145,11 +155,16 @@ pub fn parse_allow_entry(s: &str) -> Result<IpNet, String> {
     let net: IpNet = if let Ok(addr) = s.parse::<IpAddr>() {
         IpNet::from(normalize(addr))
     } else {
-        let net: IpNet = s
-            .parse()
-            .map_err(|_| format!("{s:?} is not an IP address or CIDR; write it like 203.0.113.0/24 or 2001:db8::/48"))?;
+        let net: IpNet = s.parse().map_err(|_| {
+            format!(
+                "{s:?} is not an IP address or CIDR; write it like 203.0.113.0/24 or 2001:db8::/48"
+            )
+        })?;
         if net.trunc() != net {
-            return Err(format!("{s} has host bits set; did you mean {}?", net.trunc()));
+            return Err(format!(
+                "{s} has host bits set; did you mean {}?",
+                net.trunc()
+            ));
         }
         match net {
             IpNet::V6(n) if n.prefix_len() >= 96 && n.network().to_ipv4_mapped().is_some() => {
@@ -263,8 +278,14 @@ impl PrefixSet {
         let mut v6: HashMap<u8, HashSet<u128>> = HashMap::new();
         for n in nets {
             match n.trunc() {
-                IpNet::V4(n) => v4.entry(n.prefix_len()).or_default().insert(n.network().into()),
-                IpNet::V6(n) => v6.entry(n.prefix_len()).or_default().insert(n.network().into()),
+                IpNet::V4(n) => v4
+                    .entry(n.prefix_len())
+                    .or_default()
+                    .insert(n.network().into()),
+                IpNet::V6(n) => v6
+                    .entry(n.prefix_len())
+                    .or_default()
+                    .insert(n.network().into()),
             };
         }
         let mut v4: Vec<_> = v4.into_iter().collect();
@@ -280,24 +301,57 @@ impl PrefixSet {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
                 self.v4.iter().find_map(|(len, set)| {
-                    let m = if *len == 0 { 0 } else { a & (u32::MAX << (32 - len)) };
-                    set.contains(&m).then(|| IpNet::V4(Ipv4Net::new(m.into(), *len).expect("valid")))
+                    let m = if *len == 0 {
+                        0
+                    } else {
+                        a & (u32::MAX << (32 - len))
+                    };
+                    set.contains(&m)
+                        .then(|| IpNet::V4(Ipv4Net::new(m.into(), *len).expect("valid")))
                 })
             }
             IpAddr::V6(a) => {
                 let a = u128::from(a);
                 self.v6.iter().find_map(|(len, set)| {
-                    let m = if *len == 0 { 0 } else { a & (u128::MAX << (128 - len)) };
-                    set.contains(&m).then(|| IpNet::V6(Ipv6Net::new(m.into(), *len).expect("valid")))
+                    let m = if *len == 0 {
+                        0
+                    } else {
+                        a & (u128::MAX << (128 - len))
+                    };
+                    set.contains(&m)
+                        .then(|| IpNet::V6(Ipv6Net::new(m.into(), *len).expect("valid")))
                 })
             }
         }
     }
 
-    /// Whether some prefix of the set holds all of `net`.
+    /// Whether some prefix of the set holds all of `net` (a prefix of the
+    /// set no longer than `net` that contains its network).
     pub fn covers(&self, net: &IpNet) -> bool {
-        self.longest_match(net.network())
-            .is_some_and(|m| m.prefix_len() <= net.prefix_len())
+        match net.trunc() {
+            IpNet::V4(n) => {
+                let a = u32::from(n.network());
+                self.v4.iter().any(|(len, set)| {
+                    *len <= n.prefix_len()
+                        && set.contains(&if *len == 0 {
+                            0
+                        } else {
+                            a & (u32::MAX << (32 - len))
+                        })
+                })
+            }
+            IpNet::V6(n) => {
+                let a = u128::from(n.network());
+                self.v6.iter().any(|(len, set)| {
+                    *len <= n.prefix_len()
+                        && set.contains(&if *len == 0 {
+                            0
+                        } else {
+                            a & (u128::MAX << (128 - len))
+                        })
+                })
+            }
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -349,9 +403,13 @@ impl Gcra {
                 return (false, info);
             }
             let new = base + interval;
-            match self.tat_us.compare_exchange_weak(tat, new, Ordering::AcqRel, Ordering::Acquire) {
+            match self
+                .tat_us
+                .compare_exchange_weak(tat, new, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => {
-                    let remaining = ((now + period - new) / interval).clamp(0, i64::from(limit.count)) as u32;
+                    let remaining =
+                        ((now + period - new) / interval).clamp(0, i64::from(limit.count)) as u32;
                     let info = RateInfo {
                         limit: limit.count,
                         remaining,
@@ -382,6 +440,16 @@ pub struct KeyRuntime {
     pub requests: AtomicU64,
 }
 
+/// A key allowlist's answer for one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// The allowlist is empty: every address passes this layer.
+    Any,
+    /// The longest entry holding the address.
+    Entry(IpNet),
+    Refused,
+}
+
 /// One key as the snapshot holds it.
 #[derive(Debug)]
 pub struct KeyPolicy {
@@ -403,20 +471,17 @@ pub struct KeyPolicy {
 }
 
 impl KeyPolicy {
-    /// The allowlist entry admitting `addr`, or `Ok(None)` for an empty
-    /// allowlist, or `Err(())` when it refuses.
-    pub fn admits(&self, addr: IpAddr) -> Result<Option<IpNet>, ()> {
+    /// What the key's own allowlist says of `addr`.
+    pub fn admits(&self, addr: IpAddr) -> Admit {
         if self.allow.is_empty() {
-            return Ok(None);
+            return Admit::Any;
         }
         let addr = normalize(addr);
         self.allow
             .iter()
             .filter(|n| n.contains(&addr))
             .max_by_key(|n| n.prefix_len())
-            .copied()
-            .map(Some)
-            .ok_or(())
+            .map_or(Admit::Refused, |n| Admit::Entry(*n))
     }
 
     /// Whether the key can be used at all (not revoked).
@@ -480,12 +545,16 @@ impl Reason {
     pub fn message(self) -> &'static str {
         match self {
             Reason::Ok => "ok",
-            Reason::MissingKey => "Missing API key: send it in the api-key header or as Authorization: Bearer",
+            Reason::MissingKey => {
+                "Missing API key: send it in the api-key header or as Authorization: Bearer"
+            }
             Reason::MalformedKey | Reason::UnknownKey | Reason::BadSecret => "Invalid API key",
             Reason::Revoked => "This API key has been revoked",
             Reason::ExpiredSecret => "This API key was rotated and its previous secret has expired",
             Reason::Scope => "This API key does not have permission for this request",
-            Reason::KeyAllowlist | Reason::AccountList => "Request IP address is not in the API key's allowlist",
+            Reason::KeyAllowlist | Reason::AccountList => {
+                "Request IP address is not in the API key's allowlist"
+            }
             Reason::RateLimited => "Too many requests for this API key; retry later",
         }
     }
@@ -540,7 +609,14 @@ impl Snapshot {
 
     /// The checks of SPEC.md in order: authentication (401), scope (403
     /// permission_denied), source (403 IP_NOT_ALLOWED), rate (429).
-    pub fn decide(&self, credential: Option<&str>, method: &str, path: &str, client: IpAddr, now_ms: i64) -> Decision {
+    pub fn decide(
+        &self,
+        credential: Option<&str>,
+        method: &str,
+        path: &str,
+        client: IpAddr,
+        now_ms: i64,
+    ) -> Decision {
         let client = normalize(client);
         let Some(credential) = credential else {
             return Decision::deny(Reason::MissingKey, None, "no key");
@@ -561,7 +637,11 @@ impl Snapshot {
             match key.previous {
                 Some((prev, until)) if bool::from(hash.ct_eq(&prev)) => {
                     if now_ms >= until {
-                        return Decision::deny(Reason::ExpiredSecret, Some(key), "previous secret expired");
+                        return Decision::deny(
+                            Reason::ExpiredSecret,
+                            Some(key),
+                            "previous secret expired",
+                        );
                     }
                 }
                 _ => return Decision::deny(Reason::BadSecret, Some(key), "wrong secret"),
@@ -571,9 +651,15 @@ impl Snapshot {
             return Decision::deny(Reason::Scope, Some(key), "scope");
         }
         let key_rule = match key.admits(client) {
-            Ok(Some(net)) => format!("key allowlist {net}"),
-            Ok(None) => "key allowlist empty".to_string(),
-            Err(()) => return Decision::deny(Reason::KeyAllowlist, Some(key), "key allowlist: no entry matched"),
+            Admit::Entry(net) => format!("key allowlist {net}"),
+            Admit::Any => "key allowlist empty".to_string(),
+            Admit::Refused => {
+                return Decision::deny(
+                    Reason::KeyAllowlist,
+                    Some(key),
+                    "key allowlist: no entry matched",
+                );
+            }
         };
         let mut learn = None;
         let account_rule = if let Some(net) = self.always_allow.longest_match(client) {
@@ -582,7 +668,11 @@ impl Snapshot {
             match (self.api_mode(), self.account.longest_match(client)) {
                 (_, Some(net)) => format!("account list {net}"),
                 (ApiMode::Active, None) => {
-                    return Decision::deny(Reason::AccountList, Some(key), "account list: no entry matched");
+                    return Decision::deny(
+                        Reason::AccountList,
+                        Some(key),
+                        "account list: no entry matched",
+                    );
                 }
                 (ApiMode::Learning, None) => {
                     learn = Some(learned_network(client));
@@ -592,8 +682,8 @@ impl Snapshot {
             }
         };
         let mut rate = None;
-        if let Some(limit) = &key.rate {
-            let (ok, info) = key.runtime.limiter.check(limit, now_ms);
+        if let Some(limit) = key.rate {
+            let (ok, info) = key.runtime.limiter.check(&limit, now_ms);
             if !ok {
                 let mut d = Decision::deny(Reason::RateLimited, Some(key), format!("rate {limit}"));
                 d.rate = Some(info);
@@ -691,17 +781,38 @@ mod tests {
 
     #[test]
     fn checks_run_in_the_spec_order() {
-        let s = snap(vec![key("k1", "s3cret", &["198.51.100.0/24"], &[Scope::Read])], ApiMode::Active, &["198.51.100.0/24"]);
-        let d = |cred: Option<&str>, m: &str, src: &str| s.decide(cred, m, "/emails", ip(src), 0).reason;
+        let s = snap(
+            vec![key("k1", "s3cret", &["198.51.100.0/24"], &[Scope::Read])],
+            ApiMode::Active,
+            &["198.51.100.0/24"],
+        );
+        let d = |cred: Option<&str>, m: &str, src: &str| {
+            s.decide(cred, m, "/emails", ip(src), 0).reason
+        };
         assert_eq!(d(None, "GET", "198.51.100.7"), Reason::MissingKey);
         assert_eq!(d(Some("nope"), "GET", "198.51.100.7"), Reason::MalformedKey);
-        assert_eq!(d(Some("alk_zz_s3cret"), "GET", "198.51.100.7"), Reason::UnknownKey);
+        assert_eq!(
+            d(Some("alk_zz_s3cret"), "GET", "198.51.100.7"),
+            Reason::UnknownKey
+        );
         // A bad key from a disallowed address is 401, never 403.
-        assert_eq!(d(Some("alk_k1_wrong"), "GET", "203.0.113.9"), Reason::BadSecret);
-        assert_eq!(d(Some("alk_k1_s3cret"), "POST", "203.0.113.9"), Reason::Scope);
-        assert_eq!(d(Some("alk_k1_s3cret"), "GET", "203.0.113.9"), Reason::KeyAllowlist);
+        assert_eq!(
+            d(Some("alk_k1_wrong"), "GET", "203.0.113.9"),
+            Reason::BadSecret
+        );
+        assert_eq!(
+            d(Some("alk_k1_s3cret"), "POST", "203.0.113.9"),
+            Reason::Scope
+        );
+        assert_eq!(
+            d(Some("alk_k1_s3cret"), "GET", "203.0.113.9"),
+            Reason::KeyAllowlist
+        );
         assert_eq!(d(Some("alk_k1_s3cret"), "GET", "198.51.100.7"), Reason::Ok);
-        assert_eq!(d(Some("alk_k1_s3cret"), "GET", "::ffff:198.51.100.7"), Reason::Ok);
+        assert_eq!(
+            d(Some("alk_k1_s3cret"), "GET", "::ffff:198.51.100.7"),
+            Reason::Ok
+        );
         assert_eq!(Reason::BadSecret.status(), 401);
         assert_eq!(Reason::Scope.code(), "permission_denied");
         assert_eq!(Reason::KeyAllowlist.code(), "IP_NOT_ALLOWED");
@@ -711,8 +822,17 @@ mod tests {
     fn account_list_applies_only_when_active_and_learning_learns() {
         let k = key("k1", "s", &[], &[Scope::Full]);
         let active = snap(vec![k.clone()], ApiMode::Active, &["192.0.2.0/24"]);
-        assert_eq!(active.decide(Some("alk_k1_s"), "POST", "/x", ip("198.51.100.1"), 0).reason, Reason::AccountList);
-        assert!(active.decide(Some("alk_k1_s"), "POST", "/x", ip("192.0.2.77"), 0).allowed());
+        assert_eq!(
+            active
+                .decide(Some("alk_k1_s"), "POST", "/x", ip("198.51.100.1"), 0)
+                .reason,
+            Reason::AccountList
+        );
+        assert!(
+            active
+                .decide(Some("alk_k1_s"), "POST", "/x", ip("192.0.2.77"), 0)
+                .allowed()
+        );
         let inactive = snap(vec![k.clone()], ApiMode::Inactive, &["192.0.2.0/24"]);
         let d = inactive.decide(Some("alk_k1_s"), "POST", "/x", ip("198.51.100.1"), 0);
         assert!(d.allowed() && d.learn.is_none());
@@ -731,9 +851,19 @@ mod tests {
         k.status = KeyStatus::Rotating;
         k.previous = Some((hash_secret("old"), 1_000));
         let s = snap(vec![Arc::new(k)], ApiMode::Inactive, &[]);
-        assert!(s.decide(Some("alk_k1_old"), "GET", "/", ip("192.0.2.1"), 999).allowed());
-        assert_eq!(s.decide(Some("alk_k1_old"), "GET", "/", ip("192.0.2.1"), 1_000).reason, Reason::ExpiredSecret);
-        assert!(s.decide(Some("alk_k1_new"), "GET", "/", ip("192.0.2.1"), 5_000).allowed());
+        assert!(
+            s.decide(Some("alk_k1_old"), "GET", "/", ip("192.0.2.1"), 999)
+                .allowed()
+        );
+        assert_eq!(
+            s.decide(Some("alk_k1_old"), "GET", "/", ip("192.0.2.1"), 1_000)
+                .reason,
+            Reason::ExpiredSecret
+        );
+        assert!(
+            s.decide(Some("alk_k1_new"), "GET", "/", ip("192.0.2.1"), 5_000)
+                .allowed()
+        );
     }
 
     #[test]
@@ -754,16 +884,47 @@ mod tests {
 
     #[test]
     fn allow_entries_are_validated_with_helpful_messages() {
-        assert_eq!(parse_allow_entry("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
-        assert_eq!(parse_allow_entry("2001:db8::7").unwrap().to_string(), "2001:db8::7/128");
-        assert_eq!(parse_allow_entry("::ffff:192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
-        assert_eq!(parse_allow_entry("::ffff:192.0.2.0/120").unwrap().to_string(), "192.0.2.0/24");
-        assert!(parse_allow_entry("203.0.113.5/24").unwrap_err().contains("did you mean 203.0.113.0/24?"));
-        assert!(parse_allow_entry("10.0.0.0/8").unwrap_err().contains("/9 or longer"));
+        assert_eq!(
+            parse_allow_entry("192.0.2.7").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            parse_allow_entry("2001:db8::7").unwrap().to_string(),
+            "2001:db8::7/128"
+        );
+        assert_eq!(
+            parse_allow_entry("::ffff:192.0.2.7").unwrap().to_string(),
+            "192.0.2.7/32"
+        );
+        assert_eq!(
+            parse_allow_entry("::ffff:192.0.2.0/120")
+                .unwrap()
+                .to_string(),
+            "192.0.2.0/24"
+        );
+        assert!(
+            parse_allow_entry("203.0.113.5/24")
+                .unwrap_err()
+                .contains("did you mean 203.0.113.0/24?")
+        );
+        assert!(
+            parse_allow_entry("10.0.0.0/8")
+                .unwrap_err()
+                .contains("/9 or longer")
+        );
         assert!(parse_allow_entry("10.0.0.0/9").is_ok());
-        assert!(parse_allow_entry("2001:db8::/32").unwrap_err().contains("/33 or longer"));
-        assert!(parse_allow_entry("192.168.0.0/16").is_ok(), "private ranges are valid");
-        let many: Vec<IpNet> = (0..21).map(|i| format!("192.0.2.{i}/32").parse().unwrap()).collect();
+        assert!(
+            parse_allow_entry("2001:db8::/32")
+                .unwrap_err()
+                .contains("/33 or longer")
+        );
+        assert!(
+            parse_allow_entry("192.168.0.0/16").is_ok(),
+            "private ranges are valid"
+        );
+        let many: Vec<IpNet> = (0..21)
+            .map(|i| format!("192.0.2.{i}/32").parse().unwrap())
+            .collect();
         assert!(check_allowlist(&many).unwrap_err().contains("at most 20"));
         let dup: Vec<IpNet> = vec!["192.0.2.0/24".parse().unwrap(); 2];
         assert!(check_allowlist(&dup).unwrap_err().contains("listed twice"));
@@ -787,7 +948,11 @@ mod tests {
 
     fn arb_net() -> impl Strategy<Value = IpNet> {
         prop_oneof![
-            (0u32..64, 9u8..=32).prop_map(|(a, l)| IpNet::V4(Ipv4Net::new((0xC633_6400 | (a << 2)).into(), l).unwrap().trunc())),
+            (0u32..64, 9u8..=32).prop_map(|(a, l)| IpNet::V4(
+                Ipv4Net::new((0xC633_6400 | (a << 2)).into(), l)
+                    .unwrap()
+                    .trunc()
+            )),
             (0u64..64, 33u8..=128).prop_map(|(a, l)| {
                 let addr = (0x2001_0db8u128 << 96) | ((a as u128) << 70) | a as u128;
                 IpNet::V6(Ipv6Net::new(addr.into(), l).unwrap().trunc())
@@ -798,7 +963,9 @@ mod tests {
     fn arb_addr() -> impl Strategy<Value = IpAddr> {
         prop_oneof![
             (0u32..1024).prop_map(|a| IpAddr::V4((0xC633_6400 | a).into())),
-            (0u64..64, 0u64..4).prop_map(|(a, b)| IpAddr::V6(((0x2001_0db8u128 << 96) | ((a as u128) << 70) | (a + b) as u128).into())),
+            (0u64..64, 0u64..4).prop_map(|(a, b)| IpAddr::V6(
+                ((0x2001_0db8u128 << 96) | ((a as u128) << 70) | (a + b) as u128).into()
+            )),
         ]
     }
 
@@ -845,8 +1012,10 @@ mod tests {
                 let in_union = union.longest_match(addr).is_some();
                 // Never drops what some key could use ...
                 prop_assert!(!allowed || in_union, "{} allowed but not in the guard union", addr);
-                // ... and is exact: what it lets through, some key could use.
-                prop_assert!(!in_union || allowed, "{} in the guard union but no key is allowed from it", addr);
+                // ... and is exact: what it lets through, some key could use
+                // (always_allow is let through regardless: lockout protection).
+                let always = s.always_allow.longest_match(addr).is_some();
+                prop_assert!(!in_union || allowed || always, "{} in the guard union but no key is allowed from it", addr);
             }
         }
     }

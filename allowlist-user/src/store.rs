@@ -16,6 +16,8 @@ use ipnet::IpNet;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use crate::policy::{KeyStatus, RateLimit, Scope};
+
 /// Current time in Unix seconds.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -136,9 +138,111 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// One entry of a key's own allowlist.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowRecord {
+    pub cidr: IpNet,
+    #[serde(default)]
+    pub label: String,
+}
+
+/// An API key as stored (the secret only as its hash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Numeric id, used in kernel maps; assigned by the store.
+    pub kid: u32,
+    /// Public id, shown everywhere.
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub scopes: Vec<Scope>,
+    pub status: KeyStatus,
+    pub secret_hash: [u8; 32],
+    /// The previous secret's hash and when it stops working (Unix ms).
+    pub previous: Option<([u8; 32], i64)>,
+    pub rate: Option<RateLimit>,
+    pub created_at: i64,
+    pub last_used_ms: Option<i64>,
+    /// Unix day the `requests_today` count belongs to.
+    pub requests_day: i64,
+    pub requests_today: i64,
+    pub allow: Vec<AllowRecord>,
+}
+
+/// An entry of the account's authorized list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorizedRecord {
+    pub cidr: IpNet,
+    pub label: String,
+    /// "manual", "learned" or "unauthorized" (authorized from that list).
+    pub source: String,
+    /// The key whose call caused a learned entry.
+    pub key_id: Option<String>,
+    pub created_at: i64,
+}
+
+/// A refused source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnauthorizedRecord {
+    pub addr: std::net::IpAddr,
+    /// "api" or "smtp".
+    pub service: String,
+    /// The key used (API); empty for SMTP.
+    pub key_id: String,
+    /// The port (SMTP); 0 for API.
+    pub port: u16,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    pub attempts: i64,
+    /// "refused" or "denied".
+    pub status: String,
+}
+
 /// The store interface; a PostgreSQL implementation can sit beside the
 /// SQLite one without touching callers.
 pub trait Store: Send + Sync {
+    /// Inserts a key (its `kid` is assigned here) and returns it.
+    fn create_key(&self, key: &KeyRecord, actor: &str) -> Result<KeyRecord, StoreError>;
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Replaces a key's row and allowlist; `action` names it in the audit log.
+    fn update_key(
+        &self,
+        key: &KeyRecord,
+        action: &str,
+        detail: serde_json::Value,
+        actor: &str,
+    ) -> Result<(), StoreError>;
+    /// Adds usage counted in memory: `(kid, last used ms, requests)`.
+    fn flush_usage(&self, usage: &[(u32, i64, u64)], today: i64) -> Result<(), StoreError>;
+    fn list_authorized(&self) -> Result<Vec<AuthorizedRecord>, StoreError>;
+    /// Adds an entry; false when the prefix is already listed.
+    fn add_authorized(&self, rec: &AuthorizedRecord, actor: &str) -> Result<bool, StoreError>;
+    fn remove_authorized(
+        &self,
+        cidr: &IpNet,
+        actor: &str,
+    ) -> Result<Option<AuthorizedRecord>, StoreError>;
+    /// Records refusals (one upsert per source/key/port), batched.
+    fn record_unauthorized(&self, hits: &[UnauthorizedRecord]) -> Result<(), StoreError>;
+    fn list_unauthorized(&self) -> Result<Vec<UnauthorizedRecord>, StoreError>;
+    /// Marks (or, with `None`, removes) every unauthorized entry of `addr`.
+    fn set_unauthorized(
+        &self,
+        addr: std::net::IpAddr,
+        status: Option<&str>,
+        actor: &str,
+    ) -> Result<usize, StoreError>;
+    /// Sets the API or SMTP blocking mode ("api"/"smtp", serialized mode).
+    fn set_blocking(
+        &self,
+        service: &str,
+        mode: &str,
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError>;
+    /// Unix seconds of the latest learned address (installation time at first).
+    fn last_learned_at(&self) -> Result<i64, StoreError>;
+
     fn list_drops(&self) -> Result<Vec<DropRecord>, StoreError>;
     /// Inserts or replaces the entry for `rec.cidr`; returns the previous one.
     fn put_drop(&self, rec: &DropRecord, actor: &str) -> Result<Option<DropRecord>, StoreError>;
@@ -193,6 +297,48 @@ const MIGRATIONS: &[&str] = &[
         actor TEXT NOT NULL,
         action TEXT NOT NULL,
         detail TEXT NOT NULL
+    );",
+    // 2: API keys and their allowlists, the account's authorized list, the
+    // unauthorized list.
+    "CREATE TABLE keys (
+        kid INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        scopes TEXT NOT NULL,
+        status TEXT NOT NULL,
+        secret_hash BLOB NOT NULL,
+        prev_hash BLOB,
+        prev_expires_ms INTEGER,
+        rate TEXT,
+        created_at INTEGER NOT NULL,
+        last_used_ms INTEGER,
+        requests_day INTEGER NOT NULL DEFAULT 0,
+        requests_today INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE key_allow (
+        kid INTEGER NOT NULL REFERENCES keys(kid) ON DELETE CASCADE,
+        cidr TEXT NOT NULL,
+        label TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (kid, cidr)
+    );
+    CREATE TABLE authorized (
+        cidr TEXT PRIMARY KEY,
+        label TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL,
+        key_id TEXT,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE unauthorized (
+        addr TEXT NOT NULL,
+        service TEXT NOT NULL,
+        key_id TEXT NOT NULL DEFAULT '',
+        port INTEGER NOT NULL DEFAULT 0,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        status TEXT NOT NULL DEFAULT 'refused',
+        PRIMARY KEY (addr, service, key_id, port)
     );",
 ];
 
@@ -298,6 +444,7 @@ impl SqliteStore {
             ("api_since", now.as_str()),
             ("smtp_blocking", "inactive"),
             ("smtp_since", now.as_str()),
+            ("last_learned_at", now.as_str()),
         ] {
             conn.execute(
                 "INSERT OR IGNORE INTO settings(key, value) VALUES (?1, ?2)",
@@ -348,7 +495,483 @@ impl SqliteStore {
     }
 }
 
+fn status_str(s: KeyStatus) -> &'static str {
+    match s {
+        KeyStatus::Active => "active",
+        KeyStatus::Rotating => "rotating",
+        KeyStatus::Revoked => "revoked",
+    }
+}
+
+fn parse_status(s: &str) -> Option<KeyStatus> {
+    Some(match s {
+        "active" => KeyStatus::Active,
+        "rotating" => KeyStatus::Rotating,
+        "revoked" => KeyStatus::Revoked,
+        _ => return None,
+    })
+}
+
+fn hash32(v: Vec<u8>) -> Option<[u8; 32]> {
+    v.try_into().ok()
+}
+
+impl SqliteStore {
+    fn corrupt(&self, column: &'static str, value: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            column,
+            value: value.into(),
+        }
+    }
+
+    fn write_key(tx: &Connection, key: &KeyRecord) -> rusqlite::Result<()> {
+        let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
+        tx.execute(
+            "UPDATE keys SET name = ?2, description = ?3, scopes = ?4, status = ?5, secret_hash = ?6,
+               prev_hash = ?7, prev_expires_ms = ?8, rate = ?9 WHERE kid = ?1",
+            params![
+                key.kid,
+                key.name,
+                key.description,
+                scopes.join(","),
+                status_str(key.status),
+                key.secret_hash.to_vec(),
+                key.previous.map(|p| p.0.to_vec()),
+                key.previous.map(|p| p.1),
+                key.rate.map(|r| r.to_string()),
+            ],
+        )?;
+        tx.execute("DELETE FROM key_allow WHERE kid = ?1", [key.kid])?;
+        for a in &key.allow {
+            tx.execute(
+                "INSERT INTO key_allow(kid, cidr, label) VALUES (?1, ?2, ?3)",
+                params![key.kid, a.cidr.to_string(), a.label],
+            )?;
+        }
+        Ok(())
+    }
+}
+
 impl Store for SqliteStore {
+    fn create_key(&self, key: &KeyRecord, actor: &str) -> Result<KeyRecord, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err("creating a key"))?;
+        tx.execute(
+            "INSERT INTO keys(id, name, scopes, status, secret_hash, created_at) VALUES (?1, ?2, '', 'active', ?3, ?4)",
+            params![key.id, key.name, key.secret_hash.to_vec(), key.created_at],
+        )
+        .map_err(self.err("creating a key"))?;
+        let mut stored = key.clone();
+        stored.kid = tx.last_insert_rowid() as u32;
+        Self::write_key(&tx, &stored).map_err(self.err("creating a key"))?;
+        let allow: Vec<String> = stored.allow.iter().map(|a| a.cidr.to_string()).collect();
+        Self::audit(
+            &tx,
+            actor,
+            "key.create",
+            &serde_json::json!({ "id": stored.id, "name": stored.name, "allow": allow }),
+        )
+        .map_err(self.err("auditing"))?;
+        tx.commit().map_err(self.err("committing"))?;
+        Ok(stored)
+    }
+
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let conn = self.conn();
+        type Row = (
+            u32,
+            String,
+            String,
+            String,
+            String,
+            String,
+            Vec<u8>,
+            Option<Vec<u8>>,
+            Option<i64>,
+            Option<String>,
+            i64,
+            Option<i64>,
+            i64,
+            i64,
+        );
+        let rows: Vec<Row> = {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT kid, id, name, description, scopes, status, secret_hash, prev_hash, prev_expires_ms,
+                            rate, created_at, last_used_ms, requests_day, requests_today FROM keys ORDER BY kid",
+                )
+                .map_err(self.err("listing keys"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                        r.get(10)?,
+                        r.get(11)?,
+                        r.get(12)?,
+                        r.get(13)?,
+                    ))
+                })
+                .map_err(self.err("listing keys"))?;
+            rows.collect::<Result<_, _>>()
+                .map_err(self.err("listing keys"))?
+        };
+        let mut allow: std::collections::HashMap<u32, Vec<AllowRecord>> =
+            std::collections::HashMap::new();
+        {
+            let mut stmt = conn
+                .prepare_cached("SELECT kid, cidr, label FROM key_allow ORDER BY kid, cidr")
+                .map_err(self.err("listing key allowlists"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(self.err("listing key allowlists"))?;
+            for row in rows {
+                let (kid, cidr, label) = row.map_err(self.err("listing key allowlists"))?;
+                let cidr = cidr
+                    .parse()
+                    .map_err(|_| self.corrupt("key_allow.cidr", cidr))?;
+                allow
+                    .entry(kid)
+                    .or_default()
+                    .push(AllowRecord { cidr, label });
+            }
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for (
+            kid,
+            id,
+            name,
+            description,
+            scopes,
+            status,
+            hash,
+            prev,
+            prev_exp,
+            rate,
+            created_at,
+            last_used_ms,
+            day,
+            today,
+        ) in rows
+        {
+            let scopes = scopes
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| Scope::parse(s).map_err(|_| self.corrupt("keys.scopes", s)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let previous = match (prev, prev_exp) {
+                (Some(h), Some(exp)) => Some((
+                    hash32(h).ok_or_else(|| self.corrupt("keys.prev_hash", "wrong length"))?,
+                    exp,
+                )),
+                _ => None,
+            };
+            out.push(KeyRecord {
+                kid,
+                scopes,
+                status: parse_status(&status)
+                    .ok_or_else(|| self.corrupt("keys.status", status.clone()))?,
+                secret_hash: hash32(hash)
+                    .ok_or_else(|| self.corrupt("keys.secret_hash", "wrong length"))?,
+                previous,
+                rate: match rate {
+                    Some(r) => {
+                        Some(RateLimit::parse(&r).map_err(|_| self.corrupt("keys.rate", r))?)
+                    }
+                    None => None,
+                },
+                created_at,
+                last_used_ms,
+                requests_day: day,
+                requests_today: today,
+                allow: allow.remove(&kid).unwrap_or_default(),
+                id,
+                name,
+                description,
+            });
+        }
+        Ok(out)
+    }
+
+    fn update_key(
+        &self,
+        key: &KeyRecord,
+        action: &str,
+        detail: serde_json::Value,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err("updating a key"))?;
+        Self::write_key(&tx, key).map_err(self.err("updating a key"))?;
+        let mut detail = detail;
+        if let serde_json::Value::Object(m) = &mut detail {
+            m.insert("id".into(), key.id.clone().into());
+        }
+        Self::audit(&tx, actor, action, &detail).map_err(self.err("auditing"))?;
+        tx.commit().map_err(self.err("committing"))
+    }
+
+    fn flush_usage(&self, usage: &[(u32, i64, u64)], today: i64) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err("flushing usage"))?;
+        for &(kid, last, n) in usage {
+            tx.execute(
+                "UPDATE keys SET last_used_ms = max(coalesce(last_used_ms, 0), ?2),
+                   requests_today = CASE WHEN requests_day = ?3 THEN requests_today + ?4 ELSE ?4 END,
+                   requests_day = ?3
+                 WHERE kid = ?1",
+                params![kid, last, today, n as i64],
+            )
+            .map_err(self.err("flushing usage"))?;
+        }
+        tx.commit().map_err(self.err("committing"))
+    }
+
+    fn list_authorized(&self) -> Result<Vec<AuthorizedRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT cidr, label, source, key_id, created_at FROM authorized ORDER BY created_at, cidr")
+            .map_err(self.err("listing authorized"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
+            })
+            .map_err(self.err("listing authorized"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (cidr, label, source, key_id, created_at) =
+                row.map_err(self.err("listing authorized"))?;
+            out.push(AuthorizedRecord {
+                cidr: cidr
+                    .parse()
+                    .map_err(|_| self.corrupt("authorized.cidr", cidr))?,
+                label,
+                source,
+                key_id,
+                created_at,
+            });
+        }
+        Ok(out)
+    }
+
+    fn add_authorized(&self, rec: &AuthorizedRecord, actor: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err("authorizing"))?;
+        let n = tx
+            .execute(
+                "INSERT OR IGNORE INTO authorized(cidr, label, source, key_id, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![rec.cidr.to_string(), rec.label, rec.source, rec.key_id, rec.created_at],
+            )
+            .map_err(self.err("authorizing"))?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if rec.source == "learned" {
+            tx.execute(
+                "UPDATE settings SET value = ?1 WHERE key = 'last_learned_at'",
+                [rec.created_at.to_string()],
+            )
+            .map_err(self.err("authorizing"))?;
+        }
+        Self::audit(
+            &tx,
+            actor,
+            "ips.authorize",
+            &serde_json::to_value(rec).unwrap_or_default(),
+        )
+        .map_err(self.err("auditing"))?;
+        tx.commit().map_err(self.err("committing"))?;
+        Ok(true)
+    }
+
+    fn remove_authorized(
+        &self,
+        cidr: &IpNet,
+        actor: &str,
+    ) -> Result<Option<AuthorizedRecord>, StoreError> {
+        let found = self
+            .list_authorized()?
+            .into_iter()
+            .find(|r| r.cidr == *cidr);
+        if found.is_none() {
+            return Ok(None);
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction()
+            .map_err(self.err("removing authorized"))?;
+        tx.execute("DELETE FROM authorized WHERE cidr = ?1", [cidr.to_string()])
+            .map_err(self.err("removing authorized"))?;
+        Self::audit(
+            &tx,
+            actor,
+            "ips.remove",
+            &serde_json::json!({ "cidr": cidr.to_string() }),
+        )
+        .map_err(self.err("auditing"))?;
+        tx.commit().map_err(self.err("committing"))?;
+        Ok(found)
+    }
+
+    fn record_unauthorized(&self, hits: &[UnauthorizedRecord]) -> Result<(), StoreError> {
+        if hits.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err("recording refusals"))?;
+        for h in hits {
+            tx.execute(
+                "INSERT INTO unauthorized(addr, service, key_id, port, first_seen, last_seen, attempts)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT(addr, service, key_id, port) DO UPDATE SET
+                   last_seen = max(last_seen, excluded.last_seen), attempts = attempts + excluded.attempts",
+                params![h.addr.to_string(), h.service, h.key_id, h.port, h.first_seen, h.last_seen, h.attempts],
+            )
+            .map_err(self.err("recording refusals"))?;
+        }
+        tx.commit().map_err(self.err("committing"))
+    }
+
+    fn list_unauthorized(&self) -> Result<Vec<UnauthorizedRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT addr, service, key_id, port, first_seen, last_seen, attempts, status FROM unauthorized
+                 ORDER BY last_seen DESC, addr",
+            )
+            .map_err(self.err("listing unauthorized"))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })
+            .map_err(self.err("listing unauthorized"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (addr, service, key_id, port, first_seen, last_seen, attempts, status) =
+                row.map_err(self.err("listing unauthorized"))?;
+            out.push(UnauthorizedRecord {
+                addr: addr
+                    .parse()
+                    .map_err(|_| self.corrupt("unauthorized.addr", addr))?,
+                service,
+                key_id,
+                port,
+                first_seen,
+                last_seen,
+                attempts,
+                status,
+            });
+        }
+        Ok(out)
+    }
+
+    fn set_unauthorized(
+        &self,
+        addr: std::net::IpAddr,
+        status: Option<&str>,
+        actor: &str,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction()
+            .map_err(self.err("updating unauthorized"))?;
+        let n = match status {
+            Some(st) => tx.execute(
+                "UPDATE unauthorized SET status = ?2 WHERE addr = ?1",
+                params![addr.to_string(), st],
+            ),
+            None => tx.execute(
+                "DELETE FROM unauthorized WHERE addr = ?1",
+                [addr.to_string()],
+            ),
+        }
+        .map_err(self.err("updating unauthorized"))?;
+        Self::audit(
+            &tx,
+            actor,
+            "ips.unauthorized",
+            &serde_json::json!({ "addr": addr.to_string(), "status": status.unwrap_or("removed") }),
+        )
+        .map_err(self.err("auditing"))?;
+        tx.commit().map_err(self.err("committing"))?;
+        Ok(n)
+    }
+
+    fn set_blocking(
+        &self,
+        service: &str,
+        mode: &str,
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err("setting blocking"))?;
+        tx.execute(
+            "UPDATE settings SET value = ?2 WHERE key = ?1",
+            params![format!("{service}_blocking"), mode],
+        )
+        .map_err(self.err("setting blocking"))?;
+        tx.execute(
+            "UPDATE settings SET value = ?2 WHERE key = ?1",
+            params![format!("{service}_since"), now.to_string()],
+        )
+        .map_err(self.err("setting blocking"))?;
+        Self::audit(
+            &tx,
+            actor,
+            "blocking.set",
+            &serde_json::json!({ "service": service, "mode": mode }),
+        )
+        .map_err(self.err("auditing"))?;
+        tx.commit().map_err(self.err("committing"))
+    }
+
+    fn last_learned_at(&self) -> Result<i64, StoreError> {
+        let conn = self.conn();
+        let v: String = conn
+            .query_row(
+                "SELECT value FROM settings WHERE key = 'last_learned_at'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err("reading settings"))?;
+        v.parse()
+            .map_err(|_| self.corrupt("settings.last_learned_at", v))
+    }
+
     fn list_drops(&self) -> Result<Vec<DropRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn

@@ -333,6 +333,10 @@ fn flood(pair: &Pair, conf: &std::path::Path, count_dropped: impl Fn() -> u64) -
             "--no-sock-mem",
             "--notouch-irq",
             "--no-cpu-stats",
+            // Paced: unpaced, the TX ring overruns (EAGAIN) once the
+            // receive side runs on another CPU.
+            "--rate",
+            "1000000pps",
         ])
         .output()
         .expect("trafgen (netsniff-ng) must be installed");
@@ -551,7 +555,7 @@ fn bench_kernel() {
          \"miss\" sources match no prefix, \"hit\" sources do. `edge_filter`'s hit path includes \
          its per-CPU counter and the per-source event rate limiter (an LRU lookup).\n\n{micro}\n\
          ### SYN flood across a veth pair\n\n\
-         trafgen sends {FLOOD_PACKETS} SYNs from {FLOOD_SOURCE} (pinned to CPU 0) into the server \
+         trafgen sends {FLOOD_PACKETS} SYNs from {FLOOD_SOURCE} (pinned to CPU 0, paced at 1 Mpps) into the server \
          namespace, whose drop set holds the listed number of random IPv4 prefixes plus the \
          source. RPS on the server's veth moves its receive processing (generic XDP, the IP \
          stack, nftables) to CPU {RX_CPU}; the CPU column is that CPU's system + softirq + irq \

@@ -264,6 +264,7 @@ fn guard_drops_syns_from_outside_the_union_on_guarded_ports_only() {
         return;
     }
     use allowlist::kernel::{AttachMode, Kernel, KernelOptions};
+    use allowlist_common::{PROTO_TCP, PROTO_UDP, SERVICE_API, SERVICE_SMTP};
     let pair = Pair::new();
     for a in [
         "198.51.100.20",
@@ -288,19 +289,12 @@ fn guard_drops_syns_from_outside_the_union_on_guarded_ports_only() {
             guard_capacity: 1024,
         })
         .expect("load");
-        let union = [
+        let union = vec![
             "198.51.100.20/32".parse().unwrap(),
             "2001:db8:1::20/128".parse().unwrap(),
         ];
-        k.sync_guard(
-            &union,
-            &[(
-                allowlist_common::PROTO_TCP,
-                8443,
-                allowlist_common::SERVICE_API,
-            )],
-        )
-        .expect("guard");
+        k.sync_guard(&[(SERVICE_API, union)], &[(PROTO_TCP, 8443, SERVICE_API)])
+            .expect("guard");
         k
     });
     let c = &pair.client;
@@ -340,25 +334,48 @@ fn guard_drops_syns_from_outside_the_union_on_guarded_ports_only() {
     let stats = kernel.stats().unwrap();
     assert!(stats.guard_dropped_api >= 2, "{stats:?}");
     assert_eq!(stats.guard_dropped_smtp, 0);
-    // Widening the union lets the source in; disarming the port opens it.
+    // Widening the union lets the source in; the union is per service, so
+    // SMTP's (empty) union guards UDP 8443 against everyone; disarming the
+    // ports opens them.
     let mut kernel = kernel;
-    let union = ["198.51.100.0/24".parse().unwrap()];
+    let api = vec!["198.51.100.0/24".parse().unwrap()];
+    let unions = [(SERVICE_API, api.clone()), (SERVICE_SMTP, vec![])];
     kernel
-        .sync_guard(
-            &union,
-            &[(
-                allowlist_common::PROTO_TCP,
-                8443,
-                allowlist_common::SERVICE_API,
-            )],
-        )
+        .sync_guard(&unions, &[(PROTO_TCP, 8443, SERVICE_API)])
         .unwrap();
     assert_eq!(connect(c, "198.51.100.21", SERVER_V4, 8443, T), Connect::Ok);
     assert_eq!(
         connect(c, "2001:db8:1::21", SERVER_V6, 8443, T),
         Connect::Silent
     );
-    kernel.sync_guard(&union, &[]).unwrap();
+    kernel
+        .sync_guard(
+            &unions,
+            &[
+                (PROTO_TCP, 8443, SERVICE_API),
+                (PROTO_UDP, 8443, SERVICE_SMTP),
+            ],
+        )
+        .unwrap();
+    let inside = bpf::udp(ip("198.51.100.21"), ip(SERVER_V4), 8443);
+    assert_eq!(
+        bpf::test_run(&prog, &inside, 1).unwrap().0,
+        bpf::XDP_DROP,
+        "not in SMTP's union"
+    );
+    assert_eq!(kernel.stats().unwrap().guard_dropped_smtp, 1);
+    let unions = [(SERVICE_API, api.clone()), (SERVICE_SMTP, api)];
+    kernel
+        .sync_guard(
+            &unions,
+            &[
+                (PROTO_TCP, 8443, SERVICE_API),
+                (PROTO_UDP, 8443, SERVICE_SMTP),
+            ],
+        )
+        .unwrap();
+    assert_eq!(bpf::test_run(&prog, &inside, 1).unwrap().0, bpf::XDP_PASS);
+    kernel.sync_guard(&unions, &[]).unwrap();
     assert_eq!(
         connect(c, "2001:db8:1::21", SERVER_V6, 8443, T),
         Connect::Ok

@@ -27,9 +27,9 @@ use std::{
 
 use allowlist_common::{
     C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
-    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, LAYOUT_VERSION, PROTO_TCP, PROTO_UDP,
-    REASON_AUTO, REASON_DENIED, REASON_IMPORT, REASON_MANUAL, STATS_SLOTS, V4_L1_SLOTS, V4LongKey,
-    V6L1Value, V6LongKey, guard_service, with_guard_service,
+    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, KEY_ACTIVE, KEY_REVOKED,
+    LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, REASON_AUTO, REASON_DENIED, REASON_IMPORT, REASON_MANUAL,
+    STATS_SLOTS, V4_L1_SLOTS, V4LongKey, V6L1Value, V6LongKey, guard_service, with_guard_service,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -273,15 +273,63 @@ pub struct FillLevels {
     pub guard_v4: usize,
     pub guard_v6: usize,
     pub guard_capacity: u32,
+    pub key_entries_v4: usize,
+    pub key_entries_v6: usize,
 }
 
-/// The guard union and guarded ports as last written.
+/// The guard unions (per service) and guarded ports as last written.
 #[derive(Default)]
 struct GuardState {
-    v4: HashSet<Ipv4Net>,
-    v6: HashSet<Ipv6Net>,
+    v4: HashSet<(u32, Ipv4Net)>,
+    v6: HashSet<(u32, Ipv6Net)>,
     /// Port -> `GUARD_PORTS` value (non-zero entries only).
     ports: BTreeMap<u16, u32>,
+}
+
+/// The per-key allowlists and states as last written.
+#[derive(Default)]
+struct KeyState {
+    v4: HashSet<(u32, Ipv4Net)>,
+    v6: HashSet<(u32, Ipv6Net)>,
+    state: BTreeMap<u32, u32>,
+}
+
+/// What the kernel needs of one key.
+#[derive(Clone, Debug)]
+pub struct KeySpec {
+    pub kid: u32,
+    pub revoked: bool,
+    /// Empty = every address.
+    pub allow: Vec<IpNet>,
+}
+
+fn guard_key4(service: u32, n: &Ipv4Net) -> Key<[u8; 5]> {
+    let o = n.network().octets();
+    Key::new(
+        8 + u32::from(n.prefix_len()),
+        [service as u8, o[0], o[1], o[2], o[3]],
+    )
+}
+
+fn guard_key6(service: u32, n: &Ipv6Net) -> Key<[u8; 17]> {
+    let mut k = [0u8; 17];
+    k[0] = service as u8;
+    k[1..].copy_from_slice(&n.network().octets());
+    Key::new(8 + u32::from(n.prefix_len()), k)
+}
+
+fn key_allow4(kid: u32, n: &Ipv4Net) -> Key<[u8; 8]> {
+    let mut k = [0u8; 8];
+    k[..4].copy_from_slice(&kid.to_be_bytes());
+    k[4..].copy_from_slice(&n.network().octets());
+    Key::new(32 + u32::from(n.prefix_len()), k)
+}
+
+fn key_allow6(kid: u32, n: &Ipv6Net) -> Key<[u8; 20]> {
+    let mut k = [0u8; 20];
+    k[..4].copy_from_slice(&kid.to_be_bytes());
+    k[4..].copy_from_slice(&n.network().octets());
+    Key::new(32 + u32::from(n.prefix_len()), k)
 }
 
 pub struct Kernel {
@@ -292,8 +340,12 @@ pub struct Kernel {
     /// False until the first sync, which rewrites whatever an earlier daemon
     /// left in the pinned maps.
     adopted: bool,
-    guard4: LpmTrie<MapData, [u8; 4], u8>,
-    guard6: LpmTrie<MapData, [u8; 16], u8>,
+    guard4: LpmTrie<MapData, [u8; 5], u8>,
+    guard6: LpmTrie<MapData, [u8; 17], u8>,
+    key_allow4: LpmTrie<MapData, [u8; 8], u8>,
+    key_allow6: LpmTrie<MapData, [u8; 20], u8>,
+    key_state: BpfHashMap<MapData, u32, u32>,
+    keys: KeyState,
     guard_ports: Array<MapData, u32>,
     guard: GuardState,
     stats: PerCpuArray<MapData, u64>,
@@ -405,8 +457,11 @@ impl Kernel {
             .map_max_entries("DROP4_LONG", opts.drop_capacity)
             .map_max_entries("DROP6_L1", opts.drop_capacity)
             .map_max_entries("DROP6_LONG", opts.drop_capacity)
-            .map_max_entries("GUARD4", opts.guard_capacity)
-            .map_max_entries("GUARD6", opts.guard_capacity)
+            .map_max_entries("GUARD4", 2 * opts.guard_capacity)
+            .map_max_entries("GUARD6", 2 * opts.guard_capacity)
+            .map_max_entries("KEY_ALLOW4", opts.guard_capacity)
+            .map_max_entries("KEY_ALLOW6", opts.guard_capacity)
+            .map_max_entries("KEY_STATE", opts.guard_capacity)
             .load(EBPF_OBJECT)?;
         let mut layout: Array<MapData, u32> = take(&mut ebpf, "LAYOUT")?;
         layout
@@ -443,6 +498,10 @@ impl Kernel {
             adopted: !adopting,
             guard4: take(&mut ebpf, "GUARD4")?,
             guard6: take(&mut ebpf, "GUARD6")?,
+            key_allow4: take(&mut ebpf, "KEY_ALLOW4")?,
+            key_allow6: take(&mut ebpf, "KEY_ALLOW6")?,
+            key_state: take(&mut ebpf, "KEY_STATE")?,
+            keys: KeyState::default(),
             guard_ports: take(&mut ebpf, "GUARD_PORTS")?,
             guard: GuardState::default(),
             stats: take(&mut ebpf, "STATS")?,
@@ -566,63 +625,159 @@ impl Kernel {
     }
 
     fn load_guard_state(&mut self) -> Result<(), KernelError> {
+        let me = |name: &'static str| move |source| KernelError::Map { name, source };
         for key in self.guard4.keys() {
-            let key = key.map_err(|source| KernelError::Map {
-                name: "GUARD4",
-                source,
-            })?;
-            if let Ok(net) = Ipv4Net::new(key.data().into(), key.prefix_len() as u8) {
-                self.guard.v4.insert(net);
+            let key = key.map_err(me("GUARD4"))?;
+            let d = key.data();
+            if let Ok(net) = Ipv4Net::new(
+                [d[1], d[2], d[3], d[4]].into(),
+                (key.prefix_len() - 8) as u8,
+            ) {
+                self.guard.v4.insert((u32::from(d[0]), net));
             }
         }
         for key in self.guard6.keys() {
-            let key = key.map_err(|source| KernelError::Map {
-                name: "GUARD6",
-                source,
-            })?;
-            if let Ok(net) = Ipv6Net::new(key.data().into(), key.prefix_len() as u8) {
-                self.guard.v6.insert(net);
+            let key = key.map_err(me("GUARD6"))?;
+            let d = key.data();
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&d[1..]);
+            if let Ok(net) = Ipv6Net::new(a.into(), (key.prefix_len() - 8) as u8) {
+                self.guard.v6.insert((u32::from(d[0]), net));
             }
         }
         for port in 0..=u16::MAX {
             let v = self
                 .guard_ports
                 .get(&u32::from(port), 0)
-                .map_err(|source| KernelError::Map {
-                    name: "GUARD_PORTS",
-                    source,
-                })?;
+                .map_err(me("GUARD_PORTS"))?;
             if v != 0 {
                 self.guard.ports.insert(port, v);
             }
         }
+        for key in self.key_allow4.keys() {
+            let key = key.map_err(me("KEY_ALLOW4"))?;
+            let d = key.data();
+            let kid = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+            if let Ok(net) = Ipv4Net::new(
+                [d[4], d[5], d[6], d[7]].into(),
+                (key.prefix_len() - 32) as u8,
+            ) {
+                self.keys.v4.insert((kid, net));
+            }
+        }
+        for key in self.key_allow6.keys() {
+            let key = key.map_err(me("KEY_ALLOW6"))?;
+            let d = key.data();
+            let kid = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&d[4..]);
+            if let Ok(net) = Ipv6Net::new(a.into(), (key.prefix_len() - 32) as u8) {
+                self.keys.v6.insert((kid, net));
+            }
+        }
+        for item in self.key_state.iter() {
+            let (k, v) = item.map_err(me("KEY_STATE"))?;
+            self.keys.state.insert(k, v);
+        }
         Ok(())
     }
 
-    /// Makes the guard hold exactly `union` and guard exactly `ports`
+    /// Makes the per-key allowlist tries and key states hold exactly `keys`.
+    /// Entries are added before states flip to active and removed after
+    /// states flip to revoked, so the kernel never admits more than either
+    /// the old or the new policy.
+    pub fn sync_keys(&mut self, keys: &[KeySpec]) -> Result<(), KernelError> {
+        let me = |name: &'static str| move |source| KernelError::Map { name, source };
+        let mut want4 = HashSet::new();
+        let mut want6 = HashSet::new();
+        let mut want_state = BTreeMap::new();
+        for k in keys {
+            want_state.insert(k.kid, if k.revoked { KEY_REVOKED } else { KEY_ACTIVE });
+            if k.revoked {
+                continue;
+            }
+            if k.allow.is_empty() {
+                want4.insert((k.kid, Ipv4Net::new([0, 0, 0, 0].into(), 0).expect("valid")));
+                want6.insert((k.kid, Ipv6Net::new(0u128.into(), 0).expect("valid")));
+            }
+            for n in &k.allow {
+                match n.trunc() {
+                    IpNet::V4(n) => want4.insert((k.kid, n)),
+                    IpNet::V6(n) => want6.insert((k.kid, n)),
+                };
+            }
+        }
+        let cap = self.opts.guard_capacity as usize;
+        if want4.len() > cap || want6.len() > cap || want_state.len() > cap {
+            return Err(KernelError::GuardFull {
+                family: "per-key allowlist",
+                wanted: want4.len().max(want6.len()).max(want_state.len()),
+                capacity: self.opts.guard_capacity,
+            });
+        }
+        // Revocations first.
+        for (kid, st) in &want_state {
+            if *st == KEY_REVOKED && self.keys.state.get(kid) != Some(st) {
+                self.key_state.insert(kid, st, 0).map_err(me("KEY_STATE"))?;
+            }
+        }
+        for (kid, n) in want4.difference(&self.keys.v4) {
+            self.key_allow4
+                .insert(&key_allow4(*kid, n), 1, 0)
+                .map_err(me("KEY_ALLOW4"))?;
+        }
+        for (kid, n) in want6.difference(&self.keys.v6) {
+            self.key_allow6
+                .insert(&key_allow6(*kid, n), 1, 0)
+                .map_err(me("KEY_ALLOW6"))?;
+        }
+        for (kid, n) in self.keys.v4.difference(&want4) {
+            ignore_missing(self.key_allow4.remove(&key_allow4(*kid, n)))
+                .map_err(me("KEY_ALLOW4"))?;
+        }
+        for (kid, n) in self.keys.v6.difference(&want6) {
+            ignore_missing(self.key_allow6.remove(&key_allow6(*kid, n)))
+                .map_err(me("KEY_ALLOW6"))?;
+        }
+        for (kid, st) in &want_state {
+            if *st != KEY_REVOKED && self.keys.state.get(kid) != Some(st) {
+                self.key_state.insert(kid, st, 0).map_err(me("KEY_STATE"))?;
+            }
+        }
+        for kid in self.keys.state.keys() {
+            if !want_state.contains_key(kid) {
+                ignore_missing(self.key_state.remove(kid)).map_err(me("KEY_STATE"))?;
+            }
+        }
+        self.keys = KeyState {
+            v4: want4,
+            v6: want6,
+            state: want_state,
+        };
+        Ok(())
+    }
+
+    /// Makes the guard hold exactly `unions` (per service: the sources
+    /// that service may be reached from) and guard exactly `ports`
     /// (`(proto, port, service)`). Additions are written before removals,
     /// and ports are armed last, so a change never drops a source that both
     /// the old and the new union admit.
     pub fn sync_guard(
         &mut self,
-        union: &[IpNet],
+        unions: &[(u32, Vec<IpNet>)],
         ports: &[(u8, u16, u32)],
     ) -> Result<(), KernelError> {
-        let want4: HashSet<Ipv4Net> = union
-            .iter()
-            .filter_map(|n| match n.trunc() {
-                IpNet::V4(n) => Some(n),
-                _ => None,
-            })
-            .collect();
-        let want6: HashSet<Ipv6Net> = union
-            .iter()
-            .filter_map(|n| match n.trunc() {
-                IpNet::V6(n) => Some(n),
-                _ => None,
-            })
-            .collect();
-        let cap = self.opts.guard_capacity;
+        let mut want4: HashSet<(u32, Ipv4Net)> = HashSet::new();
+        let mut want6: HashSet<(u32, Ipv6Net)> = HashSet::new();
+        for (service, union) in unions {
+            for n in union {
+                match n.trunc() {
+                    IpNet::V4(n) => want4.insert((*service, n)),
+                    IpNet::V6(n) => want6.insert((*service, n)),
+                };
+            }
+        }
+        let cap = 2 * self.opts.guard_capacity;
         if want4.len() > cap as usize {
             return Err(KernelError::GuardFull {
                 family: "IPv4",
@@ -638,14 +793,14 @@ impl Kernel {
             });
         }
         let gm = |name: &'static str| move |source| KernelError::Map { name, source };
-        for n in want4.difference(&self.guard.v4) {
+        for (svc, n) in want4.difference(&self.guard.v4) {
             self.guard4
-                .insert(&Key::new(n.prefix_len().into(), n.network().octets()), 1, 0)
+                .insert(&guard_key4(*svc, n), 1, 0)
                 .map_err(gm("GUARD4"))?;
         }
-        for n in want6.difference(&self.guard.v6) {
+        for (svc, n) in want6.difference(&self.guard.v6) {
             self.guard6
-                .insert(&Key::new(n.prefix_len().into(), n.network().octets()), 1, 0)
+                .insert(&guard_key6(*svc, n), 1, 0)
                 .map_err(gm("GUARD6"))?;
         }
         let mut want_ports: BTreeMap<u16, u32> = BTreeMap::new();
@@ -653,7 +808,7 @@ impl Kernel {
             let v = want_ports.entry(port).or_default();
             *v = with_guard_service(*v, proto, service);
         }
-        // Disarm ports first, then shrink the union, then arm new ports.
+        // Disarm ports first, then shrink the unions, then arm new ports.
         for (port, old) in &self.guard.ports {
             let new = want_ports.get(port).copied().unwrap_or(0);
             // Keep only what both the old and new value guard for now.
@@ -667,19 +822,11 @@ impl Kernel {
                     .map_err(gm("GUARD_PORTS"))?;
             }
         }
-        for n in self.guard.v4.difference(&want4) {
-            ignore_missing(
-                self.guard4
-                    .remove(&Key::new(n.prefix_len().into(), n.network().octets())),
-            )
-            .map_err(gm("GUARD4"))?;
+        for (svc, n) in self.guard.v4.difference(&want4) {
+            ignore_missing(self.guard4.remove(&guard_key4(*svc, n))).map_err(gm("GUARD4"))?;
         }
-        for n in self.guard.v6.difference(&want6) {
-            ignore_missing(
-                self.guard6
-                    .remove(&Key::new(n.prefix_len().into(), n.network().octets())),
-            )
-            .map_err(gm("GUARD6"))?;
+        for (svc, n) in self.guard.v6.difference(&want6) {
+            ignore_missing(self.guard6.remove(&guard_key6(*svc, n))).map_err(gm("GUARD6"))?;
         }
         for (port, v) in &want_ports {
             self.guard_ports
@@ -731,6 +878,8 @@ impl Kernel {
             drop_capacity: self.opts.drop_capacity,
             guard_v4: self.guard.v4.len(),
             guard_v6: self.guard.v6.len(),
+            key_entries_v4: self.keys.v4.len(),
+            key_entries_v6: self.keys.v6.len(),
             guard_capacity: self.opts.guard_capacity,
         }
     }
