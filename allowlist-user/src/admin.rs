@@ -8,7 +8,7 @@ use axum::{
     extract::{Query, State, connect_info::ConnectInfo},
     http::StatusCode,
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use serde::Deserialize;
 use tokio::net::UnixListener;
@@ -16,6 +16,8 @@ use tokio::net::UnixListener;
 use crate::{
     api::{self, ErrorBody, ErrorDetail},
     daemon::{Daemon, DaemonError},
+    ops::{DenyOutcome, KeyView, NewKey},
+    store::{ApiBlocking, AuthorizedRecord, BlockingState, SmtpBlocking, UnauthorizedRecord},
 };
 
 /// Who is calling, from the socket's peer credentials (for the audit log).
@@ -92,6 +94,17 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/blocking", get(blocking))
         .route("/v1/events", get(events))
+        .route("/v1/keys", get(list_keys).post(create_key))
+        .route("/v1/keys/{id}", get(show_key))
+        .route("/v1/keys/{id}/revoke", post(revoke_key))
+        .route("/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/v1/keys/{id}/allow", post(key_allow).delete(key_disallow))
+        .route("/v1/ips", get(list_ips).post(authorize).delete(unauthorize))
+        .route("/v1/ips/unauthorized", get(list_unauthorized))
+        .route("/v1/ips/deny", post(deny))
+        .route("/v1/blocking/api", post(set_api))
+        .route("/v1/blocking/smtp", post(set_smtp))
+        .route("/v1/blocking/impact", get(impact))
         .fallback(|| async {
             ApiError(
                 StatusCode::NOT_FOUND,
@@ -142,6 +155,214 @@ async fn blocking(State(d): State<Arc<Daemon>>) -> ApiResult<api::Blocking> {
 
 async fn events(State(d): State<Arc<Daemon>>) -> ApiResult<api::Events> {
     Ok(Json(d.recent_events()))
+}
+
+/// A JSON body, with serde's complaint turned into the one error shape.
+type Body<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn body<T>(b: Body<T>) -> Result<T, ApiError> {
+    b.map(|Json(t)| t)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))
+}
+
+use axum::extract::Path as UrlPath;
+
+async fn list_keys(State(d): State<Arc<Daemon>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "keys": d.list_keys() }))
+}
+
+async fn create_key(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    b: Body<NewKey>,
+) -> Result<(StatusCode, Json<KeyView>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(d.create_key(body(b)?, &peer.actor()).await?),
+    ))
+}
+
+async fn show_key(
+    State(d): State<Arc<Daemon>>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<KeyView> {
+    Ok(Json(d.show_key(&id)?))
+}
+
+async fn revoke_key(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<KeyView> {
+    Ok(Json(d.revoke_key(&id, &peer.actor()).await?))
+}
+
+#[derive(Deserialize, Default)]
+struct Rotate {
+    #[serde(default)]
+    grace: Option<String>,
+}
+
+async fn rotate_key(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(id): UrlPath<String>,
+    b: Body<Rotate>,
+) -> ApiResult<KeyView> {
+    let r = body(b)?;
+    Ok(Json(
+        d.rotate_key(&id, r.grace.as_deref(), &peer.actor()).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct AllowReq {
+    cidr: String,
+    #[serde(default)]
+    label: Option<String>,
+}
+
+async fn key_allow(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(id): UrlPath<String>,
+    b: Body<AllowReq>,
+) -> ApiResult<KeyView> {
+    let r = body(b)?;
+    Ok(Json(
+        d.key_allow(&id, &r.cidr, r.label, &peer.actor()).await?,
+    ))
+}
+
+async fn key_disallow(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(id): UrlPath<String>,
+    q: Result<Query<CidrQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<KeyView> {
+    let Query(q) =
+        q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
+    Ok(Json(d.key_disallow(&id, &q.cidr, &peer.actor()).await?))
+}
+
+async fn list_ips(State(d): State<Arc<Daemon>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "authorized": d.list_authorized() }))
+}
+
+async fn authorize(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    b: Body<AllowReq>,
+) -> Result<(StatusCode, Json<AuthorizedRecord>), ApiError> {
+    let r = body(b)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(
+            d.authorize(&r.cidr, r.label, "manual", None, &peer.actor())
+                .await?,
+        ),
+    ))
+}
+
+async fn unauthorize(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    q: Result<Query<CidrQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<AuthorizedRecord> {
+    let Query(q) =
+        q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
+    Ok(Json(d.unauthorize(&q.cidr, &peer.actor()).await?))
+}
+
+async fn list_unauthorized(
+    State(d): State<Arc<Daemon>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let list: Vec<UnauthorizedRecord> = d.list_unauthorized()?;
+    Ok(Json(serde_json::json!({ "unauthorized": list })))
+}
+
+#[derive(Deserialize)]
+struct DenyReq {
+    addr: String,
+    #[serde(default)]
+    drop: bool,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    rotate_key: bool,
+}
+
+async fn deny(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    b: Body<DenyReq>,
+) -> ApiResult<DenyOutcome> {
+    let r = body(b)?;
+    Ok(Json(
+        d.deny(&r.addr, r.drop, r.ttl, r.rotate_key, &peer.actor())
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct ModeReq {
+    mode: String,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn set_api(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    b: Body<ModeReq>,
+) -> ApiResult<BlockingState> {
+    let r = body(b)?;
+    let mode = match r.mode.as_str() {
+        "learning" => ApiBlocking::Learning,
+        "active" | "activate" => ApiBlocking::Active,
+        "inactive" | "deactivate" => ApiBlocking::Inactive,
+        m => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("unknown API blocking mode {m:?}; use learning, activate or deactivate"),
+            ));
+        }
+    };
+    Ok(Json(
+        d.set_api_blocking(mode, r.force, &peer.actor()).await?,
+    ))
+}
+
+async fn set_smtp(
+    State(d): State<Arc<Daemon>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    b: Body<ModeReq>,
+) -> ApiResult<BlockingState> {
+    let r = body(b)?;
+    let mode = match r.mode.as_str() {
+        "active" | "activate" => SmtpBlocking::Active,
+        "inactive" | "deactivate" => SmtpBlocking::Inactive,
+        m => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!("unknown SMTP blocking mode {m:?}; use activate or deactivate"),
+            ));
+        }
+    };
+    Ok(Json(
+        d.set_smtp_blocking(mode, r.force, &peer.actor()).await?,
+    ))
+}
+
+async fn impact(State(d): State<Arc<Daemon>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let cut: Vec<serde_json::Value> = d
+        .activation_impact()?
+        .into_iter()
+        .map(|(addr, key)| serde_json::json!({ "addr": addr, "key_id": key }))
+        .collect();
+    Ok(Json(serde_json::json!({ "would_refuse": cut })))
 }
 
 /// Binds the admin socket with mode 0600, replacing a stale socket file but

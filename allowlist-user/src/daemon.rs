@@ -50,14 +50,49 @@ impl From<KernelError> for DaemonError {
 
 const RECENT_EVENTS: usize = 256;
 
+/// The daemon's clock. `ALLOWLIST_CLOCK_OFFSET_FILE` names a file holding
+/// seconds to add to the real time, so tests can move time forward (the
+/// 30-day learning switch, rotation grace) without waiting.
+#[derive(Debug, Default)]
+pub struct Clock {
+    offset_file: Option<std::path::PathBuf>,
+}
+
+impl Clock {
+    pub fn from_env() -> Clock {
+        Clock {
+            offset_file: std::env::var_os("ALLOWLIST_CLOCK_OFFSET_FILE").map(Into::into),
+        }
+    }
+
+    /// Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        let offset_s: i64 = self
+            .offset_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        wall_now_ms() + offset_s * 1000
+    }
+}
+
 pub struct Daemon {
     pub config: Config,
-    store: Arc<dyn Store>,
+    pub(crate) store: Arc<dyn Store>,
     kernel: Option<Mutex<Kernel>>,
-    /// Serialises changes so store and kernel move in step.
-    changes: tokio::sync::Mutex<()>,
+    /// Serialises changes so store, kernel and snapshot move in step.
+    pub(crate) changes: tokio::sync::Mutex<()>,
     events_received: AtomicU64,
     recent: Mutex<VecDeque<api::KernelEvent>>,
+    /// The policy the proxy reads, swapped whole on every change.
+    pub policy: arc_swap::ArcSwap<crate::policy::Snapshot>,
+    pub(crate) state: Mutex<crate::ops::State>,
+    pub(crate) runtimes: Mutex<std::collections::HashMap<String, Arc<crate::policy::KeyRuntime>>>,
+    /// (source, key id) -> last successful call (Unix ms), for the impact
+    /// of activating blocking.
+    pub(crate) recent_successes: Mutex<std::collections::HashMap<(std::net::IpAddr, String), i64>>,
+    pub clock: Clock,
 }
 
 /// Parses a CIDR or a single address (as /32 or /128), refusing host bits
@@ -127,18 +162,42 @@ fn view(record: DropRecord) -> api::DropView {
 }
 
 impl Daemon {
-    pub fn new(config: Config, store: Arc<dyn Store>, kernel: Option<Kernel>) -> Daemon {
-        Daemon {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        kernel: Option<Kernel>,
+        clock: Clock,
+    ) -> Result<Daemon, DaemonError> {
+        let blocking = store.blocking()?;
+        Ok(Daemon {
             config,
             store,
             kernel: kernel.map(Mutex::new),
             changes: tokio::sync::Mutex::new(()),
             events_received: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
-        }
+            policy: arc_swap::ArcSwap::from_pointee(crate::policy::Snapshot::default()),
+            state: Mutex::new(crate::ops::State {
+                keys: Default::default(),
+                authorized: Default::default(),
+                blocking,
+            }),
+            runtimes: Mutex::new(Default::default()),
+            recent_successes: Mutex::new(Default::default()),
+            clock,
+        })
     }
 
-    fn kernel(&self) -> Option<std::sync::MutexGuard<'_, Kernel>> {
+    /// Notes a successful keyed call (the proxy reports them in batches).
+    pub fn record_success(&self, addr: std::net::IpAddr, key_id: &str, at_ms: i64) {
+        let mut r = self
+            .recent_successes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        r.insert((crate::policy::normalize(addr), key_id.to_string()), at_ms);
+    }
+
+    pub(crate) fn kernel(&self) -> Option<std::sync::MutexGuard<'_, Kernel>> {
         self.kernel
             .as_ref()
             .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()))
@@ -165,6 +224,15 @@ impl Daemon {
     pub async fn add_drop(
         &self,
         req: api::AddDrop,
+        actor: &str,
+    ) -> Result<api::DropView, DaemonError> {
+        self.add_drop_kind(req, DropKind::Manual, actor).await
+    }
+
+    pub async fn add_drop_kind(
+        &self,
+        req: api::AddDrop,
+        kind: DropKind,
         actor: &str,
     ) -> Result<api::DropView, DaemonError> {
         let cidr = parse_cidr(&req.cidr).map_err(DaemonError::Invalid)?;
@@ -194,7 +262,7 @@ impl Daemon {
         }
         let rec = DropRecord {
             cidr,
-            kind: DropKind::Manual,
+            kind,
             reason,
             created_at: now,
             expires_at,

@@ -10,5 +10,6 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod kernel;
+pub mod ops;
 pub mod policy;
 pub mod store;

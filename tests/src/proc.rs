@@ -71,6 +71,22 @@ impl Setup {
             .expect("run allowlistctl")
     }
 
+    /// Runs `allowlistctl ARGS` and asserts it was refused (exit 1) with a
+    /// message containing `needle`.
+    pub fn refused(&self, args: &[&str], needle: &str) {
+        let out = self.ctl(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "allowlistctl {args:?} should be refused: {err}"
+        );
+        assert!(
+            err.contains(needle),
+            "allowlistctl {args:?}: {err:?} should mention {needle:?}"
+        );
+    }
+
     /// Runs `allowlistctl --json ARGS`, asserts success, parses stdout.
     pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
         let mut full = vec!["--json"];
@@ -87,6 +103,11 @@ impl Setup {
     /// Starts `allowlistd` (inside `ns` when given, keeping pins on the
     /// host's bpffs) and waits until its admin API answers.
     pub fn start(&self, ns: Option<&Netns>, extra: &[&str]) -> Daemon {
+        self.start_env(ns, extra, &[])
+    }
+
+    /// `start` with extra environment variables.
+    pub fn start_env(&self, ns: Option<&Netns>, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let log = self
             .dir
             .path()
@@ -104,6 +125,7 @@ impl Setup {
             .arg("--config")
             .arg(&self.config)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup"))
             .stderr(logf)

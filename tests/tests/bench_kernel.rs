@@ -502,7 +502,7 @@ fn flood_table(bpffs: PathBuf, dir: &std::path::Path) -> String {
             ])
             .status();
 
-        let per = |f: &Flood| f.cpu_secs * 1e9 / f.dropped.max(1) as f64;
+        let above = |f: &Flood| (per(f) - per(&base)).max(0.0);
         for (name, f) in [
             ("edge_filter (XDP, generic)", &xdp),
             ("nftables set, prerouting", &nft),
@@ -515,11 +515,17 @@ fn flood_table(bpffs: PathBuf, dir: &std::path::Path) -> String {
             );
             writeln!(
                 md,
-                "| {n} | {name} | {} | {:.2} | {:.0} | {:.2}× |",
+                "| {n} | {name} | {} | {:.2} | {:.0} | {:.2}× | {:.0} | {} |",
                 f.dropped,
                 f.dropped as f64 / f.secs / 1e6,
                 per(f),
-                per(f) / per(&nft)
+                per(f) / per(&nft),
+                above(f),
+                if above(&nft) >= 1.0 {
+                    format!("{:.2}×", above(f) / above(&nft))
+                } else {
+                    "–".into()
+                }
             )
             .unwrap();
         }
@@ -553,7 +559,7 @@ fn bench_kernel() {
          Each cell: {SAMPLES} source addresses × {REPEAT} runs of one TCP SYN (the same packet \
          repeated, so caches are warm). Prefixes are random, lengths uniform in the range shown; \
          \"miss\" sources match no prefix, \"hit\" sources do. `edge_filter`'s hit path includes \
-         its per-CPU counter and the per-source event rate limiter (an LRU lookup).\n\n{micro}\n\
+         its per-CPU counter and the per-source event rate limiter (a per-CPU cache in front of an LRU map).\n\n{micro}\n\
          ### SYN flood across a veth pair\n\n\
          trafgen sends {FLOOD_PACKETS} SYNs from {FLOOD_SOURCE} (pinned to CPU 0, paced at 1 Mpps) into the server \
          namespace, whose drop set holds the listed number of random IPv4 prefixes plus the \

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use allowlist::{
     admin,
     config::{self, Config},
-    daemon::Daemon,
+    daemon::{Clock, Daemon},
     kernel::{self, Kernel, KernelOptions},
     store::{SqliteStore, Store, sqlite_path},
 };
@@ -123,7 +123,15 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
         Some(k) => Some(k.take_events()?),
         None => None,
     };
-    let daemon = Arc::new(Daemon::new(config.clone(), store.clone(), kernel));
+    let daemon = Arc::new(Daemon::new(
+        config.clone(),
+        store.clone(),
+        kernel,
+        Clock::from_env(),
+    )?);
+    daemon
+        .init_policy()
+        .context("loading keys and allowlists into the policy and the kernel maps")?;
     {
         let d = daemon.clone();
         let records = store.list_drops()?;
@@ -147,6 +155,27 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
                 tick.tick().await;
                 if let Err(e) = d.sweep().await {
                     tracing::warn!(error = %e, "sweeping expired drop entries");
+                }
+            }
+        })
+    };
+
+    let housekeeping = {
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut n: u64 = 0;
+            loop {
+                tick.tick().await;
+                n += 1;
+                if let Err(e) = d.auto_activate().await {
+                    tracing::warn!(error = %e, "checking the learning period");
+                }
+                // Usage counters: every 10 s, one transaction.
+                if n.is_multiple_of(5)
+                    && let Err(e) = d.flush_usage()
+                {
+                    tracing::warn!(error = %e, "flushing key usage counters");
                 }
             }
         })
@@ -178,6 +207,10 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     .with_graceful_shutdown(shutdown)
     .await?;
     sweeper.abort();
+    housekeeping.abort();
+    if let Err(e) = daemon.flush_usage() {
+        tracing::warn!(error = %e, "flushing key usage counters at exit");
+    }
     let _ = std::fs::remove_file(&config.admin.socket);
     Ok(())
 }

@@ -12,6 +12,22 @@ use crate::{
 pub enum BlockingCmd {
     /// Show the blocking state of the API and SMTP services.
     Show,
+    /// API blocking: learning, activate or deactivate.
+    Api {
+        #[arg(value_parser = ["learning", "activate", "deactivate"])]
+        mode: String,
+        /// Activate even if recent callers would be refused.
+        #[arg(long)]
+        force: bool,
+    },
+    /// SMTP blocking: activate or deactivate (by source address, in the kernel).
+    Smtp {
+        #[arg(value_parser = ["activate", "deactivate"])]
+        mode: String,
+        /// Activate even with an empty authorized list.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn since(t: i64) -> String {
@@ -24,6 +40,26 @@ fn since(t: i64) -> String {
 
 pub async fn run(client: &Client, cmd: BlockingCmd) -> Result<Output, CtlError> {
     match cmd {
+        BlockingCmd::Api { mode, force } => {
+            let v: serde_json::Value = client
+                .post(
+                    "/v1/blocking/api",
+                    &serde_json::json!({ "mode": mode, "force": force }),
+                )
+                .await?;
+            let text = format!("api blocking: {}\n", v["api"].as_str().unwrap_or("?"));
+            Ok(Output { json: v, text })
+        }
+        BlockingCmd::Smtp { mode, force } => {
+            let v: serde_json::Value = client
+                .post(
+                    "/v1/blocking/smtp",
+                    &serde_json::json!({ "mode": mode, "force": force }),
+                )
+                .await?;
+            let text = format!("smtp blocking: {}\n", v["smtp"].as_str().unwrap_or("?"));
+            Ok(Output { json: v, text })
+        }
         BlockingCmd::Show => {
             let b: Blocking = client.get("/v1/blocking").await?;
             let api = serde_json::to_value(b.state.api).unwrap_or_default();

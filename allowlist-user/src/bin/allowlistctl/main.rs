@@ -6,6 +6,8 @@
 mod blocking;
 mod client;
 mod drop;
+mod ips;
+mod keys;
 mod stats;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -32,6 +34,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// API keys: create, list, show, revoke, rotate, allow, disallow.
+    #[command(subcommand)]
+    Keys(keys::KeysCmd),
+    /// The account's authorized list and the refused addresses.
+    #[command(subcommand)]
+    Ips(ips::IpsCmd),
     /// The kernel drop list (dropped at XDP before any TCP or TLS work).
     #[command(subcommand)]
     Drop(drop::DropCmd),
@@ -65,6 +73,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Keys(cmd) => keys::run(&client, cmd).await,
+            Command::Ips(cmd) => ips::run(&client, cmd).await,
             Command::Drop(cmd) => drop::run(&client, cmd).await,
             Command::Stats => stats::run(&client).await,
             Command::Blocking(cmd) => blocking::run(&client, cmd).await,
