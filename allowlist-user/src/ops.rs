@@ -157,19 +157,19 @@ impl Daemon {
     }
 
     /// Builds the policy snapshot of `state`.
-    pub(crate) fn snapshot_of(&self, state: &State) -> Snapshot {
+    pub fn snapshot_of(&self, state: &State) -> Snapshot {
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         let mut keys = HashMap::with_capacity(state.keys.len());
         for k in state.keys.values() {
             let runtime = runtimes.entry(k.id.clone()).or_default().clone();
             keys.insert(
-                k.id.clone(),
+                policy::id_key(&k.id),
                 Arc::new(KeyPolicy {
                     id: k.id.clone(),
                     kid: k.kid,
                     name: k.name.clone(),
                     status: k.status,
-                    scopes: k.scopes.clone(),
+                    scopes: policy::ScopeSet::of(&k.scopes),
                     secret_hash: k.secret_hash,
                     previous: k.previous,
                     allow: k.allow.iter().map(|a| a.cidr).collect(),

@@ -66,6 +66,20 @@ impl Scope {
     }
 }
 
+/// A set of scopes as bits: read on every request without a pointer chase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScopeSet(u8);
+
+impl ScopeSet {
+    pub fn of(scopes: &[Scope]) -> ScopeSet {
+        ScopeSet(scopes.iter().fold(0, |acc, s| acc | (1 << *s as u8)))
+    }
+
+    pub fn contains(self, s: Scope) -> bool {
+        self.0 & (1 << s as u8) != 0
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyStatus {
@@ -249,18 +263,18 @@ fn path_under(path: &str, prefix: &str) -> bool {
 
 impl RouteScopes {
     /// Whether `scopes` allow `method` on `path`.
-    pub fn allows(&self, scopes: &[Scope], method: &str, path: &str) -> bool {
-        if scopes.contains(&Scope::Full) {
+    pub fn allows(&self, scopes: ScopeSet, method: &str, path: &str) -> bool {
+        if scopes.contains(Scope::Full) {
             return true;
         }
         let read = matches!(method, "GET" | "HEAD");
-        if read && scopes.contains(&Scope::Read) {
+        if read && scopes.contains(Scope::Read) {
             return true;
         }
-        if scopes.contains(&Scope::Send) && self.send.iter().any(|p| path_under(path, p)) {
+        if scopes.contains(Scope::Send) && self.send.iter().any(|p| path_under(path, p)) {
             return true;
         }
-        scopes.contains(&Scope::Contacts) && self.contacts.iter().any(|p| path_under(path, p))
+        scopes.contains(Scope::Contacts) && self.contacts.iter().any(|p| path_under(path, p))
     }
 }
 
@@ -459,7 +473,7 @@ pub struct KeyPolicy {
     pub kid: u32,
     pub name: String,
     pub status: KeyStatus,
-    pub scopes: Vec<Scope>,
+    pub scopes: ScopeSet,
     pub secret_hash: [u8; 32],
     /// The previous secret during a rotation grace period, and when it
     /// stops working (Unix ms).
@@ -560,24 +574,75 @@ impl Reason {
     }
 }
 
+/// How the account layer answered for an allowed request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccountMatch {
+    AlwaysAllow(IpNet),
+    Listed(IpNet),
+    /// Not listed, learning mode: allowed and to be learned.
+    Learning,
+    /// Not listed, blocking inactive.
+    Inactive,
+}
+
+/// The rule that decided, for the usage log. A plain value: formatting
+/// happens only when the log line is written, never on the request path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// Authentication failed, and why.
+    Auth(&'static str),
+    Scope,
+    KeyNoMatch,
+    AccountNoMatch,
+    Rate(RateLimit),
+    Allowed {
+        key: Admit,
+        account: AccountMatch,
+    },
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rule::Auth(why) => f.write_str(why),
+            Rule::Scope => f.write_str("scope"),
+            Rule::KeyNoMatch => f.write_str("key allowlist: no entry matched"),
+            Rule::AccountNoMatch => f.write_str("account list: no entry matched"),
+            Rule::Rate(r) => write!(f, "rate {r}"),
+            Rule::Allowed { key, account } => {
+                match key {
+                    Admit::Entry(n) => write!(f, "key allowlist {n}")?,
+                    _ => f.write_str("key allowlist empty")?,
+                }
+                match account {
+                    AccountMatch::AlwaysAllow(n) => write!(f, "; always_allow {n}"),
+                    AccountMatch::Listed(n) => write!(f, "; account list {n}"),
+                    AccountMatch::Learning => f.write_str("; account list: learning"),
+                    AccountMatch::Inactive => f.write_str("; account list: blocking inactive"),
+                }
+            }
+        }
+    }
+}
+
 /// A decision and everything the caller needs to act on and log it.
 #[derive(Clone, Debug)]
 pub struct Decision {
     pub reason: Reason,
     pub key: Option<Arc<KeyPolicy>>,
     /// Which list and prefix decided (for the usage log).
-    pub rule: String,
+    pub rule: Rule,
     pub rate: Option<RateInfo>,
     /// In learning mode: the network to authorize after this success.
     pub learn: Option<IpNet>,
 }
 
 impl Decision {
-    fn deny(reason: Reason, key: Option<Arc<KeyPolicy>>, rule: impl Into<String>) -> Decision {
+    fn deny(reason: Reason, key: Option<Arc<KeyPolicy>>, rule: Rule) -> Decision {
         Decision {
             reason,
             key,
-            rule: rule.into(),
+            rule,
             rate: None,
             learn: None,
         }
@@ -591,7 +656,8 @@ impl Decision {
 /// Everything a decision needs, immutable once built.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub keys: HashMap<String, Arc<KeyPolicy>>,
+    /// Keyed by [`id_key`] of the public id.
+    pub keys: HashMap<u64, Arc<KeyPolicy>>,
     pub api: Option<ApiMode>,
     /// The account's authorized list.
     pub account: PrefixSet,
@@ -602,7 +668,38 @@ pub struct Snapshot {
     pub routes: RouteScopes,
 }
 
+/// The map key of a public key id: its value when it is the canonical 16
+/// hex digits (every id this daemon issues), else a hash of the text.
+pub fn id_key(id: &str) -> u64 {
+    if id.len() == 16
+        && let Ok(v) = u64::from_str_radix(id, 16)
+    {
+        return v;
+    }
+    // FNV-1a, with the top bit set so it never equals a canonical id's
+    // value of the same text; `Snapshot::key` checks the text anyway.
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    h | (1 << 63)
+}
+
+fn canonical(id: &str) -> bool {
+    id.len() == 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl Snapshot {
+    /// The key with public id `id`.
+    pub fn key(&self, id: &str) -> Option<&Arc<KeyPolicy>> {
+        let key = self.keys.get(&id_key(id))?;
+        // A canonical id maps to its key one to one; anything else could
+        // collide, so compare the text.
+        (canonical(id) || key.id == id).then_some(key)
+    }
+
     pub fn api_mode(&self) -> ApiMode {
         self.api.unwrap_or(ApiMode::Learning)
     }
@@ -619,19 +716,19 @@ impl Snapshot {
     ) -> Decision {
         let client = normalize(client);
         let Some(credential) = credential else {
-            return Decision::deny(Reason::MissingKey, None, "no key");
+            return Decision::deny(Reason::MissingKey, None, Rule::Auth("no key"));
         };
         let Some((id, secret)) = parse_credential(credential) else {
-            return Decision::deny(Reason::MalformedKey, None, "malformed key");
+            return Decision::deny(Reason::MalformedKey, None, Rule::Auth("malformed key"));
         };
-        let Some(key) = self.keys.get(id) else {
-            return Decision::deny(Reason::UnknownKey, None, "unknown key id");
+        let Some(key) = self.key(id) else {
+            return Decision::deny(Reason::UnknownKey, None, Rule::Auth("unknown key id"));
         };
         let key = key.clone();
         let hash = hash_secret(secret);
         let current: bool = hash.ct_eq(&key.secret_hash).into();
         if key.status == KeyStatus::Revoked {
-            return Decision::deny(Reason::Revoked, Some(key), "key revoked");
+            return Decision::deny(Reason::Revoked, Some(key), Rule::Auth("key revoked"));
         }
         if !current {
             match key.previous {
@@ -640,52 +737,47 @@ impl Snapshot {
                         return Decision::deny(
                             Reason::ExpiredSecret,
                             Some(key),
-                            "previous secret expired",
+                            Rule::Auth("previous secret expired"),
                         );
                     }
                 }
-                _ => return Decision::deny(Reason::BadSecret, Some(key), "wrong secret"),
+                _ => {
+                    return Decision::deny(
+                        Reason::BadSecret,
+                        Some(key),
+                        Rule::Auth("wrong secret"),
+                    );
+                }
             }
         }
-        if !self.routes.allows(&key.scopes, method, path) {
-            return Decision::deny(Reason::Scope, Some(key), "scope");
+        if !self.routes.allows(key.scopes, method, path) {
+            return Decision::deny(Reason::Scope, Some(key), Rule::Scope);
         }
-        let key_rule = match key.admits(client) {
-            Admit::Entry(net) => format!("key allowlist {net}"),
-            Admit::Any => "key allowlist empty".to_string(),
-            Admit::Refused => {
-                return Decision::deny(
-                    Reason::KeyAllowlist,
-                    Some(key),
-                    "key allowlist: no entry matched",
-                );
-            }
-        };
+        let key_rule = key.admits(client);
+        if key_rule == Admit::Refused {
+            return Decision::deny(Reason::KeyAllowlist, Some(key), Rule::KeyNoMatch);
+        }
         let mut learn = None;
         let account_rule = if let Some(net) = self.always_allow.longest_match(client) {
-            format!("always_allow {net}")
+            AccountMatch::AlwaysAllow(net)
         } else {
             match (self.api_mode(), self.account.longest_match(client)) {
-                (_, Some(net)) => format!("account list {net}"),
+                (_, Some(net)) => AccountMatch::Listed(net),
                 (ApiMode::Active, None) => {
-                    return Decision::deny(
-                        Reason::AccountList,
-                        Some(key),
-                        "account list: no entry matched",
-                    );
+                    return Decision::deny(Reason::AccountList, Some(key), Rule::AccountNoMatch);
                 }
                 (ApiMode::Learning, None) => {
                     learn = Some(learned_network(client));
-                    "account list: learning".to_string()
+                    AccountMatch::Learning
                 }
-                (ApiMode::Inactive, None) => "account list: blocking inactive".to_string(),
+                (ApiMode::Inactive, None) => AccountMatch::Inactive,
             }
         };
         let mut rate = None;
         if let Some(limit) = key.rate {
             let (ok, info) = key.runtime.limiter.check(&limit, now_ms);
             if !ok {
-                let mut d = Decision::deny(Reason::RateLimited, Some(key), format!("rate {limit}"));
+                let mut d = Decision::deny(Reason::RateLimited, Some(key), Rule::Rate(limit));
                 d.rate = Some(info);
                 return d;
             }
@@ -696,7 +788,10 @@ impl Snapshot {
         Decision {
             reason: Reason::Ok,
             key: Some(key),
-            rule: format!("{key_rule}; {account_rule}"),
+            rule: Rule::Allowed {
+                key: key_rule,
+                account: account_rule,
+            },
             rate,
             learn,
         }
@@ -755,7 +850,7 @@ mod tests {
             kid: 1,
             name: id.into(),
             status: KeyStatus::Active,
-            scopes: scopes.to_vec(),
+            scopes: ScopeSet::of(scopes),
             secret_hash: hash_secret(secret),
             previous: None,
             allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
@@ -767,7 +862,7 @@ mod tests {
     fn snap(keys: Vec<Arc<KeyPolicy>>, mode: ApiMode, account: &[&str]) -> Snapshot {
         let account: Vec<IpNet> = account.iter().map(|a| a.parse().unwrap()).collect();
         Snapshot {
-            keys: keys.into_iter().map(|k| (k.id.clone(), k)).collect(),
+            keys: keys.into_iter().map(|k| (id_key(&k.id), k)).collect(),
             api: Some(mode),
             account: PrefixSet::new(account.clone()),
             account_list: account,
@@ -936,14 +1031,16 @@ mod tests {
     #[test]
     fn scopes_map_routes() {
         let r = RouteScopes::default();
-        assert!(r.allows(&[Scope::Send], "POST", "/emails"));
-        assert!(r.allows(&[Scope::Send], "POST", "/emails/batch"));
-        assert!(!r.allows(&[Scope::Send], "POST", "/emailsX"));
-        assert!(!r.allows(&[Scope::Send], "POST", "/contacts"));
-        assert!(r.allows(&[Scope::Contacts], "DELETE", "/contacts/1"));
-        assert!(r.allows(&[Scope::Read], "HEAD", "/anything"));
-        assert!(!r.allows(&[Scope::Read], "POST", "/anything"));
-        assert!(r.allows(&[Scope::Full], "DELETE", "/anything"));
+        let s = |x: Scope| ScopeSet::of(&[x]);
+        assert!(r.allows(s(Scope::Send), "POST", "/emails"));
+        assert!(r.allows(s(Scope::Send), "POST", "/emails/batch"));
+        assert!(!r.allows(s(Scope::Send), "POST", "/emailsX"));
+        assert!(!r.allows(s(Scope::Send), "POST", "/contacts"));
+        assert!(r.allows(s(Scope::Contacts), "DELETE", "/contacts/1"));
+        assert!(r.allows(s(Scope::Read), "HEAD", "/anything"));
+        assert!(!r.allows(s(Scope::Read), "POST", "/anything"));
+        assert!(r.allows(s(Scope::Full), "DELETE", "/anything"));
+        assert!(!ScopeSet::of(&[Scope::Read, Scope::Send]).contains(Scope::Full));
     }
 
     fn arb_net() -> impl Strategy<Value = IpNet> {
@@ -989,7 +1086,7 @@ mod tests {
                     kid: i as u32,
                     name: String::new(),
                     status: if *revoked { KeyStatus::Revoked } else { KeyStatus::Active },
-                    scopes: vec![Scope::Full],
+                    scopes: ScopeSet::of(&[Scope::Full]),
                     secret_hash: hash_secret("s"),
                     previous: None,
                     allow,
@@ -998,7 +1095,7 @@ mod tests {
                 }));
             }
             let s = Snapshot {
-                keys: policies.iter().map(|k| (k.id.clone(), k.clone())).collect(),
+                keys: policies.iter().map(|k| (id_key(&k.id), k.clone())).collect(),
                 api: Some(ApiMode::Active),
                 account: PrefixSet::new(account.clone()),
                 account_list: account,

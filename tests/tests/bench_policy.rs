@@ -1,0 +1,329 @@
+//! `cargo xtask bench policy`: decision latency at 100k keys × 20 entries,
+//! snapshot rebuild time, memory per 1k keys, and change-to-enforced
+//! latency through a real daemon with its kernel maps.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    hint::black_box,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr},
+    os::unix::net::UnixStream,
+    sync::Arc,
+    time::Instant,
+};
+
+use allowlist::{
+    config::Config,
+    daemon::{Clock, Daemon},
+    ops::State,
+    policy::{KeyStatus, Scope, hash_secret},
+    store::{
+        AllowRecord, ApiBlocking, AuthorizedRecord, BlockingState, KeyRecord, SmtpBlocking,
+        SqliteStore,
+    },
+};
+use allowlist_tests::{kernel_tests_enabled, proc::Setup};
+use ipnet::{IpNet, Ipv4Net};
+
+const KEYS: usize = 100_000;
+const ENTRIES: usize = 20;
+const DECISIONS: usize = 200_000;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}
+
+fn state(n: usize, rng: &mut Rng) -> State {
+    let mut keys = BTreeMap::new();
+    for i in 0..n {
+        let allow = (0..ENTRIES)
+            .map(|_| {
+                let len = 16 + (rng.next() % 17) as u8;
+                AllowRecord {
+                    cidr: IpNet::V4(
+                        Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len)
+                            .unwrap()
+                            .trunc(),
+                    ),
+                    label: String::new(),
+                }
+            })
+            .collect();
+        let id = format!("{:016x}", i);
+        keys.insert(
+            id.clone(),
+            KeyRecord {
+                kid: i as u32 + 1,
+                id: id.clone(),
+                name: format!("key-{i}"),
+                description: String::new(),
+                scopes: vec![Scope::Full],
+                status: KeyStatus::Active,
+                secret_hash: hash_secret(&format!("secret-{i}")),
+                previous: None,
+                rate: None,
+                created_at: 0,
+                last_used_ms: None,
+                requests_day: 0,
+                requests_today: 0,
+                allow,
+            },
+        );
+    }
+    let authorized = (0..10_000)
+        .map(|_| {
+            let net = IpNet::V4(
+                Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), 24)
+                    .unwrap()
+                    .trunc(),
+            );
+            (
+                net,
+                AuthorizedRecord {
+                    cidr: net,
+                    label: String::new(),
+                    source: "learned".into(),
+                    key_id: None,
+                    created_at: 0,
+                },
+            )
+        })
+        .collect();
+    State {
+        keys,
+        authorized,
+        blocking: BlockingState {
+            api: ApiBlocking::Active,
+            api_since: 0,
+            smtp: SmtpBlocking::Inactive,
+            smtp_since: 0,
+        },
+    }
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// One admin API call over the Unix socket, without spawning a process.
+fn admin(socket: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    (
+        status,
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+#[ignore = "benchmark: run with `cargo xtask bench policy`"]
+fn bench_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("a.db")).unwrap());
+    let daemon = Daemon::new(Config::default(), store, None, Clock::default()).unwrap();
+    let mut rng = Rng(0xB0B);
+
+    let rss0 = rss_kib();
+    let st = state(KEYS, &mut rng);
+    let rss_state = rss_kib();
+    let t = Instant::now();
+    let snap = daemon.snapshot_of(&st);
+    let rebuild_ms = t.elapsed().as_secs_f64() * 1e3;
+    let rss_snap = rss_kib();
+    let t = Instant::now();
+    let union = snap.api_guard_union();
+    let union_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    // Requests: a random key with its right secret, from an address inside
+    // one of its entries (half) or anywhere (half).
+    let ids: Vec<&String> = st.keys.keys().collect();
+    let mut reqs = Vec::with_capacity(DECISIONS);
+    for i in 0..DECISIONS {
+        let k = &st.keys[ids[(rng.next() % KEYS as u64) as usize]];
+        let cred = format!("alk_{}_secret-{}", k.id, k.kid - 1);
+        let addr = if i % 2 == 0 {
+            let e = k.allow[(rng.next() % ENTRIES as u64) as usize].cidr;
+            let IpNet::V4(n) = e else { unreachable!() };
+            IpAddr::V4(Ipv4Addr::from(
+                u32::from(n.network()) | (rng.next() as u32 & !u32::from(n.netmask())),
+            ))
+        } else {
+            IpAddr::V4(Ipv4Addr::from(rng.next() as u32))
+        };
+        reqs.push((cred, addr));
+    }
+    let mut decide = Vec::with_capacity(DECISIONS);
+    let mut lookup = Vec::with_capacity(DECISIONS);
+    let mut timer = Vec::with_capacity(DECISIONS);
+    let mut allowed = 0usize;
+    for (cred, addr) in &reqs {
+        let t = Instant::now();
+        let d = snap.decide(Some(cred), "GET", "/emails", *addr, 1_000);
+        decide.push(t.elapsed().as_nanos() as u64);
+        allowed += usize::from(d.allowed());
+        // Baseline 1: the key-id lookup alone.
+        let id = &cred[4..20];
+        let t = Instant::now();
+        black_box(snap.key(black_box(id)));
+        lookup.push(t.elapsed().as_nanos() as u64);
+        // Baseline 2: the timer itself.
+        let t = Instant::now();
+        timer.push(black_box(t).elapsed().as_nanos() as u64);
+    }
+    // The same request repeated: the decision's compute cost with warm
+    // caches, beside the cold random-key figure above (memory latency).
+    let mut hot = Vec::with_capacity(DECISIONS / 4);
+    let (cred, addr) = &reqs[0];
+    for _ in 0..DECISIONS / 4 {
+        let t = Instant::now();
+        black_box(snap.decide(Some(cred), "GET", "/emails", *addr, 1_000));
+        hot.push(t.elapsed().as_nanos() as u64);
+    }
+    for v in [&mut decide, &mut lookup, &mut timer, &mut hot] {
+        v.sort_unstable();
+    }
+    let (p50, p99) = (pct(&decide, 0.5), pct(&decide, 0.99));
+
+    // Change-to-enforced through a real daemon: the admin call returns only
+    // after the kernel maps and the snapshot hold the change.
+    let mut change = Vec::new();
+    let mut kernel_note = "kernel maps off (no root)".to_string();
+    if kernel_tests_enabled("bench_policy (change-to-enforced)") {
+        let setup = Setup::new(true, "");
+        let _d = setup.start(None, &[]);
+        let sock = setup.socket();
+        let mut ids = Vec::new();
+        for i in 0..200 {
+            let (st, body) = admin(
+                &sock,
+                "POST",
+                "/v1/keys",
+                &format!("{{\"name\":\"k{i}\",\"allow\":[\"198.51.100.{i}\"]}}"),
+            );
+            assert_eq!(st, 201, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            ids.push(v["id"].as_str().unwrap().to_string());
+        }
+        for (i, id) in ids.iter().enumerate().take(100) {
+            let t = Instant::now();
+            let (st, body) = admin(
+                &sock,
+                "POST",
+                &format!("/v1/keys/{id}/allow"),
+                &format!("{{\"cidr\":\"203.0.113.{i}\"}}"),
+            );
+            change.push(t.elapsed().as_micros() as u64);
+            assert_eq!(st, 200, "{body}");
+        }
+        change.sort_unstable();
+        kernel_note =
+            "kernel maps on (per-key LPM tries written before the call returns), 200 keys".into();
+    }
+
+    let mut md = String::new();
+    writeln!(md, "## Policy (`cargo xtask bench policy`)\n").unwrap();
+    writeln!(md, "{KEYS} keys × {ENTRIES} random IPv4 entries each, 10,000 learned /24s on the account list, API blocking active. Each of {DECISIONS} decisions picks a random key (cold caches: the figure is mostly memory latency on this VM). Every figure from the same run.\n").unwrap();
+    writeln!(md, "| measure | p50 | p99 | target |").unwrap();
+    writeln!(md, "|---|---:|---:|---:|").unwrap();
+    writeln!(md, "| `Snapshot::decide` (auth + scope + key allowlist + account list), ns | {p50} | {p99} | p99 ≤ 2000 |").unwrap();
+    writeln!(
+        md,
+        "| `Snapshot::decide`, one request repeated (warm caches), ns | {} | {} | |",
+        pct(&hot, 0.5),
+        pct(&hot, 0.99)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| baseline: key-id hash lookup alone, ns | {} | {} | |",
+        pct(&lookup, 0.5),
+        pct(&lookup, 0.99)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| baseline: timer overhead, ns | {} | {} | |",
+        pct(&timer, 0.5),
+        pct(&timer, 0.99)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| decide ÷ key lookup | {:.1}× | {:.1}× | |",
+        p50 as f64 / pct(&lookup, 0.5).max(1) as f64,
+        p99 as f64 / pct(&lookup, 0.99).max(1) as f64
+    )
+    .unwrap();
+    if !change.is_empty() {
+        writeln!(md, "| change-to-enforced: `keys allow` admin call → kernel + snapshot, µs ({kernel_note}) | {} | {} | ≤ 100,000 |", pct(&change, 0.5), pct(&change, 0.99)).unwrap();
+    }
+    writeln!(
+        md,
+        "\n{allowed} of {DECISIONS} decisions allowed (a check that the workload is mixed).\n"
+    )
+    .unwrap();
+    writeln!(md, "| measure | value |").unwrap();
+    writeln!(md, "|---|---:|").unwrap();
+    writeln!(
+        md,
+        "| snapshot rebuild from memory, {KEYS} keys | {rebuild_ms:.0} ms |"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| API guard union (account list ∩ key allowlists), {} prefixes | {union_ms:.0} ms |",
+        union.len()
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| resident memory of the in-memory state, per 1k keys | {} KiB |",
+        (rss_state - rss0) * 1000 / KEYS as u64
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| resident memory of the snapshot, per 1k keys | {} KiB |",
+        (rss_snap - rss_state) * 1000 / KEYS as u64
+    )
+    .unwrap();
+    writeln!(md).unwrap();
+    eprintln!("\n{md}");
+    if let Some(out) = std::env::var_os("ALLOWLIST_BENCH_OUT") {
+        let path = std::path::PathBuf::from(out);
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        let heading = "## Policy (";
+        let new = match old.find(heading) {
+            Some(start) => {
+                let end = old[start + heading.len()..]
+                    .find("\n## ")
+                    .map(|e| start + heading.len() + e + 1)
+                    .unwrap_or(old.len());
+                format!("{}{}{}", &old[..start], md, &old[end..])
+            }
+            None => format!("{old}\n{md}"),
+        };
+        std::fs::write(path, new).unwrap();
+    }
+}
