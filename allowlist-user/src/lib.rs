@@ -12,4 +12,5 @@ pub mod daemon;
 pub mod kernel;
 pub mod ops;
 pub mod policy;
+pub mod proxy;
 pub mod store;

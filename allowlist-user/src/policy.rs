@@ -398,6 +398,20 @@ impl Gcra {
         }
     }
 
+    /// The budget as it stands, without spending any of it.
+    pub fn peek(&self, limit: &RateLimit, now_ms: i64) -> RateInfo {
+        let period = limit.period.millis() * 1000;
+        let interval = period / i64::from(limit.count);
+        let now = now_ms * 1000;
+        let base = self.tat_us.load(Ordering::Acquire).max(now);
+        RateInfo {
+            limit: limit.count,
+            remaining: ((now + period - base) / interval).clamp(0, i64::from(limit.count)) as u32,
+            reset: (base + 999_999) / 1_000_000,
+            retry_after: None,
+        }
+    }
+
     pub fn check(&self, limit: &RateLimit, now_ms: i64) -> (bool, RateInfo) {
         let period = limit.period.millis() * 1000;
         let interval = period / i64::from(limit.count);

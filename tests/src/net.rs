@@ -2,7 +2,7 @@
 
 use std::{
     fs::File,
-    io::{Read, Write},
+    io::Write,
     net::{IpAddr, SocketAddr, TcpListener},
     os::fd::AsRawFd,
     process::Command,
@@ -230,7 +230,7 @@ impl Drop for Server {
 /// Outcome of one TCP connection attempt.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Connect {
-    /// Handshake done and the server's greeting read.
+    /// Handshake done (a test server's greeting, if any, is not awaited).
     Ok,
     /// No answer at all within the timeout (dropped).
     Silent,
@@ -252,15 +252,7 @@ pub fn connect(ns: &Netns, src: &str, dst: &str, port: u16, timeout: Duration) -
         sock.bind(&SocketAddr::new(src, 0).into())
             .expect("bind source");
         match sock.connect_timeout(&SocketAddr::new(dst, port).into(), timeout) {
-            Ok(()) => {
-                let mut s: std::net::TcpStream = sock.into();
-                let _ = s.set_read_timeout(Some(timeout));
-                let mut buf = [0u8; 3];
-                match s.read_exact(&mut buf) {
-                    Ok(()) if &buf == b"ok\n" => Connect::Ok,
-                    _ => Connect::Refused,
-                }
-            }
+            Ok(()) => Connect::Ok,
             Err(e)
                 if e.kind() == std::io::ErrorKind::TimedOut
                     || e.kind() == std::io::ErrorKind::WouldBlock =>

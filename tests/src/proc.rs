@@ -47,7 +47,7 @@ impl Setup {
         std::fs::write(
             &config,
             format!(
-                "[admin]\nsocket = \"{sock}\"\n[store]\nurl = \"sqlite://{db}\"\n[metrics]\n[kernel]\nenabled = {kernel}\nbpffs = \"{bpffs}\"\n{extra_kernel}\n",
+                "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = \"{sock}\"\n[store]\nurl = \"sqlite://{db}\"\n[metrics]\n[kernel]\nenabled = {kernel}\nbpffs = \"{bpffs}\"\n{extra_kernel}\n",
                 sock = dir.path().join("admin.sock").display(),
                 db = dir.path().join("allowlist.db").display(),
                 bpffs = bpffs.display(),

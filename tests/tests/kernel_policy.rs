@@ -19,13 +19,13 @@ fn setup() -> Setup {
         true,
         &format!("interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\"\nsmtp_ports = [{SMTP}]"),
     );
-    // The proxy's port is what the API guard protects.
+    // The API guard protects the daemon's own TLS edge.
     let text = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(
-        &s.config,
-        format!("[proxy]\nlisten = \"0.0.0.0:{API}\"\n{text}"),
-    )
-    .unwrap();
+    let text = text.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"0.0.0.0:{API}\""),
+    );
+    std::fs::write(&s.config, text).unwrap();
     s
 }
 
@@ -105,7 +105,6 @@ fn api_guard_is_the_account_list_narrowed_by_the_keys() {
     for a in ["198.51.100.40", "198.51.100.41", "203.0.113.40"] {
         pair.client_addr(a);
     }
-    let _api = Server::start(&pair.server, API);
     let _smtp = Server::start(&pair.server, SMTP);
     let setup = setup();
     let _d = setup.start(Some(&pair.server), &[]);

@@ -7,6 +7,7 @@ use allowlist::{
     config::{self, Config},
     daemon::{Clock, Daemon},
     kernel::{self, Kernel, KernelOptions},
+    proxy,
     store::{SqliteStore, Store, sqlite_path},
 };
 use anyhow::Context as _;
@@ -142,6 +143,35 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     if let Some(ring) = events {
         tokio::spawn(daemon.clone().read_events(ring));
     }
+    let (ck, fingerprint) = proxy::load_cert(
+        config.proxy.cert.as_deref(),
+        config.proxy.key.as_deref(),
+        config.proxy.listen,
+    )?;
+    let certs = proxy::CertStore::new(ck, fingerprint.clone());
+    let tls = proxy::tls_config(certs.clone())?;
+    let edge_listener = proxy::bind(config.proxy.listen).await?;
+    tracing::info!(
+        listen = %edge_listener.local_addr()?,
+        upstream = %config.proxy.upstream,
+        certificate = if config.proxy.cert.is_some() { "configured" } else { "self-signed (generated)" },
+        sha256 = %fingerprint,
+        "API edge listening (TLS)"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let edge_stats = Arc::new(proxy::EdgeStats::default());
+    let edge = {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(proxy::serve(
+            daemon.clone(),
+            edge_listener,
+            tls,
+            edge_stats.clone(),
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ))
+    };
     let listener = admin::bind(&config.admin.socket)
         .await
         .with_context(|| format!("admin socket {}", config.admin.socket.display()))?;
@@ -185,19 +215,31 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let cfg = config.clone();
     let shutdown = async move {
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = hup.recv() => {
-                    tracing::info!("SIGHUP: nothing in this version reloads at runtime; restart to apply configuration changes");
+                    if cfg.proxy.cert.is_none() {
+                        tracing::info!("SIGHUP: no [proxy] cert configured; keeping the self-signed certificate");
+                        continue;
+                    }
+                    match proxy::load_cert(cfg.proxy.cert.as_deref(), cfg.proxy.key.as_deref(), cfg.proxy.listen) {
+                        Ok((ck, fp)) => {
+                            certs.replace(ck, fp.clone());
+                            tracing::info!(sha256 = %fp, "SIGHUP: TLS certificate reloaded");
+                        }
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the current certificate"),
+                    }
                 }
             }
         }
         tracing::info!(
             "stopping; kernel enforcement stays pinned (allowlistd --unload removes it)"
         );
+        let _ = stop_tx.send(true);
     };
     notify_ready();
     axum::serve(
@@ -206,6 +248,8 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(shutdown)
     .await?;
+    // Let the edge drain its in-flight requests (bounded inside serve).
+    let _ = edge.await;
     sweeper.abort();
     housekeeping.abort();
     if let Err(e) = daemon.flush_usage() {
