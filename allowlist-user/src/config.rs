@@ -39,6 +39,11 @@ pub struct ProxyConfig {
     /// unset.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Seconds a client may take to send a request's headers (and the
+    /// longest a keep-alive connection may sit idle): slowloris protection.
+    pub header_timeout_secs: u64,
+    /// Connections served at once; more are closed at accept.
+    pub max_connections: usize,
 }
 
 impl Default for ProxyConfig {
@@ -49,6 +54,8 @@ impl Default for ProxyConfig {
             trusted_proxies: Vec::new(),
             cert: None,
             key: None,
+            header_timeout_secs: 10,
+            max_connections: 10_000,
         }
     }
 }
@@ -267,6 +274,18 @@ impl Config {
                     format!("{net} has host bits set; did you mean {}?", net.trunc()),
                 ));
             }
+        }
+        if !(1..=300).contains(&self.proxy.header_timeout_secs) {
+            return Err(invalid(
+                "[proxy] header_timeout_secs",
+                format!("{} is out of range 1..=300", self.proxy.header_timeout_secs),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.proxy.max_connections) {
+            return Err(invalid(
+                "[proxy] max_connections",
+                format!("{} is out of range 1..=1000000", self.proxy.max_connections),
+            ));
         }
         if self.proxy.cert.is_some() != self.proxy.key.is_some() {
             return Err(invalid(

@@ -55,11 +55,9 @@ use crate::{
 };
 
 /// Limits that keep one client from starving the others.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HEADER_BYTES: usize = 64 * 1024;
-const MAX_CONNECTIONS: usize = 10_000;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const QUEUE: usize = 65_536;
 
@@ -535,13 +533,13 @@ pub async fn serve(
         stats,
     });
     let acceptor = TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(Duration::from_secs(cfg.header_timeout_secs))
         .max_buf_size(MAX_HEADER_BYTES);
     builder
         .http2()

@@ -294,3 +294,150 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A minimal HTTP/1.1 upstream in a namespace: answers every request with
+/// JSON describing what it received (`path`, `version`, and the request
+/// headers it saw), one request per connection.
+pub struct Upstream {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Upstream {
+    pub fn start(ns: &Netns, port: u16) -> Upstream {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = ns.spawn(move || {
+            let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind upstream");
+            listener.set_nonblocking(true).expect("nonblocking");
+            tx.send(()).expect("ready");
+            while !flag.load(Ordering::Relaxed) {
+                let Ok((mut s, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                std::thread::spawn(move || {
+                    use std::io::Read;
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    let mut lines = text.split("\r\n");
+                    let request = lines.next().unwrap_or("").to_string();
+                    let mut parts = request.split(' ');
+                    let (method, path, version) = (
+                        parts.next().unwrap_or(""),
+                        parts.next().unwrap_or(""),
+                        parts.next().unwrap_or(""),
+                    );
+                    let headers: serde_json::Map<String, serde_json::Value> = lines
+                        .take_while(|l| !l.is_empty())
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().into()))
+                        .collect();
+                    let body = serde_json::json!({ "method": method, "path": path, "version": version, "headers": headers })
+                        .to_string();
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("upstream did not start");
+        Upstream {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What curl got.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub http_version: String,
+    /// Lower-cased header lines of the (last) response.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", self.body))
+    }
+}
+
+/// Runs curl in `ns` from source `src` (TLS verification off: the edge
+/// uses a self-signed certificate here), bounded to 10 s.
+pub fn curl(ns: &Netns, src: &str, url: &str, args: &[&str]) -> Reply {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hdr = dir.path().join("h");
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "curl",
+            "-sk",
+            "--max-time",
+            "10",
+            "--interface",
+            src,
+        ])
+        .arg("-D")
+        .arg(&hdr)
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl must be installed");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut it = tail.split_whitespace();
+    let status = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let http_version = it.next().unwrap_or("").to_string();
+    let raw = std::fs::read_to_string(&hdr).unwrap_or_default();
+    let last = raw
+        .rsplit("\r\n\r\n")
+        .find(|b| b.starts_with("HTTP/"))
+        .unwrap_or("");
+    let headers = last
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Reply {
+        status,
+        http_version,
+        headers,
+        body: body.to_string(),
+    }
+}
