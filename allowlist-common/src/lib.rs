@@ -137,6 +137,22 @@ pub const SERVICE_SMTP: u32 = 2;
 pub const KEY_ACTIVE: u32 = 1;
 pub const KEY_REVOKED: u32 = 2;
 
+/// `CONNS` value: the key a connection of the proxy presented.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnInfo {
+    pub kid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ConnInfo>() == 8);
+
+/// Counters of the connection hooks (indices into `STATS`).
+pub const C_CONN_CUT_REVOKED: u32 = STATS_SLOTS;
+pub const C_CONN_CUT_ALLOW: u32 = STATS_SLOTS + 1;
+pub const C_CONN_CUT_ACCOUNT: u32 = STATS_SLOTS + 2;
+/// Size of `STATS` including the connection-hook counters.
+pub const ALL_STATS_SLOTS: u32 = STATS_SLOTS + 3;
+
 /// Verdicts carried by events.
 pub const VERDICT_DROP_LIST: u32 = 1;
 pub const VERDICT_DROP_GUARD: u32 = 2;
@@ -203,4 +219,5 @@ mod user {
     unsafe impl aya::Pod for DropRule {}
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for EventCacheSlot {}
+    unsafe impl aya::Pod for ConnInfo {}
 }

@@ -22,18 +22,24 @@
 use core::mem::size_of;
 
 use allowlist_common::{
-    C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
-    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, EVENT_CACHE_SLOTS, EVENT_INTERVAL_NS,
-    EVENTS_BYTES, EventCacheSlot, GUARD_PORT_SLOTS, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_SMTP,
-    STATS_SLOTS, V4_L1_ELEMENTS, V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey,
+    ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
+    C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT,
+    C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, EVENT_CACHE_SLOTS, EVENT_INTERVAL_NS,
+    EVENTS_BYTES, EventCacheSlot, GUARD_PORT_SLOTS, KEY_ACTIVE, PROTO_TCP, PROTO_UDP, REASON_MAX,
+    SERVICE_API, SERVICE_SMTP, V4_L1_ELEMENTS, V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey,
     VERDICT_DROP_GUARD, VERDICT_DROP_LIST, guard_service,
 };
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS},
-    helpers::bpf_ktime_get_coarse_ns,
-    macros::{map, xdp},
+    bindings::{
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
+    cty::c_void,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    macros::{cgroup_skb, map, sock_ops, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::XdpContext,
+    programs::{SkBuffContext, SockOpsContext, XdpContext},
 };
 
 /// `BPF_F_NO_PREALLOC`: required for LPM tries, and keeps hash maps from
@@ -93,7 +99,12 @@ static KEY_STATE: HashMap<u32, u32> = HashMap::pinned(DEFAULT_GUARD, NO_PREALLOC
 static GUARD_PORTS: Array<u32> = Array::pinned(GUARD_PORT_SLOTS, 0);
 
 #[map]
-static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_SLOTS, 0);
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(ALL_STATS_SLOTS, 0);
+
+/// Socket cookie of a proxy connection -> the key it presented. Written by
+/// the proxy once it has read the key; removed when the socket closes.
+#[map]
+static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::pinned(1 << 18, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 /// Source (v4 as ::ffff:a.b.c.d) -> time of its last event. Authoritative.
@@ -527,6 +538,130 @@ fn send_event(
         }
         None => count(C_EVENTS_LOST),
     }
+}
+
+/// Connection hooks on the daemon's own cgroup.
+///
+/// `conn_ops` (sock_ops) asks for state callbacks on every accepted
+/// connection and forgets its `CONNS` entry when it closes, so the map
+/// never fills with dead sockets. `conn_ingress`/`conn_egress`
+/// (cgroup_skb) check every packet of a paired connection against the
+/// current policy: key state, the key's allowlist, and — while API
+/// blocking is active on the socket's local port — the guard union (which
+/// within a key's allowlist is exactly the account list). A connection the
+/// policy no longer admits gets no packet through, in either direction,
+/// the moment the maps change; RSTs still leave so the client learns at
+/// once. Fail-open for sockets that are not paired (TLS handshakes, the
+/// admin socket, the upstream client).
+#[sock_ops]
+pub fn conn_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: ctx.ops is the live bpf_sock_ops.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+            let _ = CONNS.remove(cookie);
+        }
+        _ => {}
+    }
+    1
+}
+
+#[cgroup_skb]
+pub fn conn_ingress(ctx: SkBuffContext) -> i32 {
+    conn_verdict(&ctx, false)
+}
+
+#[cgroup_skb]
+pub fn conn_egress(ctx: SkBuffContext) -> i32 {
+    conn_verdict(&ctx, true)
+}
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+#[inline(always)]
+fn conn_verdict(ctx: &SkBuffContext, egress: bool) -> i32 {
+    // SAFETY: the skb pointer is the live __sk_buff.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
+    // SAFETY: plain value read of a map entry.
+    let Some(info) = (unsafe { CONNS.get(cookie) }) else {
+        return 1;
+    };
+    let kid = info.kid;
+    let cut = if unsafe { KEY_STATE.get(kid) }.copied() != Some(KEY_ACTIVE) {
+        Some(C_CONN_CUT_REVOKED)
+    } else {
+        let kb = kid.to_be_bytes();
+        let family = ctx.skb.family();
+        let v6 = *ctx.skb.remote_ipv6();
+        let mapped = family == AF_INET6 && v6[0] == 0 && v6[1] == 0 && v6[2] == u32::to_be(0xffff);
+        let local_port = ctx.skb.local_port() as u16;
+        let api_guarded = GUARD_PORTS
+            .get(u32::from(local_port))
+            .is_some_and(|v| guard_service(*v, PROTO_TCP) == SERVICE_API);
+        if family == AF_INET || mapped {
+            let a = if mapped { v6[3] } else { ctx.skb.remote_ipv4() }.to_ne_bytes();
+            if KEY_ALLOW4
+                .get(Key::new(
+                    64,
+                    [kb[0], kb[1], kb[2], kb[3], a[0], a[1], a[2], a[3]],
+                ))
+                .is_none()
+            {
+                Some(C_CONN_CUT_ALLOW)
+            } else if api_guarded && !in_guard4(SERVICE_API, u32::from_ne_bytes(a)) {
+                Some(C_CONN_CUT_ACCOUNT)
+            } else {
+                None
+            }
+        } else if family == AF_INET6 {
+            let mut a = [0u8; 16];
+            for (i, w) in v6.iter().enumerate() {
+                let b = w.to_ne_bytes();
+                a[i * 4..i * 4 + 4].copy_from_slice(&b);
+            }
+            let mut k = [0u8; 20];
+            k[..4].copy_from_slice(&kb);
+            k[4..].copy_from_slice(&a);
+            if KEY_ALLOW6.get(Key::new(160, k)).is_none() {
+                Some(C_CONN_CUT_ALLOW)
+            } else if api_guarded && !in_guard6(SERVICE_API, &a) {
+                Some(C_CONN_CUT_ACCOUNT)
+            } else {
+                None
+            }
+        } else {
+            None
+        }
+    };
+    match cut {
+        None => 1,
+        Some(counter) => {
+            // Let our own RST out, so the client learns at once.
+            if egress && is_rst(ctx) {
+                return 1;
+            }
+            count(counter);
+            0
+        }
+    }
+}
+
+/// Whether an egress packet (L3 first) is a TCP segment with RST set.
+#[inline(always)]
+fn is_rst(ctx: &SkBuffContext) -> bool {
+    let Ok(first) = ctx.load::<u8>(0) else {
+        return false;
+    };
+    let flags_at = match first >> 4 {
+        4 => ((first & 0x0f) as usize) * 4 + 13,
+        6 => 40 + 13,
+        _ => return false,
+    };
+    ctx.load::<u8>(flags_at).is_ok_and(|f| f & 0x04 != 0)
 }
 
 #[cfg(not(test))]

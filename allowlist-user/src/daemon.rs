@@ -93,6 +93,10 @@ pub struct Daemon {
     /// of activating blocking.
     pub(crate) recent_successes: Mutex<std::collections::HashMap<(std::net::IpAddr, String), i64>>,
     pub clock: Clock,
+    /// The kernel's connection/key pairing, when the hooks are loaded.
+    pub conns: Option<crate::kernel::ConnTable>,
+    /// Live proxy connections that presented a key, for the cut-off.
+    pub live: Mutex<std::collections::HashMap<u64, Arc<crate::proxy::LiveConn>>>,
 }
 
 /// Parses a CIDR or a single address (as /32 or /128), refusing host bits
@@ -185,6 +189,8 @@ impl Daemon {
             runtimes: Mutex::new(Default::default()),
             recent_successes: Mutex::new(Default::default()),
             clock,
+            conns: None,
+            live: Mutex::new(Default::default()),
         })
     }
 

@@ -266,11 +266,40 @@ impl Daemon {
         };
         self.policy.store(Arc::new(snap));
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        self.recheck_connections();
         tracing::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,
             "policy change enforced"
         );
         Ok(out)
+    }
+
+    /// Closes (with an RST) every live proxy connection whose key the
+    /// current policy no longer admits from that peer. The kernel already
+    /// stops its packets; this releases the socket at once.
+    pub fn recheck_connections(&self) {
+        let snap = self.policy.load();
+        let live: Vec<Arc<crate::proxy::LiveConn>> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for conn in live {
+            let Some(key_id) = conn.key_id() else {
+                continue;
+            };
+            let admitted = snap.key(&key_id).is_some_and(|k| {
+                k.usable()
+                    && k.admits(conn.client) != policy::Admit::Refused
+                    && snap.account_admits(conn.client)
+            });
+            if !admitted {
+                tracing::info!(client = %conn.client, key = %key_id, "cutting a live connection: the policy no longer admits it");
+                conn.cut();
+            }
+        }
     }
 
     /// Loads the store into memory, the snapshot and the kernel (at start).

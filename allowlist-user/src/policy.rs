@@ -714,6 +714,13 @@ impl Snapshot {
         (canonical(id) || key.id == id).then_some(key)
     }
 
+    /// Whether the account layer admits `addr` now.
+    pub fn account_admits(&self, addr: IpAddr) -> bool {
+        self.api_mode() != ApiMode::Active
+            || self.always_allow.longest_match(addr).is_some()
+            || self.account.longest_match(addr).is_some()
+    }
+
     pub fn api_mode(&self) -> ApiMode {
         self.api.unwrap_or(ApiMode::Learning)
     }

@@ -61,6 +61,8 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const QUEUE: usize = 65_536;
 
+static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("TLS certificate {path}: {message}")]
@@ -173,6 +175,50 @@ pub fn tls_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, ProxyError
             .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// A live connection that may carry a key: what the cut-off needs.
+#[derive(Debug)]
+pub struct LiveConn {
+    /// The client address the checks used.
+    pub client: IpAddr,
+    /// A duplicate of the socket's fd: `cut` acts on this very socket even
+    /// if the connection task has already let go of its own fd.
+    fd: std::os::fd::OwnedFd,
+    cookie: Option<u64>,
+    /// (public id, kernel id) of the key last allowed on this connection.
+    key: std::sync::Mutex<Option<(String, u32)>>,
+    kill: tokio::sync::Notify,
+}
+
+impl LiveConn {
+    pub fn key_id(&self) -> Option<String> {
+        self.key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|k| k.0.clone())
+    }
+
+    /// Closes the connection with an RST, now.
+    pub fn cut(&self) {
+        use std::os::fd::AsRawFd;
+        crate::kernel::sys::abortive_close(self.fd.as_raw_fd());
+        // SAFETY: our own open fd; shutdown wakes every reader and writer
+        // of the socket at once.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        self.kill.notify_one();
+    }
+
+    /// Records the key allowed on this connection; true when it changed.
+    fn set_key(&self, id: &str, kid: u32) -> bool {
+        let mut k = self.key.lock().unwrap_or_else(|p| p.into_inner());
+        if k.as_ref().is_some_and(|(_, old)| *old == kid) {
+            return false;
+        }
+        *k = Some((id.to_string(), kid));
+        true
+    }
 }
 
 /// What the request path hands to the background task.
@@ -291,9 +337,10 @@ impl Edge {
     async fn handle(
         &self,
         mut req: Request<Incoming>,
-        peer: IpAddr,
+        conn: &LiveConn,
         via_trusted: bool,
     ) -> Result<Response<Body>, Infallible> {
+        let peer = conn.client;
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let client = if via_trusted {
             forwarded_for(req.headers(), &self.trusted).unwrap_or(peer)
@@ -334,6 +381,14 @@ impl Edge {
             return Ok(resp);
         }
         self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        if let Some(k) = &d.key
+            && conn.set_key(&k.id, k.kid)
+            && let (Some(table), Some(cookie)) = (&self.daemon.conns, conn.cookie)
+        {
+            // From now on the kernel checks every packet of this connection
+            // against this key's policy.
+            table.pair(cookie, k.kid);
+        }
         if let Some(net) = d.learn {
             self.effect(SideEffect::Learn {
                 net,
@@ -589,19 +644,51 @@ pub async fn serve(
                     Err(_) => return,
                 }
             }
+            let Ok(fd) = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() else {
+                return;
+            };
+            let cookie =
+                crate::kernel::sys::socket_cookie(std::os::fd::AsRawFd::as_raw_fd(&fd)).ok();
             let tls =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => tls,
                     _ => return,
                 };
+            let live = Arc::new(LiveConn {
+                client: client_ip,
+                fd,
+                cookie,
+                key: Default::default(),
+                kill: tokio::sync::Notify::new(),
+            });
+            let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+            edge.daemon
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, live.clone());
             // X-Forwarded-For only counts when no PROXY header named the client.
             let use_xff = trusted && client_ip == peer_ip;
+            let conn_edge = edge.clone();
+            let conn_live = live.clone();
             let service = hyper::service::service_fn(move |req| {
-                let edge = edge.clone();
-                async move { edge.handle(req, client_ip, use_xff).await }
+                let edge = conn_edge.clone();
+                let live = conn_live.clone();
+                async move { edge.handle(req, &live, use_xff).await }
             });
             let conn = builder.serve_connection(TokioIo::new(tls), service);
-            let _ = watcher.watch(conn.into_owned()).await;
+            tokio::select! {
+                _ = watcher.watch(conn.into_owned()) => {}
+                _ = live.kill.notified() => {}
+            }
+            edge.daemon
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            if let (Some(table), Some(cookie)) = (&edge.daemon.conns, cookie) {
+                table.unpair(cookie);
+            }
         });
     }
     drop(listener);

@@ -43,6 +43,17 @@ pub fn sweep_leftovers() {
             }
         }
     }
+    if let Some(mount) = allowlist::kernel::sys::cgroup2_mount()
+        && let Ok(dir) = std::fs::read_dir(&mount)
+    {
+        let own = format!("allowlistd-{PREFIX}{}", std::process::id() % 10000);
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("allowlistd-{PREFIX}")) && !name.starts_with(&own) {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
     if let Ok(dir) = std::fs::read_dir("/sys/fs/bpf") {
         for e in dir.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -343,6 +354,18 @@ impl Upstream {
                         .filter_map(|l| l.split_once(':'))
                         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().into()))
                         .collect();
+                    if path.starts_with("/stream") {
+                        // A long download: a chunk every 20 ms, at most 10 s.
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n");
+                        for _ in 0..500 {
+                            if write!(s, "6\r\nchunk\n\r\n").is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        let _ = write!(s, "0\r\n\r\n");
+                        return;
+                    }
                     let body = serde_json::json!({ "method": method, "path": path, "version": version, "headers": headers })
                         .to_string();
                     let _ = write!(

@@ -440,6 +440,8 @@ fn flood_table(bpffs: PathBuf, dir: &std::path::Path) -> String {
                 mode: AttachMode::Generic,
                 drop_capacity: 1 << 20,
                 guard_capacity: 1024,
+                cgroup: None,
+                cgroup: None,
             })
             .unwrap();
             k.sync_drops(&specs).unwrap();

@@ -287,6 +287,7 @@ fn guard_drops_syns_from_outside_the_union_on_guarded_ports_only() {
             mode: AttachMode::Generic,
             drop_capacity: 1024,
             guard_capacity: 1024,
+            cgroup: None,
         })
         .expect("load");
         let union = vec![

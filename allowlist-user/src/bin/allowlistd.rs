@@ -111,6 +111,14 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
             mode: config.kernel.xdp_mode,
             drop_capacity: config.kernel.drop_capacity,
             guard_capacity: config.kernel.guard_capacity,
+            cgroup: Some(kernel::cgroup_name(
+                &config
+                    .kernel
+                    .bpffs
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            )),
         };
         let k = tokio::task::spawn_blocking(move || Kernel::load(opts)).await??;
         if k.attached.is_empty() {
@@ -124,12 +132,13 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
         Some(k) => Some(k.take_events()?),
         None => None,
     };
-    let daemon = Arc::new(Daemon::new(
-        config.clone(),
-        store.clone(),
-        kernel,
-        Clock::from_env(),
-    )?);
+    let conns = match kernel.as_mut() {
+        Some(k) => Some(k.conn_table()?),
+        None => None,
+    };
+    let mut daemon = Daemon::new(config.clone(), store.clone(), kernel, Clock::from_env())?;
+    daemon.conns = conns;
+    let daemon = Arc::new(daemon);
     daemon
         .init_policy()
         .context("loading keys and allowlists into the policy and the kernel maps")?;

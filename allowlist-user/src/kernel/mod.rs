@@ -26,10 +26,11 @@ use std::{
 };
 
 use allowlist_common::{
-    C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
-    C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule, KEY_ACTIVE, KEY_REVOKED,
-    LAYOUT_VERSION, PROTO_TCP, PROTO_UDP, REASON_AUTO, REASON_DENIED, REASON_IMPORT, REASON_MANUAL,
-    STATS_SLOTS, V4_L1_SLOTS, V4LongKey, V6L1Value, V6LongKey, guard_service, with_guard_service,
+    ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
+    C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT,
+    C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, KEY_ACTIVE, KEY_REVOKED, LAYOUT_VERSION,
+    PROTO_TCP, PROTO_UDP, REASON_AUTO, REASON_DENIED, REASON_IMPORT, REASON_MANUAL, V4_L1_SLOTS,
+    V4LongKey, V6L1Value, V6LongKey, guard_service, with_guard_service,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -152,6 +153,9 @@ pub struct KernelOptions {
     pub mode: AttachMode,
     pub drop_capacity: u32,
     pub guard_capacity: u32,
+    /// Attach the connection hooks to a cgroup of this name under the
+    /// cgroup2 mount, after moving this process into it. `None`: no hooks.
+    pub cgroup: Option<String>,
 }
 
 /// The pinned maps, written through [`DropMaps`].
@@ -253,6 +257,12 @@ pub struct KernelStats {
     pub events_rate_limited: u64,
     pub events_lost: u64,
     pub malformed: u64,
+    /// Packets of live proxy connections dropped because the key was
+    /// revoked, its allowlist no longer admits the peer, or the account
+    /// list no longer does.
+    pub conn_cut_revoked: u64,
+    pub conn_cut_allowlist: u64,
+    pub conn_cut_account: u64,
 }
 
 pub fn reason_name(code: u32) -> &'static str {
@@ -513,6 +523,9 @@ impl Kernel {
             kernel.load_guard_state()?;
         }
         kernel.attach_all()?;
+        if let Some(name) = kernel.opts.cgroup.clone() {
+            kernel.attach_cgroup(&name)?;
+        }
         Ok(kernel)
     }
 
@@ -842,7 +855,7 @@ impl Kernel {
     }
 
     pub fn stats(&self) -> Result<KernelStats, KernelError> {
-        let mut sums = vec![0u64; STATS_SLOTS as usize];
+        let mut sums = vec![0u64; ALL_STATS_SLOTS as usize];
         for (i, sum) in sums.iter_mut().enumerate() {
             let v = self
                 .stats
@@ -869,6 +882,9 @@ impl Kernel {
             events_rate_limited: sums[C_EVENTS_RATE_LIMITED as usize],
             events_lost: sums[C_EVENTS_LOST as usize],
             malformed: sums[C_MALFORMED as usize],
+            conn_cut_revoked: sums[C_CONN_CUT_REVOKED as usize],
+            conn_cut_allowlist: sums[C_CONN_CUT_ALLOW as usize],
+            conn_cut_account: sums[C_CONN_CUT_ACCOUNT as usize],
         })
     }
 
@@ -894,6 +910,108 @@ impl Kernel {
     }
 }
 
+/// The proxy's handle on `CONNS`: pairs a socket with the key it presented.
+pub struct ConnTable {
+    map: std::sync::Mutex<BpfHashMap<MapData, u64, ConnInfo>>,
+}
+
+impl ConnTable {
+    pub fn pair(&self, cookie: u64, kid: u32) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = m.insert(cookie, ConnInfo { kid, _pad: 0 }, 0) {
+            tracing::warn!(error = %e, "pairing a connection with its key in the kernel");
+        }
+    }
+
+    pub fn unpair(&self, cookie: u64) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = ignore_missing(m.remove(&cookie));
+    }
+}
+
+impl Kernel {
+    /// Moves this process into its own cgroup and attaches the connection
+    /// hooks there, pinned. Earlier pins (a previous daemon's) are replaced:
+    /// they guarded that process's sockets, which died with it.
+    fn attach_cgroup(&mut self, name: &str) -> Result<(), KernelError> {
+        use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
+        let mount = sys::cgroup2_mount().ok_or_else(|| KernelError::Interface {
+            ifname: "cgroup2".into(),
+            message: "no cgroup v2 mount in /proc/self/mounts; mount one, or run without the connection hooks".into(),
+        })?;
+        let dir = mount.join(name);
+        fs::create_dir_all(&dir).map_err(io_err("creating the cgroup", &dir))?;
+        fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .map_err(io_err("moving allowlistd into its cgroup", &dir))?;
+        let cg = fs::File::open(&dir).map_err(io_err("opening the cgroup", &dir))?;
+        let links = self.opts.bpffs.join("links");
+        let pe = |name: &'static str| move |source| KernelError::Program { name, source };
+        for (prog, pin) in [
+            ("conn_ingress", "cgroup-ingress"),
+            ("conn_egress", "cgroup-egress"),
+            ("conn_ops", "cgroup-sockops"),
+        ] {
+            let pin = links.join(pin);
+            if pin.exists() {
+                fs::remove_file(&pin).map_err(io_err("replacing", &pin))?;
+            }
+            let p = self.ebpf.program_mut(prog).ok_or(KernelError::Program {
+                name: "conn hooks",
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?;
+            let fd_link: FdLink = match prog {
+                "conn_ops" => {
+                    let p: &mut SockOps = p.try_into().map_err(pe("conn_ops"))?;
+                    p.load().map_err(pe("conn_ops"))?;
+                    let id = p
+                        .attach(&cg, CgroupAttachMode::Single)
+                        .map_err(pe("conn_ops"))?;
+                    p.take_link(id)
+                        .map_err(pe("conn_ops"))?
+                        .try_into()
+                        .map_err(|_| KernelError::Program {
+                            name: "conn_ops",
+                            source: aya::programs::ProgramError::UnexpectedProgramType,
+                        })?
+                }
+                _ => {
+                    let kind = if prog == "conn_ingress" {
+                        CgroupSkbAttachType::Ingress
+                    } else {
+                        CgroupSkbAttachType::Egress
+                    };
+                    let p: &mut CgroupSkb = p.try_into().map_err(pe("conn_skb"))?;
+                    p.load().map_err(pe("conn_skb"))?;
+                    let id = p
+                        .attach(&cg, kind, CgroupAttachMode::Single)
+                        .map_err(pe("conn_skb"))?;
+                    p.take_link(id)
+                        .map_err(pe("conn_skb"))?
+                        .try_into()
+                        .map_err(|_| KernelError::Program {
+                            name: "conn_skb",
+                            source: aya::programs::ProgramError::UnexpectedProgramType,
+                        })?
+                }
+            };
+            fd_link.pin(&pin).map_err(|e| KernelError::Io {
+                op: "pinning",
+                path: pin.clone(),
+                source: io::Error::other(e.to_string()),
+            })?;
+        }
+        tracing::info!(cgroup = %dir.display(), "connection hooks attached to allowlistd's cgroup");
+        Ok(())
+    }
+
+    /// The proxy's handle on `CONNS`. Call once.
+    pub fn conn_table(&mut self) -> Result<ConnTable, KernelError> {
+        Ok(ConnTable {
+            map: std::sync::Mutex::new(take(&mut self.ebpf, "CONNS")?),
+        })
+    }
+}
+
 /// Removes every program, link and map this daemon pinned under `bpffs`.
 /// Unpinning the links detaches the programs.
 pub fn unload(bpffs: &Path) -> Result<bool, KernelError> {
@@ -908,7 +1026,19 @@ pub fn unload(bpffs: &Path) -> Result<bool, KernelError> {
         }
     }
     fs::remove_dir(bpffs).map_err(io_err("removing", bpffs))?;
+    // The daemon's cgroup, once no process is left in it.
+    if let (Some(mount), Some(name)) = (sys::cgroup2_mount(), bpffs.file_name()) {
+        let dir = mount.join(cgroup_name(&name.to_string_lossy()));
+        if dir.exists() {
+            let _ = fs::remove_dir(&dir);
+        }
+    }
     Ok(true)
+}
+
+/// The cgroup a daemon with this bpffs folder name runs in.
+pub fn cgroup_name(bpffs_name: &str) -> String {
+    format!("allowlistd-{bpffs_name}")
 }
 
 /// Decodes one ring-buffer record.

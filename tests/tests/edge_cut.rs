@@ -1,0 +1,150 @@
+//! Live cut-off: when a key is revoked or its allowlist stops admitting a
+//! connection's peer, the connection is cut at once — a streamed download
+//! and an idle keep-alive connection alike.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use allowlist_tests::{
+    kernel_tests_enabled,
+    net::{Pair, SERVER_V4, Upstream},
+    proc::Setup,
+};
+
+const EDGE: u16 = 8443;
+const UP: u16 = 8080;
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// A TLS client in the client namespace: `GET path` with `key`, printing
+/// `chunk T` per read and `end REASON T` when the connection ends; with
+/// `idle`, reads one whole response, then waits on the open connection.
+fn client(
+    pair: &Pair,
+    src: &str,
+    key: &str,
+    path: &str,
+    idle: bool,
+) -> std::thread::JoinHandle<String> {
+    let script = format!(
+        r#"
+import socket, ssl, time, sys
+s = socket.socket(); s.settimeout(12); s.bind(("{src}", 0)); s.connect(("{SERVER_V4}", {EDGE}))
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["http/1.1"])
+t = ctx.wrap_socket(s)
+t.sendall(b"GET {path} HTTP/1.1\r\nhost: x\r\napi-key: {key}\r\n\r\n")
+idle = {idle}
+buf = b""
+try:
+    while True:
+        d = t.recv(65536)
+        if not d:
+            print("end closed", time.time()); break
+        buf += d
+        if idle and b"\r\n\r\n" in buf and buf.endswith(b"}}"):
+            print("response", time.time()); sys.stdout.flush(); idle = False; continue
+        print("chunk", time.time()); sys.stdout.flush()
+except (ConnectionResetError, ssl.SSLError, OSError) as e:
+    print("end", type(e).__name__, time.time())
+"#,
+        idle = if idle { "True" } else { "False" }
+    );
+    let name = pair.client.name.clone();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns", "exec", &name, "timeout", "15", "python3", "-u", "-c", &script,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+}
+
+fn times(out: &str, what: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.starts_with(what))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn revoking_a_key_cuts_its_live_connections_at_once() {
+    if !kernel_tests_enabled("revoking_a_key_cuts_its_live_connections_at_once") {
+        return;
+    }
+    let pair = Pair::new();
+    pair.client_addr("198.51.100.80");
+    pair.client_addr("198.51.100.81");
+    let _up = Upstream::start(&pair.server, UP);
+    let setup = Setup::new(true, "");
+    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"0.0.0.0:{EDGE}\"\nupstream = \"http://127.0.0.1:{UP}\""),
+    );
+    std::fs::write(&setup.config, text).unwrap();
+    let _d = setup.start(Some(&pair.server), &[]);
+    let k = setup.ctl_json(&[
+        "keys",
+        "create",
+        "--name",
+        "stream",
+        "--allow",
+        "198.51.100.80",
+        "--allow",
+        "198.51.100.81",
+    ]);
+    let (id, key) = (
+        k["id"].as_str().unwrap().to_string(),
+        k["key"].as_str().unwrap().to_string(),
+    );
+
+    // A streamed download and an idle keep-alive connection with one key.
+    let download = client(&pair, "198.51.100.80", &key, "/stream", false);
+    let idle = client(&pair, "198.51.100.81", &key, "/idle", true);
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Removing .81 from the allowlist cuts the idle connection, not the
+    // download from .80.
+    setup.ctl_json(&["keys", "disallow", &id, "198.51.100.81"]);
+    let t_disallow = now();
+    let idle_out = idle.join().unwrap();
+    let ends = times(&idle_out, "end");
+    assert_eq!(times(&idle_out, "response").len(), 1, "{idle_out}");
+    assert!(
+        !ends.is_empty() && ends[0] - t_disallow < 0.1,
+        "idle connection not cut within 100 ms: {idle_out} (disallowed at {t_disallow})"
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    setup.ctl_json(&["keys", "revoke", &id]);
+    let t_revoke = now();
+    let out = download.join().unwrap();
+    let chunks = times(&out, "chunk");
+    let ends = times(&out, "end");
+    assert!(
+        chunks.iter().filter(|t| **t < t_revoke).count() >= 20,
+        "the download was running: {out}"
+    );
+    let last = chunks.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        last - t_revoke < 0.1,
+        "data kept flowing {:.3} s after the revoke",
+        last - t_revoke
+    );
+    assert!(
+        !ends.is_empty() && ends[0] - t_revoke < 0.1,
+        "download not cut within 100 ms: {out}"
+    );
+
+    let s = setup.ctl_json(&["stats"]);
+    eprintln!(
+        "kernel cut counters: revoked {} allowlist {}",
+        s["kernel"]["conn_cut_revoked"], s["kernel"]["conn_cut_allowlist"]
+    );
+}
