@@ -160,6 +160,7 @@ fn test_run_table(bpffs: PathBuf) -> (Vec<Row>, String) {
         mode: AttachMode::Generic,
         drop_capacity: 1 << 20,
         guard_capacity: 1024,
+        cgroup: None,
     })
     .expect("load edge_filter");
     let edge_fd = bpf::edge_filter(&bpffs);
@@ -440,7 +441,6 @@ fn flood_table(bpffs: PathBuf, dir: &std::path::Path) -> String {
                 mode: AttachMode::Generic,
                 drop_capacity: 1 << 20,
                 guard_capacity: 1024,
-                cgroup: None,
                 cgroup: None,
             })
             .unwrap();
