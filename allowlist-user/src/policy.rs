@@ -136,6 +136,13 @@ impl RateLimit {
             "d" | "day" => Period::Day,
             _ => return Err(bad()),
         };
+        // The limiter counts in microseconds: at most one request per µs.
+        if i64::from(count) > period.millis() * 1000 {
+            return Err(format!(
+                "rate {s:?} is more than one request per microsecond; the highest limit is 1000000/second \
+                 (or leave --rate out for no limit)"
+            ));
+        }
         Ok(RateLimit { count, period })
     }
 }
@@ -401,7 +408,7 @@ impl Gcra {
     /// The budget as it stands, without spending any of it.
     pub fn peek(&self, limit: &RateLimit, now_ms: i64) -> RateInfo {
         let period = limit.period.millis() * 1000;
-        let interval = period / i64::from(limit.count);
+        let interval = (period / i64::from(limit.count)).max(1);
         let now = now_ms * 1000;
         let base = self.tat_us.load(Ordering::Acquire).max(now);
         RateInfo {
@@ -414,7 +421,7 @@ impl Gcra {
 
     pub fn check(&self, limit: &RateLimit, now_ms: i64) -> (bool, RateInfo) {
         let period = limit.period.millis() * 1000;
-        let interval = period / i64::from(limit.count);
+        let interval = (period / i64::from(limit.count)).max(1);
         let tolerance = period - interval;
         let now = now_ms * 1000;
         let mut tat = self.tat_us.load(Ordering::Acquire);
@@ -1045,6 +1052,16 @@ mod tests {
         let dup: Vec<IpNet> = vec!["192.0.2.0/24".parse().unwrap(); 2];
         assert!(check_allowlist(&dup).unwrap_err().contains("listed twice"));
         assert!(RateLimit::parse("100/minute").is_ok());
+        assert!(RateLimit::parse("1000000/second").is_ok());
+        assert!(
+            RateLimit::parse("1000001/second")
+                .unwrap_err()
+                .contains("1000000/second")
+        );
+        // A limit at the highest rate still answers (no zero interval).
+        let g = Gcra::new();
+        let top = RateLimit::parse("1000000/second").unwrap();
+        assert!(g.check(&top, 1).0 && g.peek(&top, 1).limit == 1_000_000);
         assert!(RateLimit::parse("0/minute").is_err());
         assert!(RateLimit::parse("lots").unwrap_err().contains("100/minute"));
     }

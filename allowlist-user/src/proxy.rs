@@ -17,7 +17,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -188,6 +188,10 @@ pub struct LiveConn {
     cookie: Option<u64>,
     /// (public id, kernel id) of the key last allowed on this connection.
     key: std::sync::Mutex<Option<(String, u32)>>,
+    /// When this connection last reported a success (Unix ms): once a
+    /// minute per connection is plenty for the activation-impact check, and
+    /// keeps the channel off the per-request path.
+    reported_ms: AtomicI64,
     kill: tokio::sync::Notify,
 }
 
@@ -358,7 +362,7 @@ impl Edge {
             client,
             now_ms,
         );
-        let key_id = d.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
+        let key_id = || d.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
         // Rate headers on every keyed response when the key has a limit.
         let rate = d.rate.or_else(|| {
             let k = d.key.as_ref()?;
@@ -366,11 +370,11 @@ impl Edge {
         });
         if !d.allowed() {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%client, key = %key_id, reason = ?d.reason, rule = %d.rule, "refused");
+            tracing::debug!(%client, key = %key_id(), reason = ?d.reason, rule = %d.rule, "refused");
             if matches!(d.reason, Reason::KeyAllowlist | Reason::AccountList) {
                 self.effect(SideEffect::Refused {
                     addr: client,
-                    key_id: key_id.clone(),
+                    key_id: key_id(),
                     at: now_ms / 1000,
                 });
             }
@@ -381,25 +385,31 @@ impl Edge {
             return Ok(resp);
         }
         self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        let mut new_key = false;
         if let Some(k) = &d.key
             && conn.set_key(&k.id, k.kid)
-            && let (Some(table), Some(cookie)) = (&self.daemon.conns, conn.cookie)
         {
-            // From now on the kernel checks every packet of this connection
-            // against this key's policy.
-            table.pair(cookie, k.kid);
+            new_key = true;
+            if let (Some(table), Some(cookie)) = (&self.daemon.conns, conn.cookie) {
+                // From now on the kernel checks every packet of this
+                // connection against this key's policy.
+                table.pair(cookie, k.kid);
+            }
         }
         if let Some(net) = d.learn {
             self.effect(SideEffect::Learn {
                 net,
-                key_id: key_id.clone(),
+                key_id: key_id(),
             });
         }
-        self.effect(SideEffect::Success {
-            addr: client,
-            key_id: key_id.clone(),
-            at_ms: now_ms,
-        });
+        if new_key || via_trusted || now_ms - conn.reported_ms.load(Ordering::Relaxed) >= 60_000 {
+            conn.reported_ms.store(now_ms, Ordering::Relaxed);
+            self.effect(SideEffect::Success {
+                addr: client,
+                key_id: key_id(),
+                at_ms: now_ms,
+            });
+        }
 
         // Forward: same method, path, headers and body; the key header (and
         // hop-by-hop headers) stripped.
@@ -659,6 +669,7 @@ pub async fn serve(
                 fd,
                 cookie,
                 key: Default::default(),
+                reported_ms: AtomicI64::new(0),
                 kill: tokio::sync::Notify::new(),
             });
             let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);

@@ -134,10 +134,6 @@ pub fn bench(repo: &Repo, suite: Suite) -> Result<ExitCode> {
         Suite::Policy => "policy",
         Suite::Edge => "edge",
     };
-    if matches!(suite, Suite::Edge) {
-        eprintln!("bench {name}: not yet implemented: the TLS edge (issue 4) does not exist yet");
-        return Ok(ExitCode::from(2));
-    }
     build(repo, true)?;
     ensure_bpffs()?;
     let mut cmd = repo.cargo(&format!(
