@@ -9,6 +9,7 @@
 //! earlier crashed run are swept by name prefix.
 
 pub mod bpf;
+pub mod client;
 pub mod net;
 pub mod proc;
 

@@ -65,7 +65,9 @@ fn every_check_in_the_spec_order_over_http1_and_http2() {
     let r = curl(c, "198.51.100.50", &url(SERVER_V4, "/emails"), &[]);
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["error"]["code"], "unauthorized");
-    let bad = format!("{}0", &k1[..k1.len() - 1]);
+    // The same key with its last secret digit changed (always to another one).
+    let last = if k1.ends_with('0') { '1' } else { '0' };
+    let bad = format!("{}{last}", &k1[..k1.len() - 1]);
     for src in ["198.51.100.50", "198.51.100.51"] {
         let r = curl(c, src, &url(SERVER_V4, "/emails"), &["-H", &h(&bad)]);
         assert_eq!(
@@ -254,6 +256,22 @@ except Exception as e:
         proxied("198.51.100.50", "203.0.113.77").starts_with("failed"),
         "PROXY from an untrusted peer"
     );
+
+    // The same checks from a Rust client (hyper over rustls), both protocols.
+    let dst: std::net::SocketAddr = format!("{SERVER_V4}:{EDGE}").parse().unwrap();
+    for alpn in [&["h2"][..], &["http/1.1"][..]] {
+        let r = allowlist_tests::client::get(c, "198.51.100.50", dst, "/emails", Some(&k1), alpn);
+        assert_eq!((r.status, r.alpn.as_str()), (200, alpn[0]), "{r:?}");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&r.body).unwrap()["path"],
+            "/emails"
+        );
+        let r = allowlist_tests::client::get(c, "198.51.100.51", dst, "/emails", Some(&k1), alpn);
+        assert_eq!(r.status, 403, "{r:?}");
+        assert!(r.body.contains("IP_NOT_ALLOWED"));
+        let r = allowlist_tests::client::get(c, "198.51.100.51", dst, "/emails", None, alpn);
+        assert_eq!(r.status, 401);
+    }
 
     // No secret in the log.
     let secret = k1.rsplit('_').next().unwrap();

@@ -42,13 +42,18 @@ pub fn run(repo: &Repo, release: bool, extra: &[OsString]) -> Result<()> {
     );
     let profile = if release { "release" } else { "debug" };
     for sub in [
-        "drop add 203.0.113.0/24 --ttl 10m",
-        "drop list",
-        "stats",
+        "keys create --name demo --allow 127.0.0.1 --rate 100/minute",
+        "keys list",
         "blocking show",
+        "drop add 203.0.113.0/24 --ttl 10m",
+        "stats",
     ] {
         eprintln!("    target/{profile}/allowlistctl --socket .run/admin.sock {sub}");
     }
+    eprintln!(
+        "    curl -k https://127.0.0.1:8443/ -H 'api-key: <the key printed by keys create>'   \
+         # 502 until an upstream listens on 127.0.0.1:8080"
+    );
     say("run", "starting allowlistd; Ctrl-C stops it");
 
     let daemon = repo.bin_dir(release).join("allowlistd");

@@ -62,9 +62,60 @@ pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
         .args(bin_args)
         .env("ALLOWLIST_BIN_DIR", repo.bin_dir(false));
     say("test", format_args!("tests: {}", describe(&cmd)));
-    status(&mut cmd).context("test step 'tests' failed")?;
+    let totals = run_counting(&mut cmd);
+    // One plain closing line over every test binary (cargo's own last line
+    // is the doc-tests', usually "0 passed").
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        totals.0, totals.1, totals.2
+    );
+    totals.3.context("test step 'tests' failed")?;
     say("test", "all steps passed");
     Ok(())
+}
+
+/// Runs `cmd`, echoing its stdout, and adds up cargo's `test result:`
+/// lines: (passed, failed, ignored, exit status).
+fn run_counting(cmd: &mut std::process::Command) -> (u64, u64, u64, Result<()>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = match cmd.stdout(std::process::Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                0,
+                0,
+                0,
+                Err(anyhow::anyhow!("spawning {}: {e}", describe(cmd))),
+            );
+        }
+    };
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                for part in rest.split(';') {
+                    let mut words = part.split_whitespace().rev();
+                    let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                        continue;
+                    };
+                    let n: u64 = n.parse().unwrap_or(0);
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let result = match child.wait() {
+        Ok(st) if st.success() => Ok(()),
+        Ok(st) => Err(anyhow::anyhow!("`{}` failed ({st})", describe(cmd))),
+        Err(e) => Err(anyhow::anyhow!("waiting for {}: {e}", describe(cmd))),
+    };
+    (passed, failed, ignored, result)
 }
 
 /// Lints the eBPF crate for its real target: in the workspace run, feature
