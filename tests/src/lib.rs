@@ -8,6 +8,7 @@
 //! everything made is removed by a guard's `Drop`, and leftovers from an
 //! earlier crashed run are swept by name prefix.
 
+pub mod bench;
 pub mod bpf;
 pub mod client;
 pub mod net;

@@ -41,25 +41,8 @@ fn wrk(port: u16, key: &str, close: bool) -> Run {
         .output()
         .expect("wrk must be installed");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("wrk output: {text}"));
-    let p99 = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("99%"))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default();
-    let p99_ms = if let Some(us) = p99.strip_suffix("us") {
-        us.parse::<f64>().unwrap_or(0.0) / 1000.0
-    } else if let Some(ms) = p99.strip_suffix("ms") {
-        ms.parse().unwrap_or(0.0)
-    } else if let Some(s) = p99.strip_suffix('s') {
-        s.parse::<f64>().unwrap_or(0.0) * 1000.0
-    } else {
-        0.0
-    };
+    let (rps, p99_ms) = allowlist_tests::bench::parse_wrk(&text);
+    assert!(rps > 0.0, "wrk output: {text}");
     let non2xx = text.lines().any(|l| l.contains("Non-2xx"));
     assert!(!non2xx, "port {port} answered non-2xx: {text}");
     Run { rps, p99_ms }
@@ -244,22 +227,7 @@ fn bench_edge() {
     .unwrap();
     writeln!(md).unwrap();
     eprintln!("\n{md}\nedge stats: {stats}");
-    if let Some(out) = std::env::var_os("ALLOWLIST_BENCH_OUT") {
-        let path = std::path::PathBuf::from(out);
-        let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let heading = "## Edge (";
-        let new = match old.find(heading) {
-            Some(start) => {
-                let end = old[start + heading.len()..]
-                    .find("\n## ")
-                    .map(|e| start + heading.len() + e + 1)
-                    .unwrap_or(old.len());
-                format!("{}{}{}", &old[..start], md, &old[end..])
-            }
-            None => format!("{old}\n{md}"),
-        };
-        std::fs::write(path, new).unwrap();
-    }
+    allowlist_tests::bench::publish("## Edge (", &md);
 }
 
 /// p99 of a legitimate client's keyed requests (wrk in the client
@@ -364,25 +332,7 @@ fn bench_edge_under_syn_flood() {
             let _ = f.join();
         }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let rps = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Requests/sec:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0);
-        let p99 = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("99%"))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default();
-        let p99_ms = if let Some(us) = p99.strip_suffix("us") {
-            us.parse::<f64>().unwrap_or(0.0) / 1000.0
-        } else if let Some(ms) = p99.strip_suffix("ms") {
-            ms.parse().unwrap_or(0.0)
-        } else if let Some(s) = p99.strip_suffix('s') {
-            s.parse::<f64>().unwrap_or(0.0) * 1000.0
-        } else {
-            f64::NAN
-        };
+        let (rps, p99_ms) = allowlist_tests::bench::parse_wrk(&text);
         Run { rps, p99_ms }
     };
 
@@ -421,20 +371,5 @@ fn bench_edge_under_syn_flood() {
     .unwrap();
     writeln!(md, "\nGuard on ÷ guard off: p99 {:.2}×, requests/s {:.2}×; the guard dropped {dropped} SYNs.\n", on.p99_ms / off.p99_ms, on.rps / off.rps).unwrap();
     eprintln!("\n{md}");
-    if let Some(out) = std::env::var_os("ALLOWLIST_BENCH_OUT") {
-        let path = std::path::PathBuf::from(out);
-        let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let heading = "## Edge under a SYN flood (";
-        let new = match old.find(heading) {
-            Some(start) => {
-                let end = old[start + heading.len()..]
-                    .find("\n## ")
-                    .map(|e| start + heading.len() + e + 1)
-                    .unwrap_or(old.len());
-                format!("{}{}{}", &old[..start], md, &old[end..])
-            }
-            None => format!("{old}\n{md}"),
-        };
-        std::fs::write(path, new).unwrap();
-    }
+    allowlist_tests::bench::publish("## Edge under a SYN flood (", &md);
 }

@@ -25,7 +25,7 @@ use std::{
 
 use allowlist::kernel::{AttachMode, BENCH_OBJECT, DropSpec, Kernel, KernelOptions};
 use allowlist_common::REASON_MANUAL;
-use allowlist_tests::{bpf, kernel_tests_enabled, net::Pair};
+use allowlist_tests::{bench::Rng, bpf, kernel_tests_enabled, net::Pair};
 use aya::{
     EbpfLoader,
     maps::{LpmTrie, lpm_trie::Key},
@@ -37,31 +37,17 @@ const SIZES: [usize; 4] = [10, 10_000, 100_000, 1_000_000];
 const REPEAT: u32 = 300_000;
 const SAMPLES: usize = 16;
 
-/// xorshift64*: deterministic, so every run measures the same prefixes.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
-
 fn random_prefixes(rng: &mut Rng, v6: bool, n: usize) -> Vec<IpNet> {
     (0..n)
         .map(|_| {
             if v6 {
-                let a = ((rng.next() as u128) << 64) | rng.next() as u128;
+                let a = ((rng.next_u64() as u128) << 64) | rng.next_u64() as u128;
                 let len = rng.range(32, 128) as u8;
                 IpNet::V6(Ipv6Net::new(Ipv6Addr::from(a), len).unwrap().trunc())
             } else {
                 let len = rng.range(16, 32) as u8;
                 IpNet::V4(
-                    Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len)
+                    Ipv4Net::new(Ipv4Addr::from(rng.next_u64() as u32), len)
                         .unwrap()
                         .trunc(),
                 )
@@ -73,11 +59,11 @@ fn random_prefixes(rng: &mut Rng, v6: bool, n: usize) -> Vec<IpNet> {
 fn random_inside(rng: &mut Rng, net: &IpNet) -> IpAddr {
     match net {
         IpNet::V4(n) => {
-            let host = (rng.next() as u32) & !u32::from(n.netmask());
+            let host = (rng.next_u64() as u32) & !u32::from(n.netmask());
             IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
         }
         IpNet::V6(n) => {
-            let r = ((rng.next() as u128) << 64) | rng.next() as u128;
+            let r = ((rng.next_u64() as u128) << 64) | rng.next_u64() as u128;
             IpAddr::V6(Ipv6Addr::from(
                 u128::from(n.network()) | (r & !u128::from(n.netmask())),
             ))
@@ -88,10 +74,10 @@ fn random_inside(rng: &mut Rng, net: &IpNet) -> IpAddr {
 fn random_addr(rng: &mut Rng, v6: bool) -> IpAddr {
     if v6 {
         IpAddr::V6(Ipv6Addr::from(
-            ((rng.next() as u128) << 64) | rng.next() as u128,
+            ((rng.next_u64() as u128) << 64) | rng.next_u64() as u128,
         ))
     } else {
-        IpAddr::V4(Ipv4Addr::from(rng.next() as u32))
+        IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))
     }
 }
 
@@ -201,7 +187,7 @@ fn test_run_table(bpffs: PathBuf) -> (Vec<Row>, String) {
             let mut misses = Vec::new();
             for i in 0..4000 {
                 let src = if i % 2 == 0 {
-                    let p = prefixes[(rng.next() % prefixes.len() as u64) as usize];
+                    let p = prefixes[(rng.next_u64() % prefixes.len() as u64) as usize];
                     random_inside(&mut rng, &p)
                 } else {
                     random_addr(&mut rng, v6)
@@ -575,23 +561,5 @@ fn bench_kernel() {
         kernel.trim(),
     );
     eprintln!("\n{section}");
-    if let Some(out) = std::env::var_os("ALLOWLIST_BENCH_OUT") {
-        write_section(&PathBuf::from(out), "## Kernel data plane", &section);
-    }
-}
-
-/// Replaces (or appends) the section starting with `heading` in `path`.
-fn write_section(path: &std::path::Path, heading: &str, section: &str) {
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\nLatest figures, with the command that made them. Ratios are against a baseline measured in the same run.\n\n".into());
-    let new = match old.find(heading) {
-        Some(start) => {
-            let end = old[start + heading.len()..]
-                .find("\n## ")
-                .map(|e| start + heading.len() + e + 1)
-                .unwrap_or(old.len());
-            format!("{}{}{}", &old[..start], section, &old[end..])
-        }
-        None => format!("{old}{section}"),
-    };
-    std::fs::write(path, new).unwrap();
+    allowlist_tests::bench::publish("## Kernel data plane", &section);
 }

@@ -23,22 +23,12 @@ use allowlist::{
         SqliteStore,
     },
 };
-use allowlist_tests::{kernel_tests_enabled, proc::Setup};
+use allowlist_tests::{bench::Rng, kernel_tests_enabled, proc::Setup};
 use ipnet::{IpNet, Ipv4Net};
 
 const KEYS: usize = 100_000;
 const ENTRIES: usize = 20;
 const DECISIONS: usize = 200_000;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap();
@@ -51,10 +41,10 @@ fn state(n: usize, rng: &mut Rng) -> State {
     for i in 0..n {
         let allow = (0..ENTRIES)
             .map(|_| {
-                let len = 16 + (rng.next() % 17) as u8;
+                let len = 16 + (rng.next_u64() % 17) as u8;
                 AllowRecord {
                     cidr: IpNet::V4(
-                        Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len)
+                        Ipv4Net::new(Ipv4Addr::from(rng.next_u64() as u32), len)
                             .unwrap()
                             .trunc(),
                     ),
@@ -86,7 +76,7 @@ fn state(n: usize, rng: &mut Rng) -> State {
     let authorized = (0..10_000)
         .map(|_| {
             let net = IpNet::V4(
-                Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), 24)
+                Ipv4Net::new(Ipv4Addr::from(rng.next_u64() as u32), 24)
                     .unwrap()
                     .trunc(),
             );
@@ -160,16 +150,16 @@ fn bench_policy() {
     let ids: Vec<&String> = st.keys.keys().collect();
     let mut reqs = Vec::with_capacity(DECISIONS);
     for i in 0..DECISIONS {
-        let k = &st.keys[ids[(rng.next() % KEYS as u64) as usize]];
+        let k = &st.keys[ids[(rng.next_u64() % KEYS as u64) as usize]];
         let cred = format!("alk_{}_secret-{}", k.id, k.kid - 1);
         let addr = if i % 2 == 0 {
-            let e = k.allow[(rng.next() % ENTRIES as u64) as usize].cidr;
+            let e = k.allow[(rng.next_u64() % ENTRIES as u64) as usize].cidr;
             let IpNet::V4(n) = e else { unreachable!() };
             IpAddr::V4(Ipv4Addr::from(
-                u32::from(n.network()) | (rng.next() as u32 & !u32::from(n.netmask())),
+                u32::from(n.network()) | (rng.next_u64() as u32 & !u32::from(n.netmask())),
             ))
         } else {
-            IpAddr::V4(Ipv4Addr::from(rng.next() as u32))
+            IpAddr::V4(Ipv4Addr::from(rng.next_u64() as u32))
         };
         reqs.push((cred, addr));
     }
@@ -310,20 +300,5 @@ fn bench_policy() {
     .unwrap();
     writeln!(md).unwrap();
     eprintln!("\n{md}");
-    if let Some(out) = std::env::var_os("ALLOWLIST_BENCH_OUT") {
-        let path = std::path::PathBuf::from(out);
-        let old = std::fs::read_to_string(&path).unwrap_or_default();
-        let heading = "## Policy (";
-        let new = match old.find(heading) {
-            Some(start) => {
-                let end = old[start + heading.len()..]
-                    .find("\n## ")
-                    .map(|e| start + heading.len() + e + 1)
-                    .unwrap_or(old.len());
-                format!("{}{}{}", &old[..start], md, &old[end..])
-            }
-            None => format!("{old}\n{md}"),
-        };
-        std::fs::write(path, new).unwrap();
-    }
+    allowlist_tests::bench::publish("## Policy (", &md);
 }
