@@ -62,16 +62,14 @@ pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
         .args(bin_args)
         .env("ALLOWLIST_BIN_DIR", repo.bin_dir(false));
     say("test", format_args!("tests: {}", describe(&cmd)));
-    let totals = run_counting(&mut cmd);
+    let (passed, failed, skipped, result) = run_counting(&mut cmd);
+    if result.is_ok() {
+        say("test", "all steps passed");
+    }
     // One plain closing line over every test binary (cargo's own last line
     // is the doc-tests', usually "0 passed").
-    println!(
-        "summary: {} passed, {} failed, {} skipped",
-        totals.0, totals.1, totals.2
-    );
-    totals.3.context("test step 'tests' failed")?;
-    say("test", "all steps passed");
-    Ok(())
+    println!("summary: {passed} passed, {failed} failed, {skipped} skipped");
+    result.context("test step 'tests' failed")
 }
 
 /// Runs `cmd`, echoing its stdout, and adds up cargo's `test result:`
