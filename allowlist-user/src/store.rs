@@ -813,17 +813,29 @@ impl Store for SqliteStore {
         cidr: &IpNet,
         actor: &str,
     ) -> Result<Option<AuthorizedRecord>, StoreError> {
-        let found = self
-            .list_authorized()?
-            .into_iter()
-            .find(|r| r.cidr == *cidr);
-        if found.is_none() {
-            return Ok(None);
-        }
         let mut conn = self.conn();
         let tx = conn
             .transaction()
             .map_err(self.err("removing authorized"))?;
+        // Read and delete in one transaction: one row, never the table.
+        let row: Option<(String, String, Option<String>, i64)> = tx
+            .query_row(
+                "SELECT label, source, key_id, created_at FROM authorized WHERE cidr = ?1",
+                [cidr.to_string()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(self.err("removing authorized"))?;
+        let Some((label, source, key_id, created_at)) = row else {
+            return Ok(None);
+        };
+        let found = Some(AuthorizedRecord {
+            cidr: *cidr,
+            label,
+            source,
+            key_id,
+            created_at,
+        });
         tx.execute("DELETE FROM authorized WHERE cidr = ?1", [cidr.to_string()])
             .map_err(self.err("removing authorized"))?;
         Self::audit(
