@@ -249,16 +249,20 @@ impl Daemon {
     ) -> Result<T, DaemonError> {
         let _guard = self.changes.lock().await;
         let started = Instant::now();
-        let old = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut new = old.clone();
+        // One copy: the current state stays in place until the swap below,
+        // which is where a rollback reads it.
+        let mut new = self.with_state(State::clone);
         edit(&mut new)?;
         let snap = self.snapshot_of(&new);
         self.sync_policy_kernel(&new, &snap)?;
         let out = match persist(&new) {
             Ok(out) => out,
             Err(e) => {
-                let old_snap = self.snapshot_of(&old);
-                if let Err(k) = self.sync_policy_kernel(&old, &old_snap) {
+                let restored = self.with_state(|old| {
+                    let old_snap = self.snapshot_of(old);
+                    self.sync_policy_kernel(old, &old_snap)
+                });
+                if let Err(k) = restored {
                     tracing::error!(error = %k, "restoring the kernel maps after a store failure");
                 }
                 return Err(e);
@@ -312,8 +316,10 @@ impl Daemon {
         Ok(())
     }
 
-    fn state_now(&self) -> State {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    /// Reads the in-memory state in place (never copies it: at 100k keys a
+    /// copy is tens of milliseconds).
+    pub(crate) fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn find_key(&self, state: &State, id: &str) -> Result<KeyRecord, DaemonError> {
@@ -399,13 +405,11 @@ impl Daemon {
     }
 
     pub fn list_keys(&self) -> Vec<KeyView> {
-        let state = self.state_now();
-        state.keys.values().map(|k| self.view(k)).collect()
+        self.with_state(|st| st.keys.values().map(|k| self.view(k)).collect())
     }
 
     pub fn show_key(&self, id: &str) -> Result<KeyView, DaemonError> {
-        let state = self.state_now();
-        Ok(self.view(&self.find_key(&state, id)?))
+        self.with_state(|st| Ok(self.view(&self.find_key(st, id)?)))
     }
 
     /// Runs `edit` on one key and commits it with `action` in the audit log.
@@ -417,7 +421,7 @@ impl Daemon {
         actor: &str,
         edit: impl FnOnce(&mut KeyRecord) -> Result<(), DaemonError>,
     ) -> Result<KeyRecord, DaemonError> {
-        let current = self.find_key(&self.state_now(), id)?;
+        let current = self.with_state(|st| self.find_key(st, id))?;
         let mut edited = current.clone();
         edit(&mut edited)?;
         let id = id.to_string();
@@ -565,7 +569,7 @@ impl Daemon {
     }
 
     pub fn list_authorized(&self) -> Vec<AuthorizedRecord> {
-        self.state_now().authorized.into_values().collect()
+        self.with_state(|st| st.authorized.values().cloned().collect())
     }
 
     pub async fn authorize(
@@ -634,13 +638,14 @@ impl Daemon {
     /// Learning: authorizes the /24 or /64 of a successful caller, once.
     /// Called off the request path (the proxy queues it).
     pub async fn learn(&self, net: IpNet, key_id: &str) -> Result<bool, DaemonError> {
-        if self.state_now().blocking.api != ApiBlocking::Learning
-            || self
-                .state_now()
-                .authorized
-                .keys()
-                .any(|a| a.contains(&net.network()) && a.prefix_len() <= net.prefix_len())
-        {
+        let known = self.with_state(|st| {
+            st.blocking.api != ApiBlocking::Learning
+                || st
+                    .authorized
+                    .keys()
+                    .any(|a| a.contains(&net.network()) && a.prefix_len() <= net.prefix_len())
+        });
+        if known {
             return Ok(false);
         }
         let label = format!("learned from key {key_id}");
@@ -701,7 +706,8 @@ impl Daemon {
         force: bool,
         actor: &str,
     ) -> Result<BlockingState, DaemonError> {
-        if mode == SmtpBlocking::Active && !force && self.state_now().authorized.is_empty() {
+        if mode == SmtpBlocking::Active && !force && self.with_state(|st| st.authorized.is_empty())
+        {
             return Err(DaemonError::Invalid(
                 "the authorized list is empty, so activating SMTP blocking would cut all SMTP traffic at once; \
                  authorize your senders first (`allowlistctl ips authorize CIDR`), or pass --force"
@@ -739,13 +745,13 @@ impl Daemon {
         )
         .await?;
         tracing::info!(service, %mode, actor, "blocking mode changed");
-        Ok(self.state_now().blocking)
+        Ok(self.with_state(|st| st.blocking.clone()))
     }
 
     /// Sources that called successfully within the learning window and
     /// that the authorized list (with `always_allow`) would now refuse.
     pub fn activation_impact(&self) -> Result<Vec<(IpAddr, String)>, DaemonError> {
-        let state = self.state_now();
+        let authorized: Vec<IpNet> = self.with_state(|st| st.authorized.keys().copied().collect());
         let since_ms =
             self.clock.now_ms() - i64::from(self.config.blocking.learning_days) * 86_400_000;
         let recent = self
@@ -753,10 +759,8 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let account = PrefixSet::new(
-            state
-                .authorized
-                .keys()
-                .copied()
+            authorized
+                .into_iter()
                 .chain(self.config.blocking.always_allow.iter().copied()),
         );
         let mut out: Vec<(IpAddr, String)> = recent
@@ -773,8 +777,7 @@ impl Daemon {
     /// turns active by itself (it cannot cut anything: every caller of that
     /// period was learned). Returns whether it switched.
     pub async fn auto_activate(&self) -> Result<bool, DaemonError> {
-        let state = self.state_now();
-        if state.blocking.api != ApiBlocking::Learning {
+        if self.with_state(|st| st.blocking.api) != ApiBlocking::Learning {
             return Ok(false);
         }
         let last = self.store.last_learned_at()?;
@@ -796,29 +799,30 @@ impl Daemon {
     /// Writes usage counted in memory (last used, requests today) to the
     /// store: one transaction per flush, never one write per request.
     pub fn flush_usage(&self) -> Result<(), DaemonError> {
-        let state = self.state_now();
         let runtimes = self
             .runtimes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let mut usage = Vec::new();
-        for (id, rt) in &runtimes {
-            let n = rt.requests.swap(0, Ordering::Relaxed);
-            if n > 0
-                && let Some(k) = state.keys.get(id)
-            {
-                usage.push((k.kid, rt.last_used_ms.load(Ordering::Relaxed), n));
-            }
-        }
+        // (key id, kid, last used, requests) of every key used since the last flush.
+        let used: Vec<(&String, u32, i64, u64)> = self.with_state(|st| {
+            runtimes
+                .iter()
+                .filter_map(|(id, rt)| {
+                    let kid = st.keys.get(id)?.kid;
+                    let n = rt.requests.swap(0, Ordering::Relaxed);
+                    (n > 0).then(|| (id, kid, rt.last_used_ms.load(Ordering::Relaxed), n))
+                })
+                .collect()
+        });
+        let usage: Vec<(u32, i64, u64)> = used
+            .iter()
+            .map(|&(_, kid, last, n)| (kid, last, n))
+            .collect();
         if let Err(e) = self.store.flush_usage(&usage, self.today()) {
             // Put the counts back so the next flush carries them.
-            for (kid, _, n) in usage {
-                if let Some(k) = state.keys.values().find(|k| k.kid == kid)
-                    && let Some(rt) = runtimes.get(&k.id)
-                {
-                    rt.requests.fetch_add(n, Ordering::Relaxed);
-                }
+            for (id, _, _, n) in used {
+                runtimes[id].requests.fetch_add(n, Ordering::Relaxed);
             }
             return Err(e.into());
         }
