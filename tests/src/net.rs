@@ -90,6 +90,19 @@ impl Netns {
         run(&full);
     }
 
+    /// The MAC address of `dev` in this namespace.
+    pub fn mac(&self, dev: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.name, "-br", "link", "show", dev])
+            .output()
+            .expect("ip link show");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("no MAC for {dev}: {text}"))
+            .to_string()
+    }
+
     /// Runs `f` on a thread that has entered this namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         self.spawn(f).join().expect("thread in netns panicked")

@@ -57,6 +57,14 @@ impl Setup {
         Setup { dir, bpffs, config }
     }
 
+    /// Replaces the `[proxy]` listener the test config starts with by
+    /// `lines` (a `listen = ...` line and any other `[proxy]` keys).
+    pub fn proxy(&self, lines: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        let text = text.replace("listen = \"127.0.0.1:0\"", lines);
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("admin.sock")
     }

@@ -140,14 +140,10 @@ fn bench_edge() {
     let mut ng = nginx(dir);
 
     // allowlistd with the same certificate and upstream, every check on.
-    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!(
+    setup.proxy(&format!(
             "listen = \"127.0.0.1:{EDGE}\"\nupstream = \"http://127.0.0.1:{UPSTREAM}\"\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"",
             dir.display()
-        ),
-    );
-    std::fs::write(&setup.config, text).unwrap();
+        ));
     let _d = setup.start(None, &[]);
     let k = setup.ctl_json(&[
         "keys",
@@ -251,11 +247,9 @@ fn bench_edge_under_syn_flood() {
         true,
         &format!("interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\""),
     );
-    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"0.0.0.0:{PORT}\"\nupstream = \"http://127.0.0.1:8080\""),
-    );
-    std::fs::write(&setup.config, text).unwrap();
+    setup.proxy(&format!(
+        "listen = \"0.0.0.0:{PORT}\"\nupstream = \"http://127.0.0.1:8080\""
+    ));
     let _d = setup.start(Some(&pair.server), &[]);
     let k = setup.ctl_json(&[
         "keys",
@@ -268,17 +262,7 @@ fn bench_edge_under_syn_flood() {
     let key = k["key"].as_str().unwrap().to_string();
     setup.ctl_json(&["ips", "authorize", "198.51.100.0/24"]);
 
-    let mac = {
-        let out = Command::new("ip")
-            .args(["-n", &pair.server.name, "-br", "link", "show", SERVER_IF])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .nth(2)
-            .unwrap()
-            .to_string()
-    };
+    let mac = pair.server.mac(SERVER_IF);
     let conf = setup.dir.path().join("flood.trafgen");
     std::fs::write(
         &conf,

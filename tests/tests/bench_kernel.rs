@@ -356,17 +356,7 @@ fn flood_table(bpffs: PathBuf, dir: &std::path::Path) -> String {
         .status()
         .unwrap();
     assert!(rps.success(), "setting RPS on the test veth");
-    let mac = {
-        let out = Command::new("ip")
-            .args(["-n", &pair.server.name, "-br", "link", "show", "vs"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .nth(2)
-            .unwrap()
-            .to_string()
-    };
+    let mac = pair.server.mac("vs");
     let conf = dir.join("syn.trafgen");
     std::fs::write(
         &conf,

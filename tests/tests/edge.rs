@@ -15,13 +15,9 @@ const TRUSTED: &str = "198.51.100.70";
 
 fn edge_setup(extra_proxy: &str) -> Setup {
     let s = Setup::new(false, "");
-    let text = std::fs::read_to_string(&s.config).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!(
+    s.proxy(&format!(
             "listen = \"0.0.0.0:{EDGE}\"\nupstream = \"http://127.0.0.1:{UP}\"\ntrusted_proxies = [\"{TRUSTED}/32\"]\n{extra_proxy}"
-        ),
-    );
-    std::fs::write(&s.config, text).unwrap();
+        ));
     s
 }
 

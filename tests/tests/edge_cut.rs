@@ -83,11 +83,9 @@ fn revoking_a_key_cuts_its_live_connections_at_once() {
     pair.client_addr("198.51.100.81");
     let _up = Upstream::start(&pair.server, UP);
     let setup = Setup::new(true, "");
-    let text = std::fs::read_to_string(&setup.config).unwrap().replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"0.0.0.0:{EDGE}\"\nupstream = \"http://127.0.0.1:{UP}\""),
-    );
-    std::fs::write(&setup.config, text).unwrap();
+    setup.proxy(&format!(
+        "listen = \"0.0.0.0:{EDGE}\"\nupstream = \"http://127.0.0.1:{UP}\""
+    ));
     let _d = setup.start(Some(&pair.server), &[]);
     let k = setup.ctl_json(&[
         "keys",

@@ -20,12 +20,7 @@ fn setup() -> Setup {
         &format!("interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\"\nsmtp_ports = [{SMTP}]"),
     );
     // The API guard protects the daemon's own TLS edge.
-    let text = std::fs::read_to_string(&s.config).unwrap();
-    let text = text.replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"0.0.0.0:{API}\""),
-    );
-    std::fs::write(&s.config, text).unwrap();
+    s.proxy(&format!("listen = \"0.0.0.0:{API}\""));
     s
 }
 
