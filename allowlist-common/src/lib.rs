@@ -142,7 +142,11 @@ pub const KEY_REVOKED: u32 = 2;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnInfo {
     pub kid: u32,
-    pub _pad: u32,
+    /// The `POLICY_GEN` under which `conn_verdict` last admitted this
+    /// connection; 0 = not yet checked. Until the daemon changes a policy
+    /// map (and bumps the generation) the verdict cannot change, so later
+    /// packets skip the lookups.
+    pub checked_gen: u32,
 }
 const _: () = assert!(size_of::<ConnInfo>() == 8);
 

@@ -105,6 +105,10 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(ALL_STATS_SLOTS, 0);
 /// the proxy once it has read the key; removed when the socket closes.
 #[map]
 static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::pinned(1 << 18, 0);
+/// Slot 0: bumped by the daemon after each change to the maps
+/// `conn_verdict` reads (KEY_STATE, KEY_ALLOW*, GUARD*, GUARD_PORTS).
+#[map]
+static POLICY_GEN: Array<u32> = Array::pinned(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 /// Source (v4 as ::ffff:a.b.c.d) -> time of its last event. Authoritative.
@@ -586,11 +590,19 @@ const AF_INET6: u32 = 10;
 fn conn_verdict(ctx: &SkBuffContext, egress: bool) -> i32 {
     // SAFETY: the skb pointer is the live __sk_buff.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    // SAFETY: plain value read of a map entry.
-    let Some(info) = (unsafe { CONNS.get(cookie) }) else {
+    let Some(info) = CONNS.get_ptr_mut(cookie) else {
         return 1;
     };
-    let kid = info.kid;
+    // Read before the policy maps: a change that lands while this packet
+    // is checked bumps the generation past `generation`, so the next packet
+    // is checked again.
+    let generation = POLICY_GEN.get(0).copied().unwrap_or(0);
+    // SAFETY: a live map value; a racing writer can only store another
+    // whole u32 into either field.
+    let (kid, checked) = unsafe { ((*info).kid, (*info).checked_gen) };
+    if generation != 0 && checked == generation {
+        return 1;
+    }
     let cut = if unsafe { KEY_STATE.get(kid) }.copied() != Some(KEY_ACTIVE) {
         Some(C_CONN_CUT_REVOKED)
     } else {
@@ -638,7 +650,11 @@ fn conn_verdict(ctx: &SkBuffContext, egress: bool) -> i32 {
         }
     };
     match cut {
-        None => 1,
+        None => {
+            // SAFETY: as above.
+            unsafe { (*info).checked_gen = generation };
+            1
+        }
         Some(counter) => {
             // Let our own RST out, so the client learns at once.
             if egress && is_rst(ctx) {

@@ -248,11 +248,13 @@ impl Config {
                 ),
             )
         })?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
             return Err(invalid(
                 "[proxy] upstream",
                 format!(
-                    "{:?} must be an http:// or https:// URL with a host, like \"http://127.0.0.1:8080\"",
+                    "{:?} must be an http:// URL with a host, like \"http://127.0.0.1:8080\" \
+                     (the edge terminates TLS and speaks plain HTTP/1.1 to the upstream, \
+                     which is expected on the same host or a private network)",
                     self.proxy.upstream
                 ),
             ));
@@ -444,6 +446,10 @@ secret = "0123456789abcdef0123"
             .unwrap_err()
             .to_string();
         assert!(e.contains("http://"), "{e}");
+        let e = parse("[proxy]\nupstream = \"https://api.internal\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plain HTTP/1.1"), "{e}");
         let e = parse("[kernel]\nxdp_mode = \"turbo\"")
             .unwrap_err()
             .to_string();

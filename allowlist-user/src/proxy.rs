@@ -23,14 +23,14 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::{Either, Full};
 use hyper::{
     HeaderMap, Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::HeaderValue,
+    header::{HeaderName, HeaderValue},
+    http::uri::PathAndQuery,
 };
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
@@ -47,6 +47,8 @@ use tokio::{
     sync::{Semaphore, mpsc},
 };
 use tokio_rustls::TlsAcceptor;
+
+mod upstream;
 
 use crate::{
     daemon::Daemon,
@@ -97,7 +99,7 @@ fn certified(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<(CertifiedKey, String), ProxyError> {
-    let provider = rustls::crypto::ring::default_provider();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
     let signing = provider.key_provider.load_private_key(key)?;
     use sha2::Digest;
     let fp = chain
@@ -167,12 +169,37 @@ impl CertStore {
     }
 }
 
+/// The server's cipher-suite preference, which it applies over the
+/// client's: AES-128-GCM with SHA-256 first. OpenSSL clients list AES-256
+/// with SHA-384 first, which costs more per record and, in the TLS 1.3 key
+/// schedule, per handshake (SHA-256 runs on the SHA extensions of nearly
+/// every server CPU; SHA-512 often has no hardware help). Every suite
+/// offered is an AEAD with forward secrecy.
+fn cipher_suites() -> Vec<rustls::SupportedCipherSuite> {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    vec![
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+        TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+    ]
+}
+
 pub fn tls_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, ProxyError> {
-    let mut cfg =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(certs);
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: cipher_suites(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let mut cfg = ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    cfg.ignore_client_order = true;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -255,27 +282,28 @@ pub struct EdgeStats {
     pub queue_dropped: AtomicU64,
 }
 
+/// One worker's view of the edge: the shared state and its own upstream
+/// connection pool.
 struct Edge {
-    daemon: Arc<Daemon>,
-    upstream_base: String,
-    client: Client<HttpConnector, Incoming>,
-    trusted: PrefixSet,
-    effects: mpsc::Sender<SideEffect>,
-    stats: Arc<EdgeStats>,
+    shared: Arc<Shared>,
+    pool: Arc<upstream::Pool>,
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// The upstream's streamed body, or one the edge wrote itself; no
+/// allocation to box either.
+type Body = Either<upstream::PooledBody, Full<Bytes>>;
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Either::Right(Full::new(bytes.into()))
 }
 
 fn rate_headers(h: &mut HeaderMap, info: &RateInfo) {
-    h.insert("x-ratelimit-limit", HeaderValue::from(info.limit));
-    h.insert("x-ratelimit-remaining", HeaderValue::from(info.remaining));
-    h.insert("x-ratelimit-reset", HeaderValue::from(info.reset));
+    const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+    const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+    const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+    h.insert(LIMIT, HeaderValue::from(info.limit));
+    h.insert(REMAINING, HeaderValue::from(info.remaining));
+    h.insert(RESET, HeaderValue::from(info.reset));
     if let Some(after) = info.retry_after {
         h.insert(hyper::header::RETRY_AFTER, HeaderValue::from(after));
     }
@@ -295,15 +323,15 @@ fn error_response(reason: Reason) -> Response<Body> {
 
 /// The key from `api-key`, else `Authorization: Bearer`; and whether it
 /// came from Authorization (which is then stripped too).
-fn credential(h: &HeaderMap) -> Option<(String, bool)> {
-    if let Some(v) = h.get("api-key").and_then(|v| v.to_str().ok()) {
-        return Some((v.trim().to_string(), false));
+fn credential(h: &HeaderMap) -> Option<(&str, bool)> {
+    if let Some(v) = h.get(&API_KEY).and_then(|v| v.to_str().ok()) {
+        return Some((v.trim(), false));
     }
     let auth = h.get(hyper::header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = auth.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
-        .then(|| (token.trim().to_string(), true))
+        .then(|| (token.trim(), true))
 }
 
 /// The rightmost X-Forwarded-For hop that is not a trusted proxy.
@@ -320,21 +348,39 @@ fn forwarded_for(h: &HeaderMap, trusted: &PrefixSet) -> Option<IpAddr> {
         .find(|a| trusted.longest_match(*a).is_none())
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "api-key",
+/// Removes the hop-by-hop headers and the key. Most messages carry none of
+/// them, and one pass over the few names present is cheaper than a hashed
+/// lookup of each of the eight.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for name in &HOP_BY_HOP {
+            h.remove(name);
+        }
+    }
+}
+
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
+/// Headers that stay on one hop, and the key; names made once, not parsed
+/// per request.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    hyper::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    hyper::header::TRANSFER_ENCODING,
+    hyper::header::UPGRADE,
+    API_KEY,
 ];
 
 impl Edge {
     fn effect(&self, e: SideEffect) {
-        if self.effects.try_send(e).is_err() {
-            self.stats.queue_dropped.fetch_add(1, Ordering::Relaxed);
+        if self.shared.effects.try_send(e).is_err() {
+            self.shared
+                .stats
+                .queue_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -345,23 +391,25 @@ impl Edge {
         via_trusted: bool,
     ) -> Result<Response<Body>, Infallible> {
         let peer = conn.client;
-        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         let client = if via_trusted {
-            forwarded_for(req.headers(), &self.trusted).unwrap_or(peer)
+            forwarded_for(req.headers(), &self.shared.trusted).unwrap_or(peer)
         } else {
             peer
         };
-        let cred = credential(req.headers());
-        let now_ms = self.daemon.clock.now_ms();
-        let snap = self.daemon.policy.load();
-        let path = req.uri().path().to_string();
-        let d: Decision = snap.decide(
-            cred.as_ref().map(|c| c.0.as_str()),
-            req.method().as_str(),
-            &path,
-            client,
-            now_ms,
-        );
+        let now_ms = self.shared.daemon.clock.now_ms();
+        let (d, bearer): (Decision, bool) = {
+            let cred = credential(req.headers());
+            let snap = self.shared.daemon.policy.load();
+            let d = snap.decide(
+                cred.map(|c| c.0),
+                req.method().as_str(),
+                req.uri().path(),
+                client,
+                now_ms,
+            );
+            (d, cred.is_some_and(|c| c.1))
+        };
         let key_id = || d.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
         // Rate headers on every keyed response when the key has a limit.
         let rate = d.rate.or_else(|| {
@@ -369,7 +417,7 @@ impl Edge {
             k.rate.map(|limit| k.runtime.limiter.peek(&limit, now_ms))
         });
         if !d.allowed() {
-            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%client, key = %key_id(), reason = ?d.reason, rule = %d.rule, "refused");
             if matches!(d.reason, Reason::KeyAllowlist | Reason::AccountList) {
                 self.effect(SideEffect::Refused {
@@ -384,13 +432,13 @@ impl Edge {
             }
             return Ok(resp);
         }
-        self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.allowed.fetch_add(1, Ordering::Relaxed);
         let mut new_key = false;
         if let Some(k) = &d.key
             && conn.set_key(&k.id, k.kid)
         {
             new_key = true;
-            if let (Some(table), Some(cookie)) = (&self.daemon.conns, conn.cookie) {
+            if let (Some(table), Some(cookie)) = (&self.shared.daemon.conns, conn.cookie) {
                 // From now on the kernel checks every packet of this
                 // connection against this key's policy.
                 table.pair(cookie, k.kid);
@@ -413,37 +461,35 @@ impl Edge {
 
         // Forward: same method, path, headers and body; the key header (and
         // hop-by-hop headers) stripped.
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let uri: hyper::Uri = match format!("{}{}", self.upstream_base, pq).parse() {
-            Ok(u) => u,
-            Err(_) => return Ok(error_response(Reason::Ok).map(|_| full("bad request path"))),
-        };
-        *req.uri_mut() = uri;
+        let up = &self.shared.upstream;
+        match up.path_and_query(req.uri().path_and_query()) {
+            Some(pq) => *req.uri_mut() = hyper::Uri::from(pq),
+            None => return Ok(error_response(Reason::Ok).map(|_| full("bad request path"))),
+        }
         *req.version_mut() = hyper::Version::HTTP_11;
         let h = req.headers_mut();
-        for name in HOP_BY_HOP {
-            h.remove(name);
-        }
-        if cred.as_ref().is_some_and(|c| c.1) {
+        strip_hop_by_hop(h);
+        if bearer {
             h.remove(hyper::header::AUTHORIZATION);
         }
-        match self.client.request(req).await {
+        // HTTP/2 clients name the host in :authority, not in a header.
+        if !h.contains_key(hyper::header::HOST) {
+            h.insert(hyper::header::HOST, up.host.clone());
+        }
+        match self.pool.send(req).await {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
-                for name in HOP_BY_HOP {
-                    parts.headers.remove(name);
-                }
+                strip_hop_by_hop(&mut parts.headers);
                 if let Some(info) = &rate {
                     rate_headers(&mut parts.headers, info);
                 }
-                Ok(Response::from_parts(parts, body.boxed()))
+                Ok(Response::from_parts(parts, Either::Left(body)))
             }
             Err(e) => {
-                self.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .stats
+                    .upstream_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "upstream request failed");
                 let mut resp = Response::new(full(
                     serde_json::json!({ "error": { "code": "bad_gateway", "message": "The upstream API did not answer" } })
@@ -548,18 +594,25 @@ async fn side_effects(daemon: Arc<Daemon>, mut rx: mpsc::Receiver<SideEffect>) {
                     r.attempts += 1;
                 }
             },
-            _ = tick.tick() => {
-                if !refused.is_empty() {
-                    let batch: Vec<UnauthorizedRecord> = refused.drain().map(|(_, v)| v).collect();
-                    for r in &batch {
-                        tracing::info!(source = %r.addr, key = %r.key_id, attempts = r.attempts, "refused: IP_NOT_ALLOWED");
-                    }
-                    if let Err(e) = daemon.store.record_unauthorized(&batch) {
-                        tracing::warn!(error = %e, "recording refused sources");
-                    }
-                }
-            }
+            _ = tick.tick() => flush_refused(&daemon, &mut refused),
         }
+    }
+    flush_refused(&daemon, &mut refused);
+}
+
+fn flush_refused(
+    daemon: &Daemon,
+    refused: &mut std::collections::HashMap<(IpAddr, String), UnauthorizedRecord>,
+) {
+    if refused.is_empty() {
+        return;
+    }
+    let batch: Vec<UnauthorizedRecord> = refused.drain().map(|(_, v)| v).collect();
+    for r in &batch {
+        tracing::info!(source = %r.addr, key = %r.key_id, attempts = r.attempts, "refused: IP_NOT_ALLOWED");
+    }
+    if let Err(e) = daemon.store.record_unauthorized(&batch) {
+        tracing::warn!(error = %e, "recording refused sources");
     }
 }
 
@@ -570,35 +623,147 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
         .map_err(|source| ProxyError::Bind { addr, source })
 }
 
-/// Accepts and serves connections until `shutdown` resolves, then drains
+/// Accepts and serves connections until `shutdown` turns true, then drains
 /// in-flight requests (bounded).
+///
+/// The edge runs one single-threaded runtime per CPU, each accepting from
+/// its own duplicate of the listening socket, the way nginx runs one worker
+/// per CPU: a connection, its requests and its upstream connections then
+/// live on one thread, with no work-stealing handoffs or cross-thread
+/// wake-ups on the per-request path. Whichever worker is idle accepts first.
 pub async fn serve(
     daemon: Arc<Daemon>,
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     stats: Arc<EdgeStats>,
-    shutdown: impl std::future::Future<Output = ()>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let cfg = &daemon.config.proxy;
-    let upstream_base = cfg.upstream.trim_end_matches('/').to_string();
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(connector);
     let (tx, rx) = mpsc::channel(QUEUE);
-    tokio::spawn(side_effects(daemon.clone(), rx));
-    let edge = Arc::new(Edge {
+    let effects = tokio::spawn(side_effects(daemon.clone(), rx));
+    let shared = Arc::new(Shared {
         trusted: PrefixSet::new(cfg.trusted_proxies.iter().copied()),
-        daemon: daemon.clone(),
-        upstream_base,
-        client,
+        upstream: Upstream::parse(&cfg.upstream),
+        acceptor: TlsAcceptor::from(tls),
+        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        daemon,
         effects: tx,
         stats,
     });
-    let acceptor = TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "edge listener");
+            return;
+        }
+    };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut done = Vec::with_capacity(workers);
+    for i in 0..workers {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let spawned = listener.try_clone().and_then(|l| {
+            let (shared, shutdown) = (shared.clone(), shutdown.clone());
+            std::thread::Builder::new()
+                .name(format!("edge-{i}"))
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(worker(shared, l, shutdown)),
+                        Err(e) => tracing::error!(error = %e, "edge worker runtime"),
+                    }
+                    drop(done_tx);
+                })
+        });
+        match spawned {
+            Ok(_) => done.push(done_rx),
+            Err(e) => tracing::error!(error = %e, worker = i, "starting an edge worker"),
+        }
+    }
+    drop((listener, shared));
+    for d in done {
+        let _ = d.await;
+    }
+    // Every worker has let go of its sender: the side-effect task flushes
+    // what it holds and ends.
+    let _ = effects.await;
+}
+
+/// Where requests go: the scheme and authority of `[proxy] upstream`
+/// (config validation has checked it parses); the request's own path and
+/// query are appended.
+struct Upstream {
+    /// `host:port` to connect to.
+    addr: String,
+    /// The Host header for requests that arrive without one (HTTP/2).
+    host: HeaderValue,
+    /// A path the upstream URL itself carries ("/api"), without the
+    /// trailing slash; usually empty.
+    prefix: String,
+}
+
+impl Upstream {
+    fn parse(url: &str) -> Upstream {
+        let uri: hyper::Uri = url.parse().unwrap_or_default();
+        let host = uri.host().unwrap_or("127.0.0.1");
+        let port = uri.port_u16().unwrap_or(80);
+        let addr = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let authority = uri.authority().map_or(addr.as_str(), |a| a.as_str());
+        Upstream {
+            host: HeaderValue::from_str(authority)
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            addr,
+            prefix: uri.path().trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// The upstream's path and query for a request's.
+    fn path_and_query(&self, req: Option<&PathAndQuery>) -> Option<PathAndQuery> {
+        let pq = req.map_or("/", |p| p.as_str());
+        if self.prefix.is_empty() {
+            return Some(
+                req.cloned()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            );
+        }
+        format!("{}{pq}", self.prefix).parse().ok()
+    }
+}
+
+/// What every edge worker shares.
+struct Shared {
+    daemon: Arc<Daemon>,
+    upstream: Upstream,
+    trusted: PrefixSet,
+    acceptor: TlsAcceptor,
+    slots: Arc<Semaphore>,
+    effects: mpsc::Sender<SideEffect>,
+    stats: Arc<EdgeStats>,
+}
+
+/// One edge worker: its own accept loop, connections and upstream pool.
+async fn worker(
+    shared: Arc<Shared>,
+    listener: std::net::TcpListener,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "edge worker listener");
+            return;
+        }
+    };
+    let cfg = &shared.daemon.config.proxy;
+    let edge = Arc::new(Edge {
+        pool: upstream::Pool::new(shared.upstream.addr.clone()),
+        shared: shared.clone(),
+    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -613,34 +778,34 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
-    tokio::pin!(shutdown);
     loop {
         let (mut stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = shutdown.wait_for(|s| *s) => break,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
             // Over the connection limit: refuse at once rather than queue.
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
         let edge = edge.clone();
-        let acceptor = acceptor.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
+            let shared = &edge.shared;
             let peer_ip = normalize(peer.ip());
             let mut client_ip = peer_ip;
-            let trusted = edge.trusted.longest_match(peer_ip).is_some();
+            let trusted = shared.trusted.longest_match(peer_ip).is_some();
             if trusted {
                 match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(&mut stream))
                     .await
@@ -660,7 +825,9 @@ pub async fn serve(
             let cookie =
                 crate::kernel::sys::socket_cookie(std::os::fd::AsRawFd::as_raw_fd(&fd)).ok();
             let tls =
-                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.acceptor.accept(stream))
+                    .await
+                {
                     Ok(Ok(tls)) => tls,
                     _ => return,
                 };
@@ -673,7 +840,8 @@ pub async fn serve(
                 kill: tokio::sync::Notify::new(),
             });
             let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-            edge.daemon
+            shared
+                .daemon
                 .live
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -685,26 +853,63 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |req| {
                 let edge = conn_edge.clone();
                 let live = conn_live.clone();
-                async move { edge.handle(req, &live, use_xff).await }
+                // Boxed: the request's future is large, and hyper moves it
+                // into place per request; a pointer is cheaper to move.
+                Box::pin(async move { edge.handle(req, &live, use_xff).await })
             });
             let conn = builder.serve_connection(TokioIo::new(tls), service);
             tokio::select! {
                 _ = watcher.watch(conn.into_owned()) => {}
                 _ = live.kill.notified() => {}
             }
-            edge.daemon
+            shared
+                .daemon
                 .live
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            if let (Some(table), Some(cookie)) = (&edge.daemon.conns, cookie) {
+            if let (Some(table), Some(cookie)) = (&shared.daemon.conns, cookie) {
                 table.unpair(cookie);
             }
         });
     }
     drop(listener);
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("edge drained"),
+        _ = graceful.shutdown() => tracing::debug!("edge worker drained"),
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("edge drain timed out; closing remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_address_host_and_path_prefix() {
+        let u = Upstream::parse("http://127.0.0.1:8080");
+        assert_eq!((u.addr.as_str(), u.prefix.as_str()), ("127.0.0.1:8080", ""));
+        assert_eq!(u.host, "127.0.0.1:8080");
+        let pq: PathAndQuery = "/v1/x?y=1".parse().unwrap();
+        assert_eq!(u.path_and_query(Some(&pq)).unwrap(), "/v1/x?y=1");
+        assert_eq!(u.path_and_query(None).unwrap(), "/");
+
+        let u = Upstream::parse("http://[::1]:9000/api/");
+        assert_eq!((u.addr.as_str(), u.prefix.as_str()), ("[::1]:9000", "/api"));
+        assert_eq!(u.path_and_query(Some(&pq)).unwrap(), "/api/v1/x?y=1");
+
+        let u = Upstream::parse("http://backend.internal");
+        assert_eq!(u.addr, "backend.internal:80");
+        assert_eq!(u.host, "backend.internal");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_key_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert("api-key", HeaderValue::from_static("alk_x"));
+        h.insert("connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-request-id", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-request-id"));
     }
 }

@@ -82,7 +82,7 @@ pub fn get(
             .expect("runtime");
         rt.block_on(async move {
             tokio::time::timeout(std::time::Duration::from_secs(10), async move {
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
                 let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
                     .with_safe_default_protocol_versions()
                     .expect("versions")

@@ -14,6 +14,12 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
+// The edge allocates and frees many small buffers per request on several
+// threads; mimalloc's per-thread free lists take a third less time per
+// request than glibc's arenas (BENCHMARKS.md, edge).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Per-key network allowlists for API edges, enforced in the proxy and in
 /// the kernel.
 #[derive(Parser, Debug)]
@@ -169,18 +175,13 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stats = Arc::new(proxy::EdgeStats::default());
-    let edge = {
-        let mut rx = stop_rx.clone();
-        tokio::spawn(proxy::serve(
-            daemon.clone(),
-            edge_listener,
-            tls,
-            edge_stats.clone(),
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
-        ))
-    };
+    let edge = tokio::spawn(proxy::serve(
+        daemon.clone(),
+        edge_listener,
+        tls,
+        edge_stats.clone(),
+        stop_rx.clone(),
+    ));
     let listener = admin::bind(&config.admin.socket)
         .await
         .with_context(|| format!("admin socket {}", config.admin.socket.display()))?;

@@ -358,6 +358,7 @@ pub struct Kernel {
     keys: KeyState,
     guard_ports: Array<MapData, u32>,
     guard: GuardState,
+    policy_gen: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     /// Interface -> attach mode in use.
     pub attached: BTreeMap<String, &'static str>,
@@ -514,6 +515,7 @@ impl Kernel {
             keys: KeyState::default(),
             guard_ports: take(&mut ebpf, "GUARD_PORTS")?,
             guard: GuardState::default(),
+            policy_gen: take(&mut ebpf, "POLICY_GEN")?,
             stats: take(&mut ebpf, "STATS")?,
             attached: BTreeMap::new(),
             ebpf,
@@ -700,6 +702,25 @@ impl Kernel {
     /// states flip to revoked, so the kernel never admits more than either
     /// the old or the new policy.
     pub fn sync_keys(&mut self, keys: &[KeySpec]) -> Result<(), KernelError> {
+        let r = self.write_keys(keys);
+        self.bump_policy_gen();
+        r
+    }
+
+    /// Tells the connection hooks that the maps they read have changed, so
+    /// every live connection is checked again on its next packet. Also after
+    /// a failed sync: some of its writes may have landed.
+    fn bump_policy_gen(&mut self) {
+        let next = match self.policy_gen.get(&0, 0).unwrap_or(0).wrapping_add(1) {
+            0 => 1,
+            n => n,
+        };
+        if let Err(e) = self.policy_gen.set(0, next, 0) {
+            tracing::warn!(error = %e, "bumping POLICY_GEN");
+        }
+    }
+
+    fn write_keys(&mut self, keys: &[KeySpec]) -> Result<(), KernelError> {
         let me = |name: &'static str| move |source| KernelError::Map { name, source };
         let mut want4 = HashSet::new();
         let mut want6 = HashSet::new();
@@ -776,6 +797,16 @@ impl Kernel {
     /// and ports are armed last, so a change never drops a source that both
     /// the old and the new union admit.
     pub fn sync_guard(
+        &mut self,
+        unions: &[(u32, Vec<IpNet>)],
+        ports: &[(u8, u16, u32)],
+    ) -> Result<(), KernelError> {
+        let r = self.write_guard(unions, ports);
+        self.bump_policy_gen();
+        r
+    }
+
+    fn write_guard(
         &mut self,
         unions: &[(u32, Vec<IpNet>)],
         ports: &[(u8, u16, u32)],
@@ -918,7 +949,14 @@ pub struct ConnTable {
 impl ConnTable {
     pub fn pair(&self, cookie: u64, kid: u32) {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = m.insert(cookie, ConnInfo { kid, _pad: 0 }, 0) {
+        if let Err(e) = m.insert(
+            cookie,
+            ConnInfo {
+                kid,
+                checked_gen: 0,
+            },
+            0,
+        ) {
             tracing::warn!(error = %e, "pairing a connection with its key in the kernel");
         }
     }
