@@ -61,7 +61,11 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Side effects a worker holds before it drops more.
 const QUEUE: usize = 65_536;
+/// Batches of side effects in flight to the background task.
+const BATCHES: usize = 1024;
+const EFFECT_BATCH_DELAY: Duration = Duration::from_millis(5);
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
 
@@ -287,6 +291,8 @@ pub struct EdgeStats {
 struct Edge {
     shared: Arc<Shared>,
     pool: Arc<upstream::Pool>,
+    /// Side effects not yet handed to the background task.
+    pending: std::sync::Mutex<Vec<SideEffect>>,
 }
 
 /// The upstream's streamed body, or one the edge wrote itself; no
@@ -375,17 +381,42 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 impl Edge {
-    fn effect(&self, e: SideEffect) {
-        if self.shared.effects.try_send(e).is_err() {
+    /// Queues a side effect in this worker. The first one of a batch
+    /// schedules its hand-over a few milliseconds later, so the background
+    /// task (on another thread) is woken once per batch, not per request or
+    /// per new connection.
+    fn effect(self: &Arc<Self>, e: SideEffect) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= QUEUE {
             self.shared
                 .stats
                 .queue_dropped
                 .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        pending.push(e);
+        if pending.len() == 1 {
+            let edge = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(EFFECT_BATCH_DELAY).await;
+                edge.flush_effects();
+            });
+        }
+    }
+
+    fn flush_effects(&self) {
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let n = batch.len() as u64;
+        if n > 0 && self.shared.effects.try_send(batch).is_err() {
+            self.shared
+                .stats
+                .queue_dropped
+                .fetch_add(n, Ordering::Relaxed);
         }
     }
 
     async fn handle(
-        &self,
+        self: &Arc<Self>,
         mut req: Request<Incoming>,
         conn: &LiveConn,
         via_trusted: bool,
@@ -565,36 +596,50 @@ async fn read_proxy_header(stream: &mut TcpStream) -> io::Result<Option<IpAddr>>
 
 /// Applies side effects in batches: learning, recent successes (for the
 /// impact of activating blocking) and the unauthorized list.
-async fn side_effects(daemon: Arc<Daemon>, mut rx: mpsc::Receiver<SideEffect>) {
+async fn side_effects(daemon: Arc<Daemon>, mut rx: mpsc::Receiver<Vec<SideEffect>>) {
     let mut refused: std::collections::HashMap<(IpAddr, String), UnauthorizedRecord> =
         Default::default();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
-        tokio::select! {
-            e = rx.recv() => match e {
+        let batch = tokio::select! {
+            b = rx.recv() => match b {
                 None => break,
-                Some(SideEffect::Learn { net, key_id }) => {
+                Some(b) => b,
+            },
+            _ = tick.tick() => {
+                flush_refused(&daemon, &mut refused);
+                continue;
+            }
+        };
+        for e in batch {
+            match e {
+                SideEffect::Learn { net, key_id } => {
                     if let Err(err) = daemon.learn(net, &key_id).await {
                         tracing::warn!(error = %err, %net, "learning an address");
                     }
                 }
-                Some(SideEffect::Success { addr, key_id, at_ms }) => daemon.record_success(addr, &key_id, at_ms),
-                Some(SideEffect::Refused { addr, key_id, at }) => {
-                    let r = refused.entry((addr, key_id.clone())).or_insert_with(|| UnauthorizedRecord {
-                        addr,
-                        service: "api".into(),
-                        key_id,
-                        port: 0,
-                        first_seen: at,
-                        last_seen: at,
-                        attempts: 0,
-                        status: "refused".into(),
+                SideEffect::Success {
+                    addr,
+                    key_id,
+                    at_ms,
+                } => daemon.record_success(addr, &key_id, at_ms),
+                SideEffect::Refused { addr, key_id, at } => {
+                    let r = refused.entry((addr, key_id.clone())).or_insert_with(|| {
+                        UnauthorizedRecord {
+                            addr,
+                            service: "api".into(),
+                            key_id,
+                            port: 0,
+                            first_seen: at,
+                            last_seen: at,
+                            attempts: 0,
+                            status: "refused".into(),
+                        }
                     });
                     r.last_seen = at;
                     r.attempts += 1;
                 }
-            },
-            _ = tick.tick() => flush_refused(&daemon, &mut refused),
+            }
         }
     }
     flush_refused(&daemon, &mut refused);
@@ -630,7 +675,10 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
 /// its own duplicate of the listening socket, the way nginx runs one worker
 /// per CPU: a connection, its requests and its upstream connections then
 /// live on one thread, with no work-stealing handoffs or cross-thread
-/// wake-ups on the per-request path. Whichever worker is idle accepts first.
+/// wake-ups on the per-request path. Whichever worker is free accepts
+/// first. (Per-worker SO_REUSEPORT sockets were tried: they spare the
+/// wake-up of the worker that loses the accept race, but hashing pins
+/// connections to a busy worker while the other idles, and p99 doubled.)
 pub async fn serve(
     daemon: Arc<Daemon>,
     listener: TcpListener,
@@ -639,7 +687,7 @@ pub async fn serve(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let cfg = &daemon.config.proxy;
-    let (tx, rx) = mpsc::channel(QUEUE);
+    let (tx, rx) = mpsc::channel(BATCHES);
     let effects = tokio::spawn(side_effects(daemon.clone(), rx));
     let shared = Arc::new(Shared {
         trusted: PrefixSet::new(cfg.trusted_proxies.iter().copied()),
@@ -670,7 +718,12 @@ pub async fn serve(
                         .enable_all()
                         .build()
                     {
-                        Ok(rt) => rt.block_on(worker(shared, l, shutdown)),
+                        Ok(rt) => rt.block_on(async move {
+                            match TcpListener::from_std(l) {
+                                Ok(l) => worker(shared, l, shutdown).await,
+                                Err(e) => tracing::error!(error = %e, "edge worker listener"),
+                            }
+                        }),
                         Err(e) => tracing::error!(error = %e, "edge worker runtime"),
                     }
                     drop(done_tx);
@@ -742,27 +795,21 @@ struct Shared {
     trusted: PrefixSet,
     acceptor: TlsAcceptor,
     slots: Arc<Semaphore>,
-    effects: mpsc::Sender<SideEffect>,
+    effects: mpsc::Sender<Vec<SideEffect>>,
     stats: Arc<EdgeStats>,
 }
 
 /// One edge worker: its own accept loop, connections and upstream pool.
 async fn worker(
     shared: Arc<Shared>,
-    listener: std::net::TcpListener,
+    listener: TcpListener,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let listener = match TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "edge worker listener");
-            return;
-        }
-    };
     let cfg = &shared.daemon.config.proxy;
     let edge = Arc::new(Edge {
         pool: upstream::Pool::new(shared.upstream.addr.clone()),
         shared: shared.clone(),
+        pending: Default::default(),
     });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -862,15 +909,14 @@ async fn worker(
                 _ = watcher.watch(conn.into_owned()) => {}
                 _ = live.kill.notified() => {}
             }
+            // The kernel forgets the socket's CONNS entry itself when it
+            // closes (conn_ops), which spares a syscall per connection here.
             shared
                 .daemon
                 .live
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id);
-            if let (Some(table), Some(cookie)) = (&shared.daemon.conns, cookie) {
-                table.unpair(cookie);
-            }
         });
     }
     drop(listener);
@@ -878,6 +924,7 @@ async fn worker(
         _ = graceful.shutdown() => tracing::debug!("edge worker drained"),
         _ = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("edge drain timed out; closing remaining connections"),
     }
+    edge.flush_effects();
 }
 
 #[cfg(test)]

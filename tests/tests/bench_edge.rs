@@ -21,9 +21,40 @@ const SECS: u32 = 6;
 struct Run {
     rps: f64,
     p99_ms: f64,
+    /// CPU time (user + system) the proxy's processes spent per request.
+    cpu_us: f64,
 }
 
-fn wrk(port: u16, key: &str, close: bool) -> Run {
+/// User + system CPU of `root` and its child processes, in microseconds.
+fn cpu_us(root: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, ...;
+        // utime and stime are the 12th and 13th of them.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let pid: u32 = head
+            .split(' ')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ppid: u32 = f.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        if pid == root || ppid == root {
+            ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            ticks += f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 * 1e6 / hz
+}
+
+fn wrk(port: u16, key: &str, close: bool, proxy_pid: u32) -> Run {
     let mut cmd = Command::new("wrk");
     cmd.args([
         "-t2",
@@ -36,21 +67,39 @@ fn wrk(port: u16, key: &str, close: bool) -> Run {
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
+    let cpu0 = cpu_us(proxy_pid);
     let out = cmd
         .arg(format!("https://127.0.0.1:{port}/"))
         .output()
         .expect("wrk must be installed");
+    let cpu = cpu_us(proxy_pid) - cpu0;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (rps, p99_ms) = allowlist_tests::bench::parse_wrk(&text);
     assert!(rps > 0.0, "wrk output: {text}");
     let non2xx = text.lines().any(|l| l.contains("Non-2xx"));
     assert!(!non2xx, "port {port} answered non-2xx: {text}");
-    Run { rps, p99_ms }
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN);
+    Run {
+        rps,
+        p99_ms,
+        cpu_us: cpu / requests,
+    }
 }
 
-fn nginx(dir: &Path) -> Child {
-    let conf = dir.join("nginx.conf");
-    let d = dir.display();
+/// Starts an nginx whose `http` block is `servers`, with its own pid file,
+/// logs and temp paths under `dir/name`, and waits for `port`.
+fn nginx(dir: &Path, name: &str, port: u16, servers: &str) -> Child {
+    let root = dir.join(name);
+    for sub in ["body", "proxy", "fcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    let conf = root.join("nginx.conf");
+    let d = root.display();
     std::fs::write(
         &conf,
         format!(
@@ -58,20 +107,13 @@ fn nginx(dir: &Path) -> Child {
 daemon off;
 worker_processes auto;
 pid {d}/nginx.pid;
-error_log {d}/nginx-error.log;
+error_log {d}/error.log;
 events {{ worker_connections 4096; }}
 http {{
   access_log off;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  upstream up {{ server 127.0.0.1:{UPSTREAM}; keepalive 128; }}
-  server {{ listen 127.0.0.1:{UPSTREAM}; location / {{ return 200 "ok\n"; }} }}
-  server {{
-    listen 127.0.0.1:{NGINX} ssl;
-    ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;
-    ssl_session_cache shared:SSL:10m;
-    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-  }}
+  {servers}
 }}
 "#
         ),
@@ -81,7 +123,7 @@ http {{
         .arg("-c")
         .arg(&conf)
         .arg("-p")
-        .arg(dir)
+        .arg(&root)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -89,11 +131,11 @@ http {{
     assert!(
         wait_for(Duration::from_secs(10), || std::net::TcpStream::connect((
             "127.0.0.1",
-            NGINX
+            port
         ))
         .is_ok()),
-        "nginx did not start: {}",
-        std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default()
+        "nginx {name} did not start: {}",
+        std::fs::read_to_string(root.join("error.log")).unwrap_or_default()
     );
     child
 }
@@ -137,14 +179,43 @@ fn bench_edge() {
         "{}",
         String::from_utf8_lossy(&keygen.stderr)
     );
-    let mut ng = nginx(dir);
+    // The upstream is a process of its own, as in production, so both
+    // proxies pay the same wake-ups to reach it.
+    let mut up = nginx(
+        dir,
+        "upstream",
+        UPSTREAM,
+        &format!(
+            "server {{ listen 127.0.0.1:{UPSTREAM}; location / {{ return 200 \"ok\\n\"; }} }}"
+        ),
+    );
+    // The same TLS 1.3 suite allowlistd prefers (AES-128-GCM-SHA256), so
+    // both do the same cryptography per handshake and per record.
+    let d = dir.display();
+    let mut ng = nginx(
+        dir,
+        "proxy",
+        NGINX,
+        &format!(
+            "upstream up {{ server 127.0.0.1:{UPSTREAM}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{NGINX} ssl;
+    ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;
+    ssl_session_cache shared:SSL:10m;
+    ssl_prefer_server_ciphers on;
+    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}
+  }}"
+        ),
+    );
 
     // allowlistd with the same certificate and upstream, every check on.
     setup.proxy(&format!(
             "listen = \"127.0.0.1:{EDGE}\"\nupstream = \"http://127.0.0.1:{UPSTREAM}\"\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"",
             dir.display()
         ));
-    let _d = setup.start(None, &[]);
+    let daemon = setup.start(None, &[]);
+    let (edge_pid, nginx_pid) = (daemon.pid().expect("allowlistd runs"), ng.id());
     let k = setup.ctl_json(&[
         "keys",
         "create",
@@ -159,41 +230,37 @@ fn bench_edge() {
     setup.ctl_json(&["ips", "authorize", "127.0.0.0/9"]);
     setup.ctl_json(&["blocking", "api", "activate", "--force"]);
     // Warm up both.
-    wrk(NGINX, &key, false);
-    wrk(EDGE, &key, false);
+    wrk(NGINX, &key, false, nginx_pid);
+    wrk(EDGE, &key, false, edge_pid);
 
-    let (mut n_rps, mut n_p99, mut e_rps, mut e_p99, mut n_hs, mut e_hs) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    // Per measure: (nginx runs, allowlistd runs), alternating rounds.
+    let (mut ka, mut hs) = ((vec![], vec![]), (vec![], vec![]));
     for _ in 0..ROUNDS {
-        let n = wrk(NGINX, &key, false);
-        let e = wrk(EDGE, &key, false);
-        n_rps.push(n.rps);
-        n_p99.push(n.p99_ms);
-        e_rps.push(e.rps);
-        e_p99.push(e.p99_ms);
-        n_hs.push(wrk(NGINX, &key, true).rps);
-        e_hs.push(wrk(EDGE, &key, true).rps);
+        ka.0.push(wrk(NGINX, &key, false, nginx_pid));
+        ka.1.push(wrk(EDGE, &key, false, edge_pid));
+        hs.0.push(wrk(NGINX, &key, true, nginx_pid));
+        hs.1.push(wrk(EDGE, &key, true, edge_pid));
     }
-    let _ = ng.kill();
-    let _ = ng.wait();
+    for p in [&mut ng, &mut up] {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
     let stats = setup.ctl_json(&["stats"]);
+    let m = |runs: &[Run], f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    type Measure = fn(&Run) -> f64;
+    let (rps, p99, cpu): (Measure, Measure, Measure) = (|r| r.rps, |r| r.p99_ms, |r| r.cpu_us);
 
-    let (nr, er, np, ep, nh, eh) = (
-        median(n_rps),
-        median(e_rps),
-        median(n_p99),
-        median(e_p99),
-        median(n_hs),
-        median(e_hs),
-    );
     let mut md = String::new();
     writeln!(md, "## Edge (`cargo xtask bench edge`)\n").unwrap();
     writeln!(
         md,
         "Loopback, {} CPUs shared by the load generator, the proxy and the upstream. `wrk -t2 -c64 -d{SECS}s` HTTPS GETs of a 3-byte body \
-         (nginx `return 200` as the upstream of both), median of {ROUNDS} alternating rounds. allowlistd: every check on — key \
+         to a 3-byte upstream answer, median of {ROUNDS} alternating rounds. allowlistd: every check on — key \
          (SHA-256, constant-time), scope, key allowlist, account list with API blocking active, a rate limit — and its kernel \
-         connection hooks loaded. nginx 1.22: `proxy_pass` with upstream keep-alive, no checks. Same ECDSA P-256 certificate.\n",
+         connection hooks loaded. nginx 1.22: `proxy_pass` with upstream keep-alive, no checks. The upstream is a separate nginx \
+         (`return 200`), the same for both. Same ECDSA P-256 certificate and the same TLS 1.3 suite (AES-128-GCM-SHA256); wrk \
+         resumes TLS sessions with both. Proxy CPU is user + system time of the proxy's processes (allowlistd; nginx master and \
+         workers) over the run, per request.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     )
     .unwrap();
@@ -203,24 +270,31 @@ fn bench_edge() {
     )
     .unwrap();
     writeln!(md, "|---|---:|---:|---:|---:|").unwrap();
-    writeln!(
-        md,
-        "| keep-alive requests/s | {nr:.0} | {er:.0} | {:.2}× | ≥ 1.0× |",
-        er / nr
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| keep-alive p99 latency, ms | {np:.2} | {ep:.2} | {:.2}× | |",
-        ep / np
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| new TLS handshakes/s (`Connection: close`) | {nh:.0} | {eh:.0} | {:.2}× | ≥ 1.0× |",
-        eh / nh
-    )
-    .unwrap();
+    let mut row = |name: &str,
+                   runs: &(Vec<Run>, Vec<Run>),
+                   f: fn(&Run) -> f64,
+                   digits: usize,
+                   target: &str| {
+        let (n, e) = (m(&runs.0, f), m(&runs.1, f));
+        writeln!(
+            md,
+            "| {name} | {n:.digits$} | {e:.digits$} | {:.2}× | {target} |",
+            e / n
+        )
+        .unwrap();
+    };
+    row("keep-alive requests/s", &ka, rps, 0, "≥ 1.0×");
+    row("keep-alive p99 latency, ms", &ka, p99, 2, "");
+    row("keep-alive proxy CPU per request, µs", &ka, cpu, 1, "");
+    row(
+        "new TLS handshakes/s (`Connection: close`)",
+        &hs,
+        rps,
+        0,
+        "≥ 1.0×",
+    );
+    row("handshake p99 latency, ms", &hs, p99, 2, "");
+    row("proxy CPU per handshake + request, µs", &hs, cpu, 1, "");
     writeln!(md).unwrap();
     eprintln!("\n{md}\nedge stats: {stats}");
     allowlist_tests::bench::publish("## Edge (", &md);
@@ -317,7 +391,11 @@ fn bench_edge_under_syn_flood() {
         }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (rps, p99_ms) = allowlist_tests::bench::parse_wrk(&text);
-        Run { rps, p99_ms }
+        Run {
+            rps,
+            p99_ms,
+            cpu_us: f64::NAN,
+        }
     };
 
     setup.ctl_json(&["blocking", "api", "deactivate"]);

@@ -960,11 +960,6 @@ impl ConnTable {
             tracing::warn!(error = %e, "pairing a connection with its key in the kernel");
         }
     }
-
-    pub fn unpair(&self, cookie: u64) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = ignore_missing(m.remove(&cookie));
-    }
 }
 
 impl Kernel {
