@@ -213,9 +213,9 @@ pub fn tls_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, ProxyError
 pub struct LiveConn {
     /// The client address the checks used.
     pub client: IpAddr,
-    /// A duplicate of the socket's fd: `cut` acts on this very socket even
-    /// if the connection task has already let go of its own fd.
-    fd: std::os::fd::OwnedFd,
+    /// The socket's fd, used only by the connection's own task while that
+    /// task still owns the socket (so it can never name a reused fd).
+    fd: std::os::fd::RawFd,
     cookie: Option<u64>,
     /// (public id, kernel id) of the key last allowed on this connection.
     key: std::sync::Mutex<Option<(String, u32)>>,
@@ -235,13 +235,10 @@ impl LiveConn {
             .map(|k| k.0.clone())
     }
 
-    /// Closes the connection with an RST, now.
+    /// Has the connection's task close it with an RST. (The kernel hooks
+    /// already drop its packets; this frees the socket and tells the
+    /// client.)
     pub fn cut(&self) {
-        use std::os::fd::AsRawFd;
-        crate::kernel::sys::abortive_close(self.fd.as_raw_fd());
-        // SAFETY: our own open fd; shutdown wakes every reader and writer
-        // of the socket at once.
-        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
         self.kill.notify_one();
     }
 
@@ -663,9 +660,19 @@ fn flush_refused(
 
 /// Binds the edge listener.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ProxyError::Bind { addr, source })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        // A deeper accept queue than the usual 128 rides out bursts of new
+        // connections (the kernel caps it at net.core.somaxconn).
+        socket.listen(4096)
+    };
+    listen().map_err(|source| ProxyError::Bind { addr, source })
 }
 
 /// Accepts and serves connections until `shutdown` turns true, then drains
@@ -866,11 +873,8 @@ async fn worker(
                     Err(_) => return,
                 }
             }
-            let Ok(fd) = std::os::fd::AsFd::as_fd(&stream).try_clone_to_owned() else {
-                return;
-            };
-            let cookie =
-                crate::kernel::sys::socket_cookie(std::os::fd::AsRawFd::as_raw_fd(&fd)).ok();
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            let cookie = crate::kernel::sys::socket_cookie(fd).ok();
             let tls =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.acceptor.accept(stream))
                     .await
@@ -904,11 +908,19 @@ async fn worker(
                 // into place per request; a pointer is cheaper to move.
                 Box::pin(async move { edge.handle(req, &live, use_xff).await })
             });
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            tokio::select! {
-                _ = watcher.watch(conn.into_owned()) => {}
-                _ = live.kill.notified() => {}
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
+            let mut conn = Box::pin(watcher.watch(conn));
+            let cut = tokio::select! {
+                _ = &mut conn => false,
+                _ = live.kill.notified() => true,
+            };
+            if cut {
+                // `conn` still owns the socket: make its close an RST.
+                crate::kernel::sys::abortive_close(live.fd);
             }
+            drop(conn);
             // The kernel forgets the socket's CONNS entry itself when it
             // closes (conn_ops), which spares a syscall per connection here.
             shared

@@ -242,7 +242,10 @@ fn bench_edge() {
         hs.1.push(wrk(EDGE, &key, true, edge_pid));
     }
     for p in [&mut ng, &mut up] {
-        let _ = p.kill();
+        // SIGTERM, not SIGKILL: the master must stop its workers, or they
+        // keep the ports.
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(p.id() as libc::pid_t, libc::SIGTERM) };
         let _ = p.wait();
     }
     let stats = setup.ctl_json(&["stats"]);
