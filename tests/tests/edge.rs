@@ -409,3 +409,119 @@ except Exception as e:
     );
     assert_eq!(r.status, 200);
 }
+
+/// A keep-alive upstream in `ns` that counts its connections. Paths
+/// starting with `/once` are answered and then the connection is closed
+/// 100 ms later without notice, as an upstream's idle timeout does.
+fn keepalive_upstream(
+    pair: &Pair,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::{
+        io::{Read, Write},
+        sync::atomic::Ordering,
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = pair.server.spawn(move || {
+        let l = std::net::TcpListener::bind(("127.0.0.1", UP)).expect("bind upstream");
+        l.set_nonblocking(true).unwrap();
+        tx.send(()).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < until {
+            let Ok((mut s, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            accepted.fetch_add(1, Ordering::Relaxed);
+            std::thread::spawn(move || {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                for _ in 0..100 {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let once = buf.starts_with(b"GET /once");
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if once {
+                        std::thread::sleep(Duration::from_millis(100));
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("upstream started");
+    h
+}
+
+#[test]
+fn upstream_failures_and_keepalive_reuse() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    };
+    if !allowlist_tests::kernel_tests_enabled("upstream_failures_and_keepalive_reuse") {
+        return;
+    }
+    let pair = Pair::new();
+    pair.client_addr("198.51.100.50");
+    let setup = edge_setup("");
+    let _d = setup.start(Some(&pair.server), &["--no-kernel"]);
+    let (_, k) = key(&setup, &["--allow", "198.51.100.50"]);
+    let h = format!("api-key: {k}");
+    let get = |path: &str| {
+        curl(
+            &pair.client,
+            "198.51.100.50",
+            &url(SERVER_V4, path),
+            &["-H", &h],
+        )
+    };
+
+    // Nothing listens upstream: a 502 in the one error shape.
+    let r = get("/x");
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].as_str()),
+        (502, Some("bad_gateway")),
+        "{}",
+        r.body
+    );
+
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let up = keepalive_upstream(&pair, accepted.clone(), stop.clone());
+    // Sequential requests reuse pooled upstream connections: at most one
+    // per edge worker, however many requests.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for i in 0..6 {
+        let r = get(&format!("/keep/{i}"));
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    }
+    let reused = accepted.load(Ordering::Relaxed);
+    assert!(
+        reused <= workers,
+        "6 requests opened {reused} upstream connections"
+    );
+    // The upstream closes each connection after one answer, while it sits
+    // idle in the pool: every next request still gets through.
+    for i in 0..4 {
+        let r = get(&format!("/once/{i}"));
+        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"), "request {i}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = up.join();
+}

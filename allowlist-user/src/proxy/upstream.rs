@@ -29,6 +29,9 @@ use tokio::net::TcpStream;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle connections kept per worker; more are closed when they come back.
 const MAX_IDLE: usize = 256;
+/// An upstream that does not accept within this is answered with a 502
+/// rather than left to the kernel's SYN retries (about two minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -94,13 +97,18 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<SendRequest<Incoming>, UpstreamError> {
-        let stream =
-            TcpStream::connect(&self.addr)
-                .await
-                .map_err(|source| UpstreamError::Connect {
-                    addr: self.addr.clone(),
-                    source,
-                })?;
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr));
+        let stream = match connect.await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()),
+            )),
+        }
+        .map_err(|source| UpstreamError::Connect {
+            addr: self.addr.clone(),
+            source,
+        })?;
         let _ = stream.set_nodelay(true);
         let (tx, conn) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
