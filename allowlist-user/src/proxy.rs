@@ -204,6 +204,10 @@ pub fn tls_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, ProxyError
         .with_no_client_auth()
         .with_cert_resolver(certs);
     cfg.ignore_client_order = true;
+    // Stateless resumption tickets (AES-256 + HMAC, keys rotated every 6 h),
+    // as nginx issues by default: the default stateful cache is one map
+    // behind a mutex that every worker writes twice per handshake.
+    cfg.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

@@ -943,20 +943,24 @@ impl Kernel {
 
 /// The proxy's handle on `CONNS`: pairs a socket with the key it presented.
 pub struct ConnTable {
-    map: std::sync::Mutex<BpfHashMap<MapData, u64, ConnInfo>>,
+    map: MapData,
 }
 
 impl ConnTable {
     pub fn pair(&self, cookie: u64, kid: u32) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = m.insert(
-            cookie,
-            ConnInfo {
-                kid,
-                checked_gen: 0,
-            },
-            0,
-        ) {
+        use std::os::fd::AsFd;
+        let value = ConnInfo {
+            kid,
+            checked_gen: 0,
+        };
+        // SAFETY: ConnInfo is repr(C) plain data without padding bytes.
+        let value_bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&value as *const ConnInfo).cast::<u8>(),
+                size_of::<ConnInfo>(),
+            )
+        };
+        if let Err(e) = sys::map_update(self.map.fd().as_fd(), &cookie.to_ne_bytes(), value_bytes) {
             tracing::warn!(error = %e, "pairing a connection with its key in the kernel");
         }
     }
@@ -1039,9 +1043,14 @@ impl Kernel {
 
     /// The proxy's handle on `CONNS`. Call once.
     pub fn conn_table(&mut self) -> Result<ConnTable, KernelError> {
-        Ok(ConnTable {
-            map: std::sync::Mutex::new(take(&mut self.ebpf, "CONNS")?),
-        })
+        let name = "CONNS";
+        match self.ebpf.take_map(name) {
+            Some(Map::LruHashMap(map)) => Ok(ConnTable { map }),
+            _ => Err(KernelError::Map {
+                name,
+                source: MapError::InvalidName { name: name.into() },
+            }),
+        }
     }
 }
 

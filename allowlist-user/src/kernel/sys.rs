@@ -159,6 +159,44 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
+/// `bpf(BPF_MAP_UPDATE_ELEM)` with `BPF_ANY`. A direct syscall on a shared
+/// fd needs no `&mut` handle, so the edge workers write without taking a
+/// lock around the syscall.
+pub fn map_update(map: std::os::fd::BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct UpdateAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    let attr = UpdateAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key.as_ptr() as u64,
+        value: value.as_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix for this command; key and
+    // value point to buffers the sizes the map was created with (callers
+    // pass the map's own key and value types).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            &attr as *const UpdateAttr,
+            std::mem::size_of::<UpdateAttr>() as libc::c_uint,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The socket cookie of `fd` (SO_COOKIE), the key of `CONNS`.
 pub fn socket_cookie(fd: std::os::fd::RawFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;
