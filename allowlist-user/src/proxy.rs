@@ -662,8 +662,8 @@ fn flush_refused(
     }
 }
 
-/// Binds the edge listener.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+/// Binds the edge listener (inside the tokio runtime, which registers it).
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
     let listen = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -788,13 +788,13 @@ impl Upstream {
 
     /// The upstream's path and query for a request's.
     fn path_and_query(&self, req: Option<&PathAndQuery>) -> Option<PathAndQuery> {
-        let pq = req.map_or("/", |p| p.as_str());
         if self.prefix.is_empty() {
             return Some(
                 req.cloned()
                     .unwrap_or_else(|| PathAndQuery::from_static("/")),
             );
         }
+        let pq = req.map_or("/", |p| p.as_str());
         format!("{}{pq}", self.prefix).parse().ok()
     }
 }

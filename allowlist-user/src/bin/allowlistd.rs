@@ -165,7 +165,7 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     )?;
     let certs = proxy::CertStore::new(ck, fingerprint.clone());
     let tls = proxy::tls_config(certs.clone())?;
-    let edge_listener = proxy::bind(config.proxy.listen).await?;
+    let edge_listener = proxy::bind(config.proxy.listen)?;
     tracing::info!(
         listen = %edge_listener.local_addr()?,
         upstream = %config.proxy.upstream,
