@@ -14,10 +14,11 @@ use std::{
     convert::Infallible,
     io,
     net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -43,6 +44,7 @@ use rustls::{
 };
 use tokio::{
     io::AsyncReadExt,
+    io::{Interest, unix::AsyncFd},
     net::{TcpListener, TcpStream},
     sync::{Semaphore, mpsc},
 };
@@ -66,6 +68,9 @@ const QUEUE: usize = 65_536;
 /// Batches of side effects in flight to the background task.
 const BATCHES: usize = 1024;
 const EFFECT_BATCH_DELAY: Duration = Duration::from_millis(5);
+/// How long a worker with more connections than the others leaves a new
+/// connection to them before taking it itself.
+const BALANCE_DEFER: Duration = Duration::from_millis(1);
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(0);
 
@@ -686,10 +691,13 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
 /// its own duplicate of the listening socket, the way nginx runs one worker
 /// per CPU: a connection, its requests and its upstream connections then
 /// live on one thread, with no work-stealing handoffs or cross-thread
-/// wake-ups on the per-request path. Whichever worker is free accepts
-/// first. (Per-worker SO_REUSEPORT sockets were tried: they spare the
-/// wake-up of the worker that loses the accept race, but hashing pins
-/// connections to a busy worker while the other idles, and p99 doubled.)
+/// wake-ups on the per-request path. Every worker is woken for a new
+/// connection; one that holds clearly more connections than another
+/// leaves it to the others for a moment (`Shared::busier`), so long-lived
+/// keep-alive connections spread evenly instead of by who won the race.
+/// (Per-worker SO_REUSEPORT sockets were tried: they spare the wake-up of
+/// the worker that loses the accept race, but hashing pins connections to
+/// a busy worker while the other idles, and p99 doubled.)
 pub async fn serve(
     daemon: Arc<Daemon>,
     listener: TcpListener,
@@ -699,12 +707,14 @@ pub async fn serve(
 ) {
     let cfg = &daemon.config.proxy;
     let (tx, rx) = mpsc::channel(BATCHES);
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let effects = tokio::spawn(side_effects(daemon.clone(), rx));
     let shared = Arc::new(Shared {
         trusted: PrefixSet::new(cfg.trusted_proxies.iter().copied()),
         upstream: Upstream::parse(&cfg.upstream),
         acceptor: TlsAcceptor::from(tls),
         slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        load: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
         daemon,
         effects: tx,
         stats,
@@ -716,7 +726,6 @@ pub async fn serve(
             return;
         }
     };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut done = Vec::with_capacity(workers);
     for i in 0..workers {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -730,8 +739,11 @@ pub async fn serve(
                         .build()
                     {
                         Ok(rt) => rt.block_on(async move {
-                            match TcpListener::from_std(l) {
-                                Ok(l) => worker(shared, l, shutdown).await,
+                            // SAFETY: a std TcpListener owns its fd for as long
+                            // as the AsyncFd owns the listener.
+                            match unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
+                            {
+                                Ok(l) => worker(shared, i, l, shutdown).await,
                                 Err(e) => tracing::error!(error = %e, "edge worker listener"),
                             }
                         }),
@@ -806,14 +818,54 @@ struct Shared {
     trusted: PrefixSet,
     acceptor: TlsAcceptor,
     slots: Arc<Semaphore>,
+    /// Open connections per worker.
+    load: Box<[AtomicUsize]>,
     effects: mpsc::Sender<Vec<SideEffect>>,
     stats: Arc<EdgeStats>,
+}
+
+impl Shared {
+    fn busier(&self, me: usize) -> bool {
+        let load: Vec<usize> = self
+            .load
+            .iter()
+            .map(|l| l.load(Ordering::Relaxed))
+            .collect();
+        busier(&load, me)
+    }
+}
+
+/// Whether worker `me` holds clearly more connections than some other
+/// worker. The slack grows with the total so that the churn of short
+/// connections does not trigger it.
+fn busier(load: &[usize], me: usize) -> bool {
+    let least = load
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != me)
+        .map(|(_, &l)| l)
+        .min();
+    let total: usize = load.iter().sum();
+    least.is_some_and(|least| load[me] > least + 2 + total / 32)
+}
+
+/// A worker's share of a connection, given back when the connection ends.
+struct Held {
+    shared: Arc<Shared>,
+    worker: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.shared.load[self.worker].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One edge worker: its own accept loop, connections and upstream pool.
 async fn worker(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    me: usize,
+    listener: AsyncFd<std::net::TcpListener>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let cfg = &shared.daemon.config.proxy;
@@ -837,29 +889,58 @@ async fn worker(
         .keep_alive_timeout(Duration::from_secs(20));
     let builder = Arc::new(builder);
     loop {
-        let (mut stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+        let mut ready = tokio::select! {
+            r = listener.readable() => match r {
+                Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept");
+                    tracing::warn!(error = %e, "edge listener");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shutdown.wait_for(|s| *s) => break,
         };
+        if shared.busier(me) {
+            // The other workers were woken for this connection too; if none
+            // takes it within BALANCE_DEFER (all busy), this one does.
+            tokio::time::sleep(BALANCE_DEFER).await;
+        }
+        let (stream, peer) =
+            match ready.try_io(|l| crate::kernel::sys::accept_nonblocking(l.as_raw_fd())) {
+                Ok(Ok(x)) => x,
+                // Another worker took it (readiness is now cleared).
+                Err(_would_block) => continue,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+        drop(ready);
         let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
             // Over the connection limit: refuse at once rather than queue.
             drop(stream);
             continue;
+        };
+        let mut stream = match TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "registering a connection");
+                continue;
+            }
+        };
+        shared.load[me].fetch_add(1, Ordering::Relaxed);
+        let held = Held {
+            shared: shared.clone(),
+            worker: me,
         };
         let _ = stream.set_nodelay(true);
         let edge = edge.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, held);
             let shared = &edge.shared;
             let peer_ip = normalize(peer.ip());
             let mut client_ip = peer_ip;
@@ -877,7 +958,7 @@ async fn worker(
                     Err(_) => return,
                 }
             }
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            let fd = stream.as_raw_fd();
             let cookie = crate::kernel::sys::socket_cookie(fd).ok();
             let tls =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.acceptor.accept(stream))
@@ -963,6 +1044,19 @@ mod tests {
         let u = Upstream::parse("http://backend.internal");
         assert_eq!(u.addr, "backend.internal:80");
         assert_eq!(u.host, "backend.internal");
+    }
+
+    #[test]
+    fn a_worker_with_clearly_more_connections_defers() {
+        assert!(!busier(&[5], 0), "a lone worker always accepts");
+        assert!(!busier(&[0, 0], 0));
+        assert!(!busier(&[3, 1], 0), "small differences are churn");
+        assert!(busier(&[4, 1], 0));
+        assert!(!busier(&[4, 1], 1));
+        // 64 keep-alive connections end up at most 34 / 30.
+        assert!(!busier(&[34, 30], 0));
+        assert!(busier(&[35, 30], 0));
+        assert!(busier(&[9, 20, 3], 0), "compared with the least loaded");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use allowlist_tests::{kernel_tests_enabled, net::wait_for, proc::Setup};
 const UPSTREAM: u16 = 18080;
 const NGINX: u16 = 18444;
 const EDGE: u16 = 18443;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const SECS: u32 = 6;
 
 struct Run {
@@ -88,6 +88,45 @@ fn wrk(port: u16, key: &str, close: bool, proxy_pid: u32) -> Run {
         rps,
         p99_ms,
         cpu_us: cpu / requests,
+    }
+}
+
+/// Full TLS handshakes without a request: two `openssl s_time -new`
+/// clients, which never resume a session, for `SECS` seconds.
+fn s_time(port: u16, proxy_pid: u32) -> Run {
+    let cpu0 = cpu_us(proxy_pid);
+    let start = std::time::Instant::now();
+    let clients: Vec<Child> = (0..2)
+        .map(|_| {
+            Command::new("openssl")
+                .args(["s_time", "-new", "-connect", &format!("127.0.0.1:{port}")])
+                .args(["-time", &SECS.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("openssl must be installed")
+        })
+        .collect();
+    let mut handshakes = 0.0;
+    for c in clients {
+        let out = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "6021 connections in 5 real seconds, ..."
+        let n: f64 = text
+            .lines()
+            .find(|l| l.contains("connections in") && l.contains("real seconds"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("openssl s_time on {port}: {text}"));
+        assert!(n > 0.0, "no handshake completed on {port}: {text}");
+        handshakes += n;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Run {
+        rps: handshakes / secs,
+        p99_ms: f64::NAN,
+        cpu_us: (cpu_us(proxy_pid) - cpu0) / handshakes,
     }
 }
 
@@ -267,12 +306,14 @@ fn bench_edge() {
     wrk(EDGE, &key, false, edge_pid);
 
     // Per measure: (nginx runs, allowlistd runs), alternating rounds.
-    let (mut ka, mut hs) = ((vec![], vec![]), (vec![], vec![]));
+    let (mut ka, mut hs, mut full) = ((vec![], vec![]), (vec![], vec![]), (vec![], vec![]));
     for _ in 0..ROUNDS {
         ka.0.push(wrk(NGINX, &key, false, nginx_pid));
         ka.1.push(wrk(EDGE, &key, false, edge_pid));
         hs.0.push(wrk(NGINX, &key, true, nginx_pid));
         hs.1.push(wrk(EDGE, &key, true, edge_pid));
+        full.0.push(s_time(NGINX, nginx_pid));
+        full.1.push(s_time(EDGE, edge_pid));
     }
     for p in [&mut ng, &mut up] {
         // SIGTERM, not SIGKILL: the master must stop its workers, or they
@@ -295,7 +336,8 @@ fn bench_edge() {
          (SHA-256, constant-time), scope, key allowlist, account list with API blocking active, a rate limit — and its kernel \
          connection hooks loaded. nginx 1.22: `proxy_pass` with upstream keep-alive, no checks, TLS 1.3 on as in Debian's packaged nginx.conf (1.22's built-in default stops at 1.2). The upstream is a separate nginx \
          (`return 200`), the same for both. Same ECDSA P-256 certificate and the same TLS version and suite ({} {}, checked with `openssl s_client` against both); wrk \
-         resumes TLS sessions with both. Proxy CPU is user + system time of the proxy's processes (allowlistd; nginx master and \
+         resumes TLS sessions with both (a TLS 1.3 resumption still does an X25519 exchange); the full-handshake rows use `openssl s_time -new`, \
+         which never resumes and sends no request. Proxy CPU is user + system time of the proxy's processes (allowlistd; nginx master and \
          workers) over the run, per request.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         tls.0,
@@ -333,6 +375,14 @@ fn bench_edge() {
     );
     row("handshake p99 latency, ms", &hs, p99, 2, "");
     row("proxy CPU per handshake + request, µs", &hs, cpu, 1, "");
+    row(
+        "full TLS handshakes/s, no resumption (`openssl s_time -new`, 2 clients)",
+        &full,
+        rps,
+        0,
+        "",
+    );
+    row("proxy CPU per full handshake, µs", &full, cpu, 1, "");
     writeln!(md).unwrap();
     eprintln!("\n{md}\nedge stats: {stats}");
     allowlist_tests::bench::publish("## Edge (", &md);

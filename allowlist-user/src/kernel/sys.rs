@@ -1,5 +1,6 @@
 //! Small pieces of system plumbing the kernel module needs: bpffs, the
-//! monotonic clock the eBPF side uses, and mmap of array maps.
+//! monotonic clock the eBPF side uses, mmap of array maps, and the few
+//! socket calls the edge makes outside std and tokio.
 
 use std::{
     ffi::CString,
@@ -233,4 +234,84 @@ pub fn abortive_close(fd: std::os::fd::RawFd) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         )
     };
+}
+
+/// accept4(2) with the new socket non-blocking and close-on-exec, as an
+/// async runtime wants it, in one syscall (std's `accept` needs a second
+/// one to make the socket non-blocking).
+pub fn accept_nonblocking(
+    listener: std::os::fd::RawFd,
+) -> io::Result<(std::net::TcpStream, std::net::SocketAddr)> {
+    use std::{
+        net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+        os::fd::FromRawFd,
+    };
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid out-pointers of the stated size.
+    let fd = unsafe {
+        libc::accept4(
+            listener,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new socket we now own.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let peer = match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a: libc::sockaddr_in =
+                unsafe { std::ptr::read((&raw const addr).cast::<libc::sockaddr_in>()) };
+            SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((&raw const addr).cast::<libc::sockaddr_in6>()) };
+            SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            ))
+        }
+        f => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("accepted a socket of address family {f}"),
+            ));
+        }
+    };
+    Ok((stream, peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Read, os::fd::AsRawFd};
+
+    #[test]
+    fn accept_nonblocking_reports_the_peer_and_never_blocks() {
+        for host in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = std::net::TcpListener::bind(host) else {
+                continue; // no IPv6 loopback here
+            };
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (mut stream, peer) = super::accept_nonblocking(listener.as_raw_fd()).unwrap();
+            assert_eq!(peer, client.local_addr().unwrap());
+            let err = stream.read(&mut [0; 8]).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+            listener.set_nonblocking(true).unwrap();
+            let err = super::accept_nonblocking(listener.as_raw_fd()).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock);
+        }
+    }
 }
