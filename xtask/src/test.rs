@@ -185,6 +185,7 @@ pub fn bench(repo: &Repo, suite: Suite) -> Result<ExitCode> {
     };
     build(repo, true)?;
     ensure_bpffs()?;
+    bench_tools(suite)?;
     let mut cmd = repo.cargo(&format!(
         "test --release -p allowlist-tests --test bench_{name} \
          -- --ignored --nocapture --test-threads=1"
@@ -194,4 +195,46 @@ pub fn bench(repo: &Repo, suite: Suite) -> Result<ExitCode> {
     say("bench", describe(&cmd));
     status(&mut cmd).with_context(|| format!("bench {name} failed"))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Installs (Debian packages, as root) the programs a benchmark drives but
+/// the tests do not, or says what to install.
+fn bench_tools(suite: Suite) -> Result<()> {
+    // (command, Debian package)
+    let tools: &[(&str, &str)] = match suite {
+        Suite::Kernel => &[("trafgen", "netsniff-ng"), ("nft", "nftables")],
+        Suite::Policy => &[],
+        Suite::Edge => &[
+            ("nginx", "nginx"),
+            ("wrk", "wrk"),
+            ("openssl", "openssl"),
+            ("trafgen", "netsniff-ng"),
+        ],
+    };
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(command, _)| {
+            output(std::process::Command::new("sh").args(["-c", &format!("command -v {command}")]))
+                .is_none()
+        })
+        .map(|&(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let line = format!(
+        "apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !crate::is_root() {
+        bail!(
+            "this benchmark needs {}; install them: sudo {line}",
+            missing.join(", ")
+        );
+    }
+    say("bench", format!("installing {}", missing.join(" ")));
+    fix("apt-get update", "apt-get update -q")?;
+    let mut install = cmd(&line);
+    install.env("DEBIAN_FRONTEND", "noninteractive");
+    status(&mut install).with_context(|| format!("installing failed; run by hand: {line}"))
 }
