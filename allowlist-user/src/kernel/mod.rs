@@ -983,54 +983,45 @@ impl Kernel {
         let cg = fs::File::open(&dir).map_err(io_err("opening the cgroup", &dir))?;
         let links = self.opts.bpffs.join("links");
         let pe = |name: &'static str| move |source| KernelError::Program { name, source };
-        for (prog, pin) in [
-            ("conn_ingress", "cgroup-ingress"),
-            ("conn_egress", "cgroup-egress"),
-            ("conn_ops", "cgroup-sockops"),
+        let unexpected = |name: &'static str| KernelError::Program {
+            name,
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        };
+        for (prog, pin, skb) in [
+            (
+                "conn_ingress",
+                "cgroup-ingress",
+                Some(CgroupSkbAttachType::Ingress),
+            ),
+            (
+                "conn_egress",
+                "cgroup-egress",
+                Some(CgroupSkbAttachType::Egress),
+            ),
+            ("conn_ops", "cgroup-sockops", None),
         ] {
             let pin = links.join(pin);
             if pin.exists() {
                 fs::remove_file(&pin).map_err(io_err("replacing", &pin))?;
             }
-            let p = self.ebpf.program_mut(prog).ok_or(KernelError::Program {
-                name: "conn hooks",
-                source: aya::programs::ProgramError::UnexpectedProgramType,
-            })?;
-            let fd_link: FdLink = match prog {
-                "conn_ops" => {
-                    let p: &mut SockOps = p.try_into().map_err(pe("conn_ops"))?;
-                    p.load().map_err(pe("conn_ops"))?;
-                    let id = p
-                        .attach(&cg, CgroupAttachMode::Single)
-                        .map_err(pe("conn_ops"))?;
-                    p.take_link(id)
-                        .map_err(pe("conn_ops"))?
-                        .try_into()
-                        .map_err(|_| KernelError::Program {
-                            name: "conn_ops",
-                            source: aya::programs::ProgramError::UnexpectedProgramType,
-                        })?
+            let p = self.ebpf.program_mut(prog).ok_or(unexpected(prog))?;
+            let link = match skb {
+                None => {
+                    let p: &mut SockOps = p.try_into().map_err(pe(prog))?;
+                    p.load().map_err(pe(prog))?;
+                    let id = p.attach(&cg, CgroupAttachMode::Single).map_err(pe(prog))?;
+                    p.take_link(id).map_err(pe(prog))?.try_into()
                 }
-                _ => {
-                    let kind = if prog == "conn_ingress" {
-                        CgroupSkbAttachType::Ingress
-                    } else {
-                        CgroupSkbAttachType::Egress
-                    };
-                    let p: &mut CgroupSkb = p.try_into().map_err(pe("conn_skb"))?;
-                    p.load().map_err(pe("conn_skb"))?;
+                Some(kind) => {
+                    let p: &mut CgroupSkb = p.try_into().map_err(pe(prog))?;
+                    p.load().map_err(pe(prog))?;
                     let id = p
                         .attach(&cg, kind, CgroupAttachMode::Single)
-                        .map_err(pe("conn_skb"))?;
-                    p.take_link(id)
-                        .map_err(pe("conn_skb"))?
-                        .try_into()
-                        .map_err(|_| KernelError::Program {
-                            name: "conn_skb",
-                            source: aya::programs::ProgramError::UnexpectedProgramType,
-                        })?
+                        .map_err(pe(prog))?;
+                    p.take_link(id).map_err(pe(prog))?.try_into()
                 }
             };
+            let fd_link: FdLink = link.map_err(|_| unexpected(prog))?;
             fd_link.pin(&pin).map_err(|e| KernelError::Io {
                 op: "pinning",
                 path: pin.clone(),
