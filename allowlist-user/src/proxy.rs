@@ -322,10 +322,18 @@ fn rate_headers(h: &mut HeaderMap, info: &RateInfo) {
 }
 
 fn error_response(reason: Reason) -> Response<Body> {
-    let body =
-        serde_json::json!({ "error": { "code": reason.code(), "message": reason.message() } });
+    json_error(
+        StatusCode::from_u16(reason.status()).unwrap_or(StatusCode::FORBIDDEN),
+        reason.code(),
+        reason.message(),
+    )
+}
+
+/// The one JSON error shape of SPEC.md.
+fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
     let mut resp = Response::new(full(body.to_string()));
-    *resp.status_mut() = StatusCode::from_u16(reason.status()).unwrap_or(StatusCode::FORBIDDEN);
+    *resp.status_mut() = status;
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -528,12 +536,11 @@ impl Edge {
                     .upstream_errors
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "upstream request failed");
-                let mut resp = Response::new(full(
-                    serde_json::json!({ "error": { "code": "bad_gateway", "message": "The upstream API did not answer" } })
-                        .to_string(),
-                ));
-                *resp.status_mut() = StatusCode::BAD_GATEWAY;
-                Ok(resp)
+                Ok(json_error(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    "The upstream API did not answer",
+                ))
             }
         }
     }
