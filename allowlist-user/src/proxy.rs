@@ -509,7 +509,13 @@ impl Edge {
         let up = &self.shared.upstream;
         match up.path_and_query(req.uri().path_and_query()) {
             Some(pq) => *req.uri_mut() = hyper::Uri::from(pq),
-            None => return Ok(error_response(Reason::Ok).map(|_| full("bad request path"))),
+            None => {
+                return Ok(json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "The request path cannot be forwarded to the upstream",
+                ));
+            }
         }
         *req.version_mut() = hyper::Version::HTTP_11;
         let h = req.headers_mut();
