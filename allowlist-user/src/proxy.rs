@@ -45,7 +45,7 @@ use rustls::{
 use tokio::{
     io::AsyncReadExt,
     io::{Interest, unix::AsyncFd},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     sync::{Semaphore, mpsc},
 };
 use tokio_rustls::TlsAcceptor;
@@ -680,8 +680,9 @@ fn flush_refused(
     }
 }
 
-/// Binds the edge listener (inside the tokio runtime, which registers it).
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+/// Binds the edge listener. It is returned unregistered: each edge worker
+/// registers its own duplicate with its own runtime.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
     let listen = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -692,7 +693,7 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
         socket.bind(addr)?;
         // A deeper accept queue than the usual 128 rides out bursts of new
         // connections (the kernel caps it at net.core.somaxconn).
-        socket.listen(4096)
+        socket.listen(4096)?.into_std()
     };
     listen().map_err(|source| ProxyError::Bind { addr, source })
 }
@@ -713,7 +714,7 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
 /// a busy worker while the other idles, and p99 doubled.)
 pub async fn serve(
     daemon: Arc<Daemon>,
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     tls: Arc<ServerConfig>,
     stats: Arc<EdgeStats>,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -732,13 +733,6 @@ pub async fn serve(
         effects: tx,
         stats,
     });
-    let listener = match listener.into_std() {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(error = %e, "edge listener");
-            return;
-        }
-    };
     let mut done = Vec::with_capacity(workers);
     for i in 0..workers {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
