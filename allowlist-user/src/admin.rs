@@ -131,6 +131,7 @@ async fn add_drop(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CidrQuery {
     cidr: String,
 }
@@ -198,6 +199,7 @@ async fn revoke_key(
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct Rotate {
     #[serde(default)]
     grace: Option<String>,
@@ -216,6 +218,7 @@ async fn rotate_key(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AllowReq {
     cidr: String,
     #[serde(default)]
@@ -282,6 +285,7 @@ async fn list_unauthorized(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DenyReq {
     addr: String,
     #[serde(default)]
@@ -305,6 +309,7 @@ async fn deny(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ModeReq {
     mode: String,
     #[serde(default)]

@@ -20,7 +20,10 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// Request bodies refuse unknown fields: a misspelt field must not
+/// silently change what a request means.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AddDrop {
     pub cidr: String,
     /// Like "90s", "10m", "24h", "7d"; none = until removed.

@@ -42,8 +42,16 @@ pub struct ProxyConfig {
     /// Seconds a client may take to send a request's headers (and the
     /// longest a keep-alive connection may sit idle): slowloris protection.
     pub header_timeout_secs: u64,
+    /// Seconds a connection may sit with no request in flight after its
+    /// first request (HTTP/1.1 keep-alive and HTTP/2 alike).
+    pub idle_timeout_secs: u64,
     /// Connections served at once; more are closed at accept.
     pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
+    /// Pass the client's Host header on to the upstream (else the
+    /// upstream's own authority is sent).
+    pub preserve_host: bool,
 }
 
 impl Default for ProxyConfig {
@@ -55,7 +63,10 @@ impl Default for ProxyConfig {
             cert: None,
             key: None,
             header_timeout_secs: 10,
+            idle_timeout_secs: 60,
             max_connections: 10_000,
+            max_streams: 100,
+            preserve_host: true,
         }
     }
 }
@@ -281,6 +292,18 @@ impl Config {
             return Err(invalid(
                 "[proxy] header_timeout_secs",
                 format!("{} is out of range 1..=300", self.proxy.header_timeout_secs),
+            ));
+        }
+        if !(1..=3600).contains(&self.proxy.idle_timeout_secs) {
+            return Err(invalid(
+                "[proxy] idle_timeout_secs",
+                format!("{} is out of range 1..=3600", self.proxy.idle_timeout_secs),
+            ));
+        }
+        if !(1..=10_000).contains(&self.proxy.max_streams) {
+            return Err(invalid(
+                "[proxy] max_streams",
+                format!("{} is out of range 1..=10000", self.proxy.max_streams),
             ));
         }
         if !(1..=1_000_000).contains(&self.proxy.max_connections) {

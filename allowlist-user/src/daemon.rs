@@ -50,30 +50,40 @@ impl From<KernelError> for DaemonError {
 
 const RECENT_EVENTS: usize = 256;
 
-/// The daemon's clock. `ALLOWLIST_CLOCK_OFFSET_FILE` names a file holding
-/// seconds to add to the real time, so tests can move time forward (the
-/// 30-day learning switch, rotation grace) without waiting.
+/// The daemon's clock. In builds with the `test-clock` feature (the
+/// binaries the tests drive, never a release),
+/// `ALLOWLIST_CLOCK_OFFSET_FILE` names a file holding seconds to add to the
+/// real time, so tests can move time forward (the 30-day learning switch,
+/// rotation grace) without waiting. A release binary has no such hook:
+/// whoever could write that file would control every expiry.
 #[derive(Debug, Default)]
 pub struct Clock {
+    #[cfg(feature = "test-clock")]
     offset_file: Option<std::path::PathBuf>,
 }
 
 impl Clock {
     pub fn from_env() -> Clock {
         Clock {
+            #[cfg(feature = "test-clock")]
             offset_file: std::env::var_os("ALLOWLIST_CLOCK_OFFSET_FILE").map(Into::into),
         }
     }
 
     /// Unix milliseconds.
     pub fn now_ms(&self) -> i64 {
-        let offset_s: i64 = self
-            .offset_file
-            .as_ref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-        wall_now_ms() + offset_s * 1000
+        #[cfg(feature = "test-clock")]
+        {
+            let offset_s: i64 = self
+                .offset_file
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            wall_now_ms() + offset_s * 1000
+        }
+        #[cfg(not(feature = "test-clock"))]
+        wall_now_ms()
     }
 }
 
@@ -185,6 +195,7 @@ impl Daemon {
                 keys: Default::default(),
                 authorized: Default::default(),
                 blocking,
+                denied: Default::default(),
             }),
             runtimes: Mutex::new(Default::default()),
             recent_successes: Mutex::new(Default::default()),

@@ -36,6 +36,9 @@ pub struct State {
     pub keys: BTreeMap<String, KeyRecord>,
     pub authorized: BTreeMap<IpNet, AuthorizedRecord>,
     pub blocking: BlockingState,
+    /// Addresses denied from the unauthorized list (refused until
+    /// authorized explicitly).
+    pub denied: std::collections::BTreeSet<IpAddr>,
 }
 
 /// Default grace period of a rotation, and its bounds.
@@ -43,6 +46,7 @@ pub const DEFAULT_GRACE_SECS: i64 = 24 * 3600;
 pub const MAX_GRACE_SECS: i64 = 48 * 3600;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NewKey {
     pub name: String,
     #[serde(default)]
@@ -153,6 +157,13 @@ impl Daemon {
                 .map(|a| (a.cidr, a))
                 .collect(),
             blocking: self.store.blocking()?,
+            denied: self
+                .store
+                .list_unauthorized()?
+                .into_iter()
+                .filter(|u| u.status == "denied")
+                .map(|u| u.addr)
+                .collect(),
         })
     }
 
@@ -191,6 +202,7 @@ impl Daemon {
             account_list,
             always_allow: PrefixSet::new(self.config.blocking.always_allow.iter().copied()),
             always_allow_list: self.config.blocking.always_allow.clone(),
+            denied: state.denied.iter().copied().collect(),
             routes: policy::RouteScopes::default(),
         }
     }
@@ -294,11 +306,9 @@ impl Daemon {
             let Some(key_id) = conn.key_id() else {
                 continue;
             };
-            let admitted = snap.key(&key_id).is_some_and(|k| {
-                k.usable()
-                    && k.admits(conn.client) != policy::Admit::Refused
-                    && snap.account_admits(conn.client)
-            });
+            let admitted = snap
+                .key(&key_id)
+                .is_some_and(|k| snap.admits(k, conn.client));
             if !admitted {
                 tracing::info!(client = %conn.client, key = %key_id, "cutting a live connection: the policy no longer admits it");
                 conn.cut();
@@ -589,21 +599,46 @@ impl Daemon {
             created_at: self.clock.now_ms() / 1000,
         };
         let r = rec.clone();
+        // An explicit authorization lifts a denial inside it; a learned one
+        // never does (a learned /24 must not re-admit a denied address).
+        let explicit = source != "learned";
+        let lifted: Vec<IpAddr> = if explicit {
+            self.with_state(|st| {
+                st.denied
+                    .iter()
+                    .filter(|a| net.contains(*a))
+                    .copied()
+                    .collect()
+            })
+        } else {
+            Vec::new()
+        };
         self.change(
             |st| {
                 if st.authorized.contains_key(&net) {
                     return Err(DaemonError::Invalid(format!("{net} is already authorized")));
                 }
                 st.authorized.insert(net, r);
+                for a in &lifted {
+                    st.denied.remove(a);
+                }
                 Ok(())
             },
-            |_| Ok(self.store.add_authorized(&rec, actor)?),
+            |_| {
+                let added = self.store.add_authorized(&rec, actor)?;
+                for a in &lifted {
+                    self.store.set_unauthorized(*a, None, actor)?;
+                }
+                Ok(added)
+            },
         )
         .await?;
         // Authorizing a refused address takes it off the unauthorized list.
-        for u in self.store.list_unauthorized()? {
-            if net.contains(&u.addr) {
-                self.store.set_unauthorized(u.addr, None, actor)?;
+        if explicit {
+            for u in self.store.list_unauthorized()? {
+                if net.contains(&u.addr) {
+                    self.store.set_unauthorized(u.addr, None, actor)?;
+                }
             }
         }
         tracing::info!(cidr = %net, source, actor, "authorized");
@@ -843,9 +878,10 @@ pub struct DenyOutcome {
 }
 
 impl Daemon {
-    /// Denies a refused address: it stays refused; with `drop` it is also
+    /// Denies a refused address: it stays refused (even inside an authorized
+    /// or learned range) until authorized explicitly; with `drop` it is also
     /// dropped at XDP (for `ttl`); with `rotate_key` every key it used is
-    /// rotated (default grace).
+    /// rotated with no grace, so the old secret stops at once.
     pub async fn deny(
         &self,
         addr: &str,
@@ -873,7 +909,34 @@ impl Daemon {
         if ttl.is_some() && !drop {
             return Err(DaemonError::Invalid("--ttl goes with --drop".into()));
         }
-        let n = self.store.set_unauthorized(addr, Some("denied"), actor)?;
+        // In force at once, in the snapshot, through the one change path;
+        // a denial of an address never refused gets its own row, so it
+        // persists like any other.
+        let placeholder = UnauthorizedRecord {
+            addr,
+            service: "api".into(),
+            key_id: String::new(),
+            port: 0,
+            first_seen: self.clock.now_ms() / 1000,
+            last_seen: self.clock.now_ms() / 1000,
+            attempts: 0,
+            status: "refused".into(),
+        };
+        let n = self
+            .change(
+                |st| {
+                    st.denied.insert(addr);
+                    Ok(())
+                },
+                |_| {
+                    if entries.is_empty() {
+                        self.store
+                            .record_unauthorized(std::slice::from_ref(&placeholder))?;
+                    }
+                    Ok(self.store.set_unauthorized(addr, Some("denied"), actor)?)
+                },
+            )
+            .await?;
         let dropped = if drop {
             let req = crate::api::AddDrop {
                 cidr: addr.to_string(),
@@ -897,7 +960,8 @@ impl Daemon {
             ids.sort();
             ids.dedup();
             for id in ids {
-                rotated.push(self.rotate_key(&id, None, actor).await?);
+                // The secret is presumed stolen: no grace period.
+                rotated.push(self.rotate_key(&id, Some("0"), actor).await?);
             }
         }
         tracing::info!(%addr, drop, rotate_key, actor, "denied");

@@ -116,6 +116,18 @@ impl Setup {
 
     /// `start` with extra environment variables.
     pub fn start_env(&self, ns: Option<&Netns>, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
+        self.start_bin("allowlistd", ns, extra, env)
+    }
+
+    /// `start_env` with another build of the daemon: `allowlistd-release`
+    /// is the one without test hooks (`cargo xtask test` builds both).
+    pub fn start_bin(
+        &self,
+        daemon: &str,
+        ns: Option<&Netns>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log = self
             .dir
             .path()
@@ -124,10 +136,10 @@ impl Setup {
         let mut cmd = match ns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.path())).arg(bin("allowlistd"));
+                c.arg(format!("--net={}", ns.path())).arg(bin(daemon));
                 c
             }
-            None => Command::new(bin("allowlistd")),
+            None => Command::new(bin(daemon)),
         };
         let child = cmd
             .arg("--config")

@@ -95,6 +95,7 @@ fn state(n: usize, rng: &mut Rng) -> State {
     State {
         keys,
         authorized,
+        denied: Default::default(),
         blocking: BlockingState {
             api: ApiBlocking::Active,
             api_since: 0,

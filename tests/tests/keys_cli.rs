@@ -268,3 +268,73 @@ fn keys_and_lists_survive_sigkill_with_an_audit_trail() {
         "key.create key.rotate ips.authorize blocking.set"
     );
 }
+
+#[test]
+fn the_release_build_ignores_the_test_clock() {
+    // The same setup as above with the daemon built as a release is (no
+    // `test-clock` feature): 31 days on by the file, and nothing moves.
+    let setup = Setup::new(false, "");
+    let offset = setup.dir.path().join("clock-offset");
+    std::fs::write(&offset, (31 * 86400).to_string()).unwrap();
+    let env = [("ALLOWLIST_CLOCK_OFFSET_FILE", offset.to_str().unwrap())];
+    let mut d = setup.start_bin("allowlistd-release", None, &["--no-kernel"], &env);
+    std::thread::sleep(std::time::Duration::from_millis(4500));
+    assert_eq!(
+        setup.ctl_json(&["blocking", "show"])["api"],
+        "learning",
+        "the release binary read ALLOWLIST_CLOCK_OFFSET_FILE"
+    );
+    d.stop();
+    // The test build on the same store does move: the check above can fail.
+    let _d = setup.start_env(None, &["--no-kernel"], &env);
+    assert!(wait_for(std::time::Duration::from_secs(6), || setup
+        .ctl_json(&["blocking", "show"])["api"]
+        == "active"));
+}
+
+#[test]
+fn admin_request_bodies_with_unknown_fields_are_refused() {
+    let setup = Setup::new(false, "");
+    let _d = setup.start(None, &["--no-kernel"]);
+    let post = |path: &str, body: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "--unix-socket"])
+            .arg(setup.socket())
+            .args([
+                "-H",
+                "content-type: application/json",
+                "-w",
+                "\n%{http_code}",
+                "-d",
+                body,
+            ])
+            .arg(format!("http://admin{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap();
+        (status.to_string(), body.to_string())
+    };
+    // "scope" for "scopes": must not create a full-scope key.
+    let (status, body) = post("/v1/keys", r#"{"name":"x","scope":["read"]}"#);
+    assert_eq!(status, "400", "{body}");
+    assert!(body.contains("unknown field `scope`"), "{body}");
+    assert_eq!(
+        setup.ctl_json(&["keys", "list"])["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    let (status, body) = post("/v1/drop", r#"{"cidr":"203.0.113.0/24","tll":"1h"}"#);
+    assert_eq!(status, "400", "{body}");
+    assert!(body.contains("unknown field `tll`"), "{body}");
+    let (status, body) = post(
+        "/v1/ips/deny",
+        r#"{"addr":"203.0.113.9","drop":true,"rotate":true}"#,
+    );
+    assert_eq!(status, "400", "{body}");
+    // The right spelling works.
+    let (status, body) = post("/v1/keys", r#"{"name":"x","scopes":["read"]}"#);
+    assert_eq!(status, "201", "{body}");
+}

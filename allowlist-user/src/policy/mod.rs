@@ -17,6 +17,9 @@ use std::{
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+pub mod path;
+pub use path::{PathError, normalize_path};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -548,6 +551,8 @@ pub enum Reason {
     Scope,
     KeyAllowlist,
     AccountList,
+    /// The account denied this address (`ips deny`).
+    Denied,
     RateLimited,
 }
 
@@ -561,7 +566,7 @@ impl Reason {
             | Reason::BadSecret
             | Reason::Revoked
             | Reason::ExpiredSecret => 401,
-            Reason::Scope | Reason::KeyAllowlist | Reason::AccountList => 403,
+            Reason::Scope | Reason::KeyAllowlist | Reason::AccountList | Reason::Denied => 403,
             Reason::RateLimited => 429,
         }
     }
@@ -583,11 +588,16 @@ impl Reason {
             Reason::MissingKey => {
                 "Missing API key: send it in the api-key header or as Authorization: Bearer"
             }
-            Reason::MalformedKey | Reason::UnknownKey | Reason::BadSecret => "Invalid API key",
-            Reason::Revoked => "This API key has been revoked",
-            Reason::ExpiredSecret => "This API key was rotated and its previous secret has expired",
+            // One body for every cause after "missing": a caller who knows
+            // a key id must not learn whether it exists, is revoked or was
+            // rotated.
+            Reason::MalformedKey
+            | Reason::UnknownKey
+            | Reason::BadSecret
+            | Reason::Revoked
+            | Reason::ExpiredSecret => "Invalid API key",
             Reason::Scope => "This API key does not have permission for this request",
-            Reason::KeyAllowlist | Reason::AccountList => {
+            Reason::KeyAllowlist | Reason::AccountList | Reason::Denied => {
                 "Request IP address is not in the API key's allowlist"
             }
             Reason::RateLimited => "Too many requests for this API key; retry later",
@@ -615,6 +625,7 @@ pub enum Rule {
     Scope,
     KeyNoMatch,
     AccountNoMatch,
+    Denied,
     Rate(RateLimit),
     Allowed {
         key: Admit,
@@ -629,6 +640,7 @@ impl std::fmt::Display for Rule {
             Rule::Scope => f.write_str("scope"),
             Rule::KeyNoMatch => f.write_str("key allowlist: no entry matched"),
             Rule::AccountNoMatch => f.write_str("account list: no entry matched"),
+            Rule::Denied => f.write_str("account list: address denied"),
             Rule::Rate(r) => write!(f, "rate {r}"),
             Rule::Allowed { key, account } => {
                 match key {
@@ -686,6 +698,9 @@ pub struct Snapshot {
     /// `[blocking] always_allow`.
     pub always_allow: PrefixSet,
     pub always_allow_list: Vec<IpNet>,
+    /// Addresses the account denied: refused even inside an authorized or
+    /// learned range, until authorized explicitly.
+    pub denied: HashSet<IpAddr>,
     pub routes: RouteScopes,
 }
 
@@ -723,9 +738,18 @@ impl Snapshot {
 
     /// Whether the account layer admits `addr` now.
     pub fn account_admits(&self, addr: IpAddr) -> bool {
-        self.api_mode() != ApiMode::Active
-            || self.always_allow.longest_match(addr).is_some()
-            || self.account.longest_match(addr).is_some()
+        let addr = normalize(addr);
+        if self.always_allow.longest_match(addr).is_some() {
+            return true;
+        }
+        !self.denied.contains(&addr)
+            && (self.api_mode() != ApiMode::Active || self.account.longest_match(addr).is_some())
+    }
+
+    /// Whether `key` may be used from `addr` now (both address layers and
+    /// the key's state): what a live connection is rechecked against.
+    pub fn admits(&self, key: &KeyPolicy, addr: IpAddr) -> bool {
+        key.usable() && key.admits(addr) != Admit::Refused && self.account_admits(addr)
     }
 
     pub fn api_mode(&self) -> ApiMode {
@@ -749,15 +773,17 @@ impl Snapshot {
         let Some((id, secret)) = parse_credential(credential) else {
             return Decision::deny(Reason::MalformedKey, None, Rule::Auth("malformed key"));
         };
+        // Hashed before the lookup, so an unknown id costs what a known one
+        // does.
+        let hash = hash_secret(secret);
         let Some(key) = self.key(id) else {
             return Decision::deny(Reason::UnknownKey, None, Rule::Auth("unknown key id"));
         };
         let key = key.clone();
-        let hash = hash_secret(secret);
         let current: bool = hash.ct_eq(&key.secret_hash).into();
-        if key.status == KeyStatus::Revoked {
-            return Decision::deny(Reason::Revoked, Some(key), Rule::Auth("key revoked"));
-        }
+        // The secret is checked before the key's state: only a caller who
+        // holds the secret may learn that a key is revoked (and even then
+        // the body is the one every 401 has).
         if !current {
             match key.previous {
                 Some((prev, until)) if bool::from(hash.ct_eq(&prev)) => {
@@ -778,6 +804,9 @@ impl Snapshot {
                 }
             }
         }
+        if key.status == KeyStatus::Revoked {
+            return Decision::deny(Reason::Revoked, Some(key), Rule::Auth("key revoked"));
+        }
         if !self.routes.allows(key.scopes, method, path) {
             return Decision::deny(Reason::Scope, Some(key), Rule::Scope);
         }
@@ -788,6 +817,8 @@ impl Snapshot {
         let mut learn = None;
         let account_rule = if let Some(net) = self.always_allow.longest_match(client) {
             AccountMatch::AlwaysAllow(net)
+        } else if self.denied.contains(&client) {
+            return Decision::deny(Reason::Denied, Some(key), Rule::Denied);
         } else {
             match (self.api_mode(), self.account.longest_match(client)) {
                 (_, Some(net)) => AccountMatch::Listed(net),
@@ -939,6 +970,56 @@ mod tests {
         assert_eq!(Reason::BadSecret.status(), 401);
         assert_eq!(Reason::Scope.code(), "permission_denied");
         assert_eq!(Reason::KeyAllowlist.code(), "IP_NOT_ALLOWED");
+    }
+
+    #[test]
+    fn a_401_says_nothing_about_the_key_behind_it() {
+        let mut revoked = Arc::unwrap_or_clone(key("k1", "s3cret", &[], &[Scope::Full]));
+        revoked.status = KeyStatus::Revoked;
+        let s = snap(vec![Arc::new(revoked)], ApiMode::Inactive, &[]);
+        let d = |cred: &str| s.decide(Some(cred), "GET", "/", ip("198.51.100.7"), 0);
+        // Without the secret, a revoked key looks like any wrong secret.
+        assert_eq!(d("alk_k1_wrong").reason, Reason::BadSecret);
+        assert_eq!(d("alk_k1_s3cret").reason, Reason::Revoked);
+        let bodies: HashSet<(u16, &str, &str)> = [
+            Reason::MalformedKey,
+            Reason::UnknownKey,
+            Reason::BadSecret,
+            Reason::Revoked,
+            Reason::ExpiredSecret,
+        ]
+        .into_iter()
+        .map(|r| (r.status(), r.code(), r.message()))
+        .collect();
+        assert_eq!(bodies.len(), 1, "{bodies:?}");
+    }
+
+    #[test]
+    fn a_denied_address_stays_refused_inside_an_authorized_range() {
+        for mode in [ApiMode::Active, ApiMode::Learning, ApiMode::Inactive] {
+            let mut s = snap(
+                vec![key("k1", "s", &[], &[Scope::Full])],
+                mode,
+                &["198.51.100.0/24"],
+            );
+            s.denied.insert(ip("198.51.100.7"));
+            let d = s.decide(Some("alk_k1_s"), "GET", "/", ip("198.51.100.7"), 0);
+            assert_eq!((d.reason, d.learn), (Reason::Denied, None), "{mode:?}");
+            assert_eq!(d.reason.code(), "IP_NOT_ALLOWED");
+            assert!(!s.account_admits(ip("198.51.100.7")));
+            // Mapped IPv6 is the same address.
+            assert!(!s.account_admits(ip("::ffff:198.51.100.7")));
+            assert!(
+                s.decide(Some("alk_k1_s"), "GET", "/", ip("198.51.100.8"), 0)
+                    .allowed()
+            );
+            // always_allow wins over everything.
+            s.always_allow = PrefixSet::new(["198.51.100.7/32".parse().unwrap()]);
+            assert!(
+                s.decide(Some("alk_k1_s"), "GET", "/", ip("198.51.100.7"), 0)
+                    .allowed()
+            );
+        }
     }
 
     #[test]
@@ -1139,6 +1220,7 @@ mod tests {
                 account_list: account,
                 always_allow: PrefixSet::new(always.clone()),
                 always_allow_list: always,
+                denied: Default::default(),
                 routes: RouteScopes::default(),
             };
             let union = PrefixSet::new(s.api_guard_union());
