@@ -117,6 +117,18 @@ pub const fn guard_service(value: u32, proto: u8) -> u32 {
     }
 }
 
+/// Slot 0 of `GUARD_PORTS` (port 0 never carries a connection) holds the
+/// services whose guard is armed, as a mask of `1 << SERVICE_*`: what a
+/// packet whose port cannot be read (a tiny fragment, an IPv6 chain that
+/// cannot be walked) is checked against.
+pub const ARMED_SLOT: u16 = 0;
+
+/// The armed-services mask of the `ARMED_SLOT` value.
+#[inline(always)]
+pub const fn armed_services(value: u32) -> u32 {
+    value & 0xffff
+}
+
 /// A `GUARD_PORTS` value with `service` set for `proto`, other protocol kept.
 #[inline(always)]
 pub const fn with_guard_service(value: u32, proto: u8, service: u32) -> u32 {
@@ -191,6 +203,9 @@ pub const C_EVENTS_RATE_LIMITED: u32 = 3;
 pub const C_EVENTS_LOST: u32 = 4;
 pub const C_MALFORMED: u32 = 5;
 pub const C_DROP_GUARD_SMTP: u32 = 6;
+/// Packets that might open a connection but could not be classified,
+/// dropped from outside every armed union.
+pub const C_DROP_UNCLASSIFIED: u32 = 7;
 /// `C_DROP_LIST_BASE + reason` counts drop-list drops per reason.
 pub const C_DROP_LIST_BASE: u32 = 8;
 pub const STATS_SLOTS: u32 = C_DROP_LIST_BASE + REASON_MAX + 1;

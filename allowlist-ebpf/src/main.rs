@@ -13,9 +13,19 @@
 //! Every drop is counted per reason and reported to userspace through the
 //! `EVENTS` ring buffer, at most once per source per second.
 //!
-//! Fail-open everywhere: a packet this program cannot parse, or a map lookup
-//! that cannot be made, passes. The filter narrows what reaches the host; it
-//! must never cut the host off because of a bug or a malformed frame.
+//! IPv6 extension headers are walked (a bounded chain) to the L4 header.
+//! A packet that may open a connection but cannot be classified — an IPv4
+//! first fragment too short to hold the TCP flags or ports, an IPv6 chain
+//! too long or truncated, ESP — is checked against the unions of every
+//! armed service: from a source outside all of them it is dropped, never
+//! passed, or a fragmented or disguised SYN would walk past the guard.
+//! Non-first fragments carry no L4 header and pass: without their first
+//! fragment they reassemble into nothing.
+//!
+//! Otherwise fail-open: a frame this program cannot parse at all (not IP,
+//! a broken IP header), or a map lookup that cannot be made, passes. The
+//! filter narrows what reaches the host; it must never cut the host off
+//! because of a bug or a malformed frame.
 #![no_std]
 #![no_main]
 
@@ -23,11 +33,11 @@ use core::mem::size_of;
 
 use allowlist_common::{
     ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
-    C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT,
-    C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, EVENT_CACHE_SLOTS, EVENT_INTERVAL_NS,
-    EVENTS_BYTES, EventCacheSlot, GUARD_PORT_SLOTS, KEY_ACTIVE, PROTO_TCP, PROTO_UDP, REASON_MAX,
-    SERVICE_API, SERVICE_SMTP, V4_L1_ELEMENTS, V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey,
-    VERDICT_DROP_GUARD, VERDICT_DROP_LIST, guard_service,
+    C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_DROP_UNCLASSIFIED, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
+    C_EVENTS_SENT, C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, EVENT_CACHE_SLOTS,
+    EVENT_INTERVAL_NS, EVENTS_BYTES, EventCacheSlot, GUARD_PORT_SLOTS, KEY_ACTIVE, PROTO_TCP,
+    PROTO_UDP, REASON_MAX, SERVICE_API, SERVICE_SMTP, V4_L1_ELEMENTS, V4_L1_LEN_BITS, V4LongKey,
+    V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST, armed_services, guard_service,
 };
 use aya_ebpf::{
     bindings::{
@@ -36,7 +46,7 @@ use aya_ebpf::{
         xdp_action::{XDP_DROP, XDP_PASS},
     },
     cty::c_void,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     macros::{cgroup_skb, map, sock_ops, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{SkBuffContext, SockOpsContext, XdpContext},
@@ -125,6 +135,18 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6 extension headers the guard walks.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DEST_OPTS: u8 = 60;
+const IPV6_MOBILITY: u8 = 135;
+const IPV6_HIP: u8 = 139;
+const IPV6_SHIM6: u8 = 140;
+const IPV6_ESP: u8 = 50;
+/// Longest extension-header chain walked; a longer one is unclassifiable.
+const IPV6_MAX_EXT: usize = 8;
 
 #[xdp]
 pub fn edge_filter(ctx: XdpContext) -> u32 {
@@ -155,6 +177,39 @@ fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
     Ok(unsafe { ptr_at::<T>(ctx, offset)?.read_unaligned() })
 }
 
+/// A `T` at a variable `offset` (past IPv6 extension headers) through the
+/// `bpf_xdp_load_bytes` helper: the verifier cannot follow a direct packet
+/// access at an offset that grows in a loop.
+#[inline(always)]
+fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes exactly size_of::<T>() bytes into `v` or
+    // fails; on failure `v` is never read.
+    let r = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            offset as u32,
+            v.as_mut_ptr() as *mut c_void,
+            size_of::<T>() as u32,
+        )
+    };
+    if r != 0 {
+        return Err(());
+    }
+    // SAFETY: fully written by the helper.
+    Ok(unsafe { v.assume_init() })
+}
+
+/// `read` at an offset the verifier can follow, `load` otherwise.
+#[inline(always)]
+fn rd<T: Copy>(ctx: &XdpContext, offset: usize, variable: bool) -> Result<T, ()> {
+    if variable {
+        load(ctx, offset)
+    } else {
+        read(ctx, offset)
+    }
+}
+
 #[inline(always)]
 fn count(slot: u32) {
     if let Some(c) = STATS.get_ptr_mut(slot) {
@@ -172,11 +227,11 @@ struct L4 {
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, proto: u8, off: usize) -> Result<Option<L4>, ()> {
+fn parse_l4(ctx: &XdpContext, proto: u8, off: usize, var: bool) -> Result<Option<L4>, ()> {
     match proto {
         PROTO_TCP => {
-            let dport = u16::from_be(read::<u16>(ctx, off + 2)?);
-            let flags: u8 = read(ctx, off + 13)?;
+            let dport = u16::from_be(rd::<u16>(ctx, off + 2, var)?);
+            let flags: u8 = rd(ctx, off + 13, var)?;
             Ok(Some(L4 {
                 proto,
                 dport,
@@ -184,7 +239,7 @@ fn parse_l4(ctx: &XdpContext, proto: u8, off: usize) -> Result<Option<L4>, ()> {
             }))
         }
         PROTO_UDP => {
-            let dport = u16::from_be(read::<u16>(ctx, off + 2)?);
+            let dport = u16::from_be(rd::<u16>(ctx, off + 2, var)?);
             Ok(Some(L4 {
                 proto,
                 dport,
@@ -192,6 +247,71 @@ fn parse_l4(ctx: &XdpContext, proto: u8, off: usize) -> Result<Option<L4>, ()> {
             }))
         }
         _ => Ok(None),
+    }
+}
+
+/// What the guard does with a TCP or UDP packet whose header is not all
+/// there (`Err` from `parse_l4`): with a readable destination port it is
+/// judged as an opening packet to that port; without one, against every
+/// armed service's union.
+#[inline(always)]
+fn truncated_l4(
+    ctx: &XdpContext,
+    saddr: [u8; 16],
+    family: u8,
+    proto: u8,
+    off: usize,
+    var: bool,
+) -> u32 {
+    if let Ok(dport) = rd::<u16>(ctx, off + 2, var) {
+        let l4 = L4 {
+            proto,
+            dport: u16::from_be(dport),
+            opens: true,
+        };
+        return match guarded(&l4) {
+            Some(service) if !in_guard(service, family, &saddr) => {
+                drop_guard(ctx, saddr, family, service, &l4)
+            }
+            _ => pass(),
+        };
+    }
+    unclassified(ctx, saddr, family)
+}
+
+/// A packet that might open a connection but cannot be classified: passes
+/// only from a source inside some armed service's union.
+#[inline(always)]
+fn unclassified(ctx: &XdpContext, saddr: [u8; 16], family: u8) -> u32 {
+    let armed = GUARD_PORTS.get(0).map_or(0, |v| armed_services(*v));
+    if armed == 0 {
+        return pass();
+    }
+    let mut reported = SERVICE_API;
+    for service in [SERVICE_API, SERVICE_SMTP] {
+        if armed & (1 << service) != 0 {
+            if in_guard(service, family, &saddr) {
+                return pass();
+            }
+            reported = service;
+        }
+    }
+    count(C_DROP_UNCLASSIFIED);
+    if may_report(&saddr) {
+        send_event(ctx, saddr, family, VERDICT_DROP_GUARD, reported, None);
+    }
+    XDP_DROP
+}
+
+#[inline(always)]
+fn in_guard(service: u32, family: u8, saddr: &[u8; 16]) -> bool {
+    if family == 4 {
+        in_guard4(
+            service,
+            u32::from_ne_bytes([saddr[12], saddr[13], saddr[14], saddr[15]]),
+        )
+    } else {
+        in_guard6(service, saddr)
     }
 }
 
@@ -228,15 +348,27 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
 
     if let Some(reason) = drop4(saddr) {
         // Only a first fragment carries the L4 header the event reports.
-        let l4_at = (frag & 0x1fff == 0).then_some((l4proto, off + ihl));
+        let l4_at = (frag & 0x1fff == 0).then_some((l4proto, off + ihl, false));
         return Ok(drop_list(ctx, mapped4(saddr_be), 4, reason, l4_at));
     }
     // Only a first fragment carries the L4 header.
     if frag & 0x1fff != 0 {
         return Ok(pass());
     }
-    let Some(l4) = parse_l4(ctx, l4proto, off + ihl)? else {
-        return Ok(pass());
+    let l4 = match parse_l4(ctx, l4proto, off + ihl, false) {
+        Ok(Some(l4)) => l4,
+        Ok(None) => return Ok(pass()),
+        // A TCP/UDP header cut short: a tiny first fragment, say.
+        Err(()) => {
+            return Ok(truncated_l4(
+                ctx,
+                mapped4(saddr_be),
+                4,
+                l4proto,
+                off + ihl,
+                false,
+            ));
+        }
     };
     if l4.opens
         && let Some(service) = guarded(&l4)
@@ -247,11 +379,116 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     Ok(pass())
 }
 
+/// Where an IPv6 packet's upper-layer header is, once the extension
+/// headers are walked. A plain struct with every field always set, not an
+/// enum: the verifier refuses to see the undefined payload of an enum
+/// variant copied around.
+#[derive(Clone, Copy)]
+struct Upper {
+    kind: u8,
+    /// Protocol and offset of the header after the chain (`UPPER_AT`), and
+    /// whether that offset is variable (headers were walked: read with
+    /// `load`).
+    proto: u8,
+    off: usize,
+    var: bool,
+}
+
+const UPPER_AT: u8 = 0;
+/// A fragment other than the first: no upper-layer header.
+const UPPER_LATER_FRAGMENT: u8 = 1;
+/// A chain too long, cut short, or one that cannot be walked (ESP).
+const UPPER_UNWALKABLE: u8 = 2;
+
+impl Upper {
+    #[inline(always)]
+    fn at(proto: u8, off: usize, var: bool) -> Upper {
+        Upper {
+            kind: UPPER_AT,
+            proto,
+            off,
+            var,
+        }
+    }
+
+    #[inline(always)]
+    fn not(kind: u8) -> Upper {
+        Upper {
+            kind,
+            proto: 0,
+            off: 0,
+            var: false,
+        }
+    }
+}
+
+#[inline(always)]
+fn ext_header(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOP_BY_HOP
+            | IPV6_ROUTING
+            | IPV6_FRAGMENT
+            | IPV6_AH
+            | IPV6_DEST_OPTS
+            | IPV6_MOBILITY
+            | IPV6_HIP
+            | IPV6_SHIM6
+            | IPV6_ESP
+    )
+}
+
+#[inline(always)]
+fn walk_ipv6(ctx: &XdpContext, first: u8, start: usize) -> Upper {
+    // Nearly every packet has no extension header: its L4 header is at a
+    // fixed offset, read directly.
+    if !ext_header(first) {
+        return Upper::at(first, start, false);
+    }
+    let mut next = first;
+    let mut off = start;
+    for _ in 0..IPV6_MAX_EXT {
+        let len = match next {
+            IPV6_FRAGMENT => match (load::<u8>(ctx, off), load::<u16>(ctx, off + 2)) {
+                (Ok(nh), Ok(fo)) => {
+                    if u16::from_be(fo) & 0xfff8 != 0 {
+                        return Upper::not(UPPER_LATER_FRAGMENT);
+                    }
+                    next = nh;
+                    8
+                }
+                _ => return Upper::not(UPPER_UNWALKABLE),
+            },
+            // ESP hides what it carries.
+            IPV6_ESP => return Upper::not(UPPER_UNWALKABLE),
+            kind if ext_header(kind) => match load::<[u8; 2]>(ctx, off) {
+                Ok([nh, len]) => {
+                    next = nh;
+                    if kind == IPV6_AH {
+                        (len as usize + 2) * 4
+                    } else {
+                        (len as usize + 1) * 8
+                    }
+                }
+                Err(()) => return Upper::not(UPPER_UNWALKABLE),
+            },
+            proto => return Upper::at(proto, off, true),
+        };
+        off += len;
+    }
+    if ext_header(next) {
+        Upper::not(UPPER_UNWALKABLE)
+    } else {
+        Upper::at(next, off, true)
+    }
+}
+
 fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
-    let next: u8 = read(ctx, off + 6)?;
+    let first: u8 = read(ctx, off + 6)?;
     let saddr: [u8; 16] = read(ctx, off + 8)?;
-    if next == IPPROTO_ICMPV6 {
-        let icmp_type: u8 = read(ctx, off + 40)?;
+    let upper = walk_ipv6(ctx, first, off + 40);
+    if upper.kind == UPPER_AT && upper.proto == IPPROTO_ICMPV6 {
+        let icmp_type: u8 = rd(ctx, upper.off, upper.var)?;
         // Router/neighbour solicitation and advertisement, redirect.
         if (133..=137).contains(&icmp_type) {
             return Ok(pass());
@@ -264,12 +501,19 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
         saddr[8], saddr[9], saddr[10], saddr[11], saddr[12], saddr[13], saddr[14], saddr[15],
     ]);
     if let Some(reason) = drop6(hi, lo) {
-        return Ok(drop_list(ctx, saddr, 6, reason, Some((next, off + 40))));
+        let l4_at = (upper.kind == UPPER_AT).then_some((upper.proto, upper.off, upper.var));
+        return Ok(drop_list(ctx, saddr, 6, reason, l4_at));
     }
-    // Extension headers are not walked: a packet whose next header is not
-    // TCP/UDP passes the guard (fail-open), the drop list already applied.
-    let Some(l4) = parse_l4(ctx, next, off + 40)? else {
-        return Ok(pass());
+    match upper.kind {
+        UPPER_AT => {}
+        UPPER_LATER_FRAGMENT => return Ok(pass()),
+        _ => return Ok(unclassified(ctx, saddr, 6)),
+    }
+    let (proto, at, var) = (upper.proto, upper.off, upper.var);
+    let l4 = match parse_l4(ctx, proto, at, var) {
+        Ok(Some(l4)) => l4,
+        Ok(None) => return Ok(pass()),
+        Err(()) => return Ok(truncated_l4(ctx, saddr, 6, proto, at, var)),
     };
     if l4.opens
         && let Some(service) = guarded(&l4)
@@ -314,6 +558,10 @@ fn in_guard6(service: u32, a: &[u8; 16]) -> bool {
 
 #[inline(always)]
 fn guarded(l4: &L4) -> Option<u32> {
+    // Slot 0 holds the armed-services mask, not a port's service.
+    if l4.dport == 0 {
+        return None;
+    }
     let value = *GUARD_PORTS.get(u32::from(l4.dport))?;
     match guard_service(value, l4.proto) {
         0 => None,
@@ -426,11 +674,11 @@ fn drop_list(
     saddr: [u8; 16],
     family: u8,
     reason: u32,
-    l4_at: Option<(u8, usize)>,
+    l4_at: Option<(u8, usize, bool)>,
 ) -> u32 {
     count(C_DROP_LIST_BASE + reason.min(REASON_MAX));
     if may_report(&saddr) {
-        let l4 = l4_at.and_then(|(proto, off)| parse_l4(ctx, proto, off).ok().flatten());
+        let l4 = l4_at.and_then(|(proto, off, var)| parse_l4(ctx, proto, off, var).ok().flatten());
         send_event(ctx, saddr, family, VERDICT_DROP_LIST, reason, l4.as_ref());
     }
     XDP_DROP

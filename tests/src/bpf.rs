@@ -139,7 +139,7 @@ trait Pipe: Sized {
 }
 impl<T> Pipe for T {}
 
-fn tcp_syn(dport: u16) -> Vec<u8> {
+pub fn tcp_syn(dport: u16) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     t[0..2].copy_from_slice(&40000u16.to_be_bytes());
     t[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -157,7 +157,7 @@ fn tag(frame: Vec<u8>, id: u16) -> Vec<u8> {
     out
 }
 
-fn l4_frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+pub fn l4_frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {

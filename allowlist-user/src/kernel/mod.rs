@@ -253,6 +253,10 @@ pub struct KernelStats {
     pub dropped: BTreeMap<String, u64>,
     pub guard_dropped_api: u64,
     pub guard_dropped_smtp: u64,
+    /// Fragments and IPv6 chains the guard could not classify, dropped from
+    /// outside every armed union.
+    #[serde(default)]
+    pub guard_dropped_unclassified: u64,
     pub events_sent: u64,
     pub events_rate_limited: u64,
     pub events_lost: u64,
@@ -848,9 +852,14 @@ impl Kernel {
                 .map_err(gm("GUARD6"))?;
         }
         let mut want_ports: BTreeMap<u16, u32> = BTreeMap::new();
+        let mut armed = 0u32;
         for &(proto, port, service) in ports {
             let v = want_ports.entry(port).or_default();
             *v = with_guard_service(*v, proto, service);
+            armed |= 1 << service;
+        }
+        if armed != 0 {
+            want_ports.insert(allowlist_common::ARMED_SLOT, armed);
         }
         // Disarm ports first, then shrink the unions, then arm new ports.
         for (port, old) in &self.guard.ports {
@@ -909,6 +918,7 @@ impl Kernel {
             dropped,
             guard_dropped_api: sums[C_DROP_GUARD as usize],
             guard_dropped_smtp: sums[C_DROP_GUARD_SMTP as usize],
+            guard_dropped_unclassified: sums[allowlist_common::C_DROP_UNCLASSIFIED as usize],
             events_sent: sums[C_EVENTS_SENT as usize],
             events_rate_limited: sums[C_EVENTS_RATE_LIMITED as usize],
             events_lost: sums[C_EVENTS_LOST as usize],

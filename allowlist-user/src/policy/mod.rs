@@ -974,9 +974,9 @@ mod tests {
 
     #[test]
     fn a_401_says_nothing_about_the_key_behind_it() {
-        let mut revoked = Arc::unwrap_or_clone(key("k1", "s3cret", &[], &[Scope::Full]));
-        revoked.status = KeyStatus::Revoked;
-        let s = snap(vec![Arc::new(revoked)], ApiMode::Inactive, &[]);
+        let mut revoked = key("k1", "s3cret", &[], &[Scope::Full]);
+        Arc::get_mut(&mut revoked).expect("sole owner").status = KeyStatus::Revoked;
+        let s = snap(vec![revoked], ApiMode::Inactive, &[]);
         let d = |cred: &str| s.decide(Some(cred), "GET", "/", ip("198.51.100.7"), 0);
         // Without the secret, a revoked key looks like any wrong secret.
         assert_eq!(d("alk_k1_wrong").reason, Reason::BadSecret);

@@ -31,6 +31,10 @@ pub async fn run(client: &Client) -> Result<Output, CtlError> {
             k.guard_dropped_smtp
         ));
         text.push_str(&format!(
+            "  guard dropped (unclassifiable fragments, IPv6 chains)  {}\n",
+            k.guard_dropped_unclassified
+        ));
+        text.push_str(&format!(
             "  events sent {} / rate-limited {} / lost {}; received by the daemon {}\n",
             k.events_sent, k.events_rate_limited, k.events_lost, s.events_received
         ));
