@@ -388,14 +388,23 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    // Bind under a tight umask so the socket is never reachable by others,
-    // not even between bind and chmod.
-    // SAFETY: umask has no preconditions; the daemon binds before it spawns
-    // anything that creates files concurrently.
-    let old = unsafe { libc::umask(0o177) };
-    let listener = UnixListener::bind(path);
-    unsafe { libc::umask(old) };
-    let listener = listener?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Bind inside a fresh private folder (0700), set the socket's mode, then
+    // rename it into place: nobody else can reach it before it is 0600, and
+    // the process-wide umask (which the edge workers, already running,
+    // also create files under) is never touched.
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let private = dir.join(format!(".allowlist-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("admin.sock");
+    let bound = (|| {
+        let listener = UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok::<_, io::Error>(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    let listener = bound?;
     Ok(listener)
 }

@@ -56,6 +56,14 @@ pub struct Stats {
     /// Drop events read from the ring buffer since this daemon started.
     pub events_received: u64,
     pub drop_entries: usize,
+    /// Unauthorized-list entries evicted (least recent first) to keep each
+    /// service's list within `[blocking] unauthorized_max`.
+    #[serde(default)]
+    pub unauthorized_evicted: u64,
+    /// Refusals not recorded: more distinct sources pending than the
+    /// recorder holds between two writes.
+    #[serde(default)]
+    pub refusals_dropped: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -141,6 +141,9 @@ pub struct BlockingConfig {
     pub learning_days: u32,
     /// Management networks that are never blocked or dropped.
     pub always_allow: Vec<IpNet>,
+    /// Entries the unauthorized list keeps per service; the least recent
+    /// are evicted (and counted in `stats`) beyond it.
+    pub unauthorized_max: usize,
 }
 
 impl Default for BlockingConfig {
@@ -148,6 +151,7 @@ impl Default for BlockingConfig {
         BlockingConfig {
             learning_days: 30,
             always_allow: Vec::new(),
+            unauthorized_max: 10_000,
         }
     }
 }
@@ -292,6 +296,15 @@ impl Config {
             return Err(invalid(
                 "[proxy] header_timeout_secs",
                 format!("{} is out of range 1..=300", self.proxy.header_timeout_secs),
+            ));
+        }
+        if !(1..=10_000_000).contains(&self.blocking.unauthorized_max) {
+            return Err(invalid(
+                "[blocking] unauthorized_max",
+                format!(
+                    "{} is out of range 1..=10000000",
+                    self.blocking.unauthorized_max
+                ),
             ));
         }
         if !(1..=3600).contains(&self.proxy.idle_timeout_secs) {

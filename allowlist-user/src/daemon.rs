@@ -94,6 +94,10 @@ pub struct Daemon {
     /// Serialises changes so store, kernel and snapshot move in step.
     pub(crate) changes: tokio::sync::Mutex<()>,
     events_received: AtomicU64,
+    /// Unauthorized-list entries evicted by the per-service cap, and
+    /// refusals not recorded because too many distinct sources were pending.
+    pub unauthorized_evicted: AtomicU64,
+    pub refusals_dropped: AtomicU64,
     recent: Mutex<VecDeque<api::KernelEvent>>,
     /// The policy the proxy reads, swapped whole on every change.
     pub policy: arc_swap::ArcSwap<crate::policy::Snapshot>,
@@ -189,6 +193,8 @@ impl Daemon {
             kernel: kernel.map(Mutex::new),
             changes: tokio::sync::Mutex::new(()),
             events_received: AtomicU64::new(0),
+            unauthorized_evicted: AtomicU64::new(0),
+            refusals_dropped: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
             policy: arc_swap::ArcSwap::from_pointee(crate::policy::Snapshot::default()),
             state: Mutex::new(crate::ops::State {
@@ -337,6 +343,8 @@ impl Daemon {
             kernel_enabled: self.kernel.is_some(),
             events_received: self.events_received.load(Ordering::Relaxed),
             drop_entries: self.store.list_drops()?.len(),
+            unauthorized_evicted: self.unauthorized_evicted.load(Ordering::Relaxed),
+            refusals_dropped: self.refusals_dropped.load(Ordering::Relaxed),
             ..Default::default()
         };
         if let Some(k) = self.kernel() {

@@ -890,7 +890,7 @@ impl Daemon {
         rotate_key: bool,
         actor: &str,
     ) -> Result<DenyOutcome, DaemonError> {
-        let addr: IpAddr = addr.trim().parse().map(policy::normalize).map_err(|_| {
+        let addr: IpAddr = addr.trim().parse().map(policy::source_unit).map_err(|_| {
             DaemonError::Invalid(format!(
                 "{addr:?} is not an IP address; `allowlistctl ips unauthorized` lists them"
             ))
@@ -930,8 +930,10 @@ impl Daemon {
                 },
                 |_| {
                     if entries.is_empty() {
-                        self.store
-                            .record_unauthorized(std::slice::from_ref(&placeholder))?;
+                        self.store.record_unauthorized(
+                            std::slice::from_ref(&placeholder),
+                            self.config.blocking.unauthorized_max,
+                        )?;
                     }
                     Ok(self.store.set_unauthorized(addr, Some("denied"), actor)?)
                 },

@@ -222,8 +222,15 @@ pub trait Store: Send + Sync {
         cidr: &IpNet,
         actor: &str,
     ) -> Result<Option<AuthorizedRecord>, StoreError>;
-    /// Records refusals (one upsert per source/key/port), batched.
-    fn record_unauthorized(&self, hits: &[UnauthorizedRecord]) -> Result<(), StoreError>;
+    /// Records refusals (one upsert per source/key/port), batched, then
+    /// keeps at most `cap` entries per service by evicting the least recent
+    /// (denied entries are never evicted: they are enforced). Returns how
+    /// many were evicted.
+    fn record_unauthorized(
+        &self,
+        hits: &[UnauthorizedRecord],
+        cap: usize,
+    ) -> Result<u64, StoreError>;
     fn list_unauthorized(&self) -> Result<Vec<UnauthorizedRecord>, StoreError>;
     /// Marks (or, with `None`, removes) every unauthorized entry of `addr`.
     fn set_unauthorized(
@@ -849,12 +856,17 @@ impl Store for SqliteStore {
         Ok(found)
     }
 
-    fn record_unauthorized(&self, hits: &[UnauthorizedRecord]) -> Result<(), StoreError> {
+    fn record_unauthorized(
+        &self,
+        hits: &[UnauthorizedRecord],
+        cap: usize,
+    ) -> Result<u64, StoreError> {
         if hits.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.err("recording refusals"))?;
+        let mut services: Vec<&str> = Vec::new();
         for h in hits {
             tx.execute(
                 "INSERT INTO unauthorized(addr, service, key_id, port, first_seen, last_seen, attempts)
@@ -864,8 +876,23 @@ impl Store for SqliteStore {
                 params![h.addr.to_string(), h.service, h.key_id, h.port, h.first_seen, h.last_seen, h.attempts],
             )
             .map_err(self.err("recording refusals"))?;
+            if !services.contains(&h.service.as_str()) {
+                services.push(&h.service);
+            }
         }
-        tx.commit().map_err(self.err("committing"))
+        let mut evicted = 0u64;
+        for service in services {
+            evicted += tx
+                .execute(
+                    "DELETE FROM unauthorized WHERE rowid IN (
+                       SELECT rowid FROM unauthorized WHERE service = ?1 AND status != 'denied'
+                       ORDER BY last_seen DESC, rowid DESC LIMIT -1 OFFSET ?2)",
+                    params![service, cap as i64],
+                )
+                .map_err(self.err("capping the unauthorized list"))? as u64;
+        }
+        tx.commit().map_err(self.err("committing"))?;
+        Ok(evicted)
     }
 
     fn list_unauthorized(&self) -> Result<Vec<UnauthorizedRecord>, StoreError> {

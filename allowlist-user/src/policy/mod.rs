@@ -235,6 +235,18 @@ pub fn learned_network(addr: IpAddr) -> IpNet {
     }
 }
 
+/// The unit a refused or denied source is recorded and judged as: an IPv4
+/// address itself, an IPv6 address as its /64's network address (the size
+/// of one site, which one client can fill with addresses at will).
+pub fn source_unit(addr: IpAddr) -> IpAddr {
+    match normalize(addr) {
+        IpAddr::V6(a) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(a) & (u128::MAX << (128 - LEARN_V6_PREFIX)),
+        )),
+        v4 => v4,
+    }
+}
+
 /// SHA-256 of a key's secret part. Secrets carry 256 random bits, so a
 /// fast hash is the right one: there is nothing to brute-force.
 pub fn hash_secret(secret: &str) -> [u8; 32] {
@@ -742,7 +754,7 @@ impl Snapshot {
         if self.always_allow.longest_match(addr).is_some() {
             return true;
         }
-        !self.denied.contains(&addr)
+        !self.denied.contains(&source_unit(addr))
             && (self.api_mode() != ApiMode::Active || self.account.longest_match(addr).is_some())
     }
 
@@ -817,7 +829,7 @@ impl Snapshot {
         let mut learn = None;
         let account_rule = if let Some(net) = self.always_allow.longest_match(client) {
             AccountMatch::AlwaysAllow(net)
-        } else if self.denied.contains(&client) {
+        } else if self.denied.contains(&source_unit(client)) {
             return Decision::deny(Reason::Denied, Some(key), Rule::Denied);
         } else {
             match (self.api_mode(), self.account.longest_match(client)) {
@@ -1009,6 +1021,10 @@ mod tests {
             assert!(!s.account_admits(ip("198.51.100.7")));
             // Mapped IPv6 is the same address.
             assert!(!s.account_admits(ip("::ffff:198.51.100.7")));
+            // IPv6 is denied per /64.
+            s.denied.insert(source_unit(ip("2001:db8:1:2::99")));
+            assert!(!s.account_admits(ip("2001:db8:1:2:ffff::1")));
+            assert!(s.account_admits(ip("2001:db8:1:3::1")) || mode == ApiMode::Active);
             assert!(
                 s.decide(Some("alk_k1_s"), "GET", "/", ip("198.51.100.8"), 0)
                     .allowed()

@@ -58,7 +58,7 @@ pub use client_addr::{ForwardedError, forwarded_for, parse_hop, parse_proxy_head
 
 use crate::{
     daemon::Daemon,
-    policy::{Decision, PrefixSet, RateInfo, Reason, normalize, normalize_path},
+    policy::{self, Decision, PrefixSet, RateInfo, Reason, normalize, normalize_path},
     store::UnauthorizedRecord,
 };
 use client_addr::read_proxy_header;
@@ -88,6 +88,9 @@ const QUEUE: usize = 65_536;
 /// Batches of side effects in flight to the background task.
 const BATCHES: usize = 1024;
 const EFFECT_BATCH_DELAY: Duration = Duration::from_millis(5);
+/// Distinct refused sources held between two writes of the unauthorized
+/// list (every 250 ms).
+const MAX_PENDING_REFUSALS: usize = 4096;
 /// How long a worker with more connections than the others leaves a new
 /// connection to them before taking it itself.
 const BALANCE_DEFER: Duration = Duration::from_millis(1);
@@ -513,7 +516,7 @@ impl Edge {
                 Reason::KeyAllowlist | Reason::AccountList | Reason::Denied
             ) {
                 self.effect(SideEffect::Refused {
-                    addr: client,
+                    addr: policy::source_unit(client),
                     key_id: key_id(),
                     at: now_ms / 1000,
                 });
@@ -655,6 +658,14 @@ async fn side_effects(daemon: Arc<Daemon>, mut rx: mpsc::Receiver<Vec<SideEffect
                     at_ms,
                 } => daemon.record_success(addr, &key_id, at_ms),
                 SideEffect::Refused { addr, key_id, at } => {
+                    // Bounded: a spray of distinct sources between two
+                    // writes is counted, not held.
+                    if refused.len() >= MAX_PENDING_REFUSALS
+                        && !refused.contains_key(&(addr, key_id.clone()))
+                    {
+                        daemon.refusals_dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let r = refused.entry((addr, key_id.clone())).or_insert_with(|| {
                         UnauthorizedRecord {
                             addr,
@@ -684,11 +695,23 @@ fn flush_refused(
         return;
     }
     let batch: Vec<UnauthorizedRecord> = refused.drain().map(|(_, v)| v).collect();
-    for r in &batch {
-        tracing::info!(source = %r.addr, key = %r.key_id, attempts = r.attempts, "refused: IP_NOT_ALLOWED");
+    // One line per write, not per source: a spray must not flood the log.
+    let attempts: i64 = batch.iter().map(|r| r.attempts).sum();
+    if let [one] = &batch[..] {
+        tracing::info!(source = %one.addr, key = %one.key_id, attempts, "refused: IP_NOT_ALLOWED");
+    } else {
+        tracing::info!(sources = batch.len(), attempts, "refused: IP_NOT_ALLOWED");
     }
-    if let Err(e) = daemon.store.record_unauthorized(&batch) {
-        tracing::warn!(error = %e, "recording refused sources");
+    match daemon
+        .store
+        .record_unauthorized(&batch, daemon.config.blocking.unauthorized_max)
+    {
+        Ok(evicted) => {
+            daemon
+                .unauthorized_evicted
+                .fetch_add(evicted, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "recording refused sources"),
     }
 }
 

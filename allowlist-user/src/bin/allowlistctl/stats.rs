@@ -10,6 +10,10 @@ use crate::{
 pub async fn run(client: &Client) -> Result<Output, CtlError> {
     let s: Stats = client.get("/v1/stats").await?;
     let mut text = String::new();
+    text.push_str(&format!(
+        "unauthorized list: {} entries evicted by the cap, {} refusals not recorded (too many sources at once)\n",
+        s.unauthorized_evicted, s.refusals_dropped
+    ));
     if let Some(k) = &s.kernel {
         text.push_str("kernel (XDP edge_filter)\n");
         if s.interfaces.is_empty() {
