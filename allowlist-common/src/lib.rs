@@ -162,6 +162,27 @@ pub struct ConnInfo {
 }
 const _: () = assert!(size_of::<ConnInfo>() == 8);
 
+/// `CONN_CLIENT` value: who the client of a proxy connection is when a
+/// trusted balancer named it, rather than the TCP peer (the balancer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnClient {
+    /// `CLIENT_PROXY` or `CLIENT_XFF`.
+    pub mode: u32,
+    /// 4 or 6.
+    pub family: u32,
+    /// The address (IPv4 in the first four bytes), network order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<ConnClient>() == 24);
+
+/// The client came in a PROXY protocol header: the kernel checks it in
+/// place of the peer.
+pub const CLIENT_PROXY: u32 = 1;
+/// The clients come per request in X-Forwarded-For: the kernel checks the
+/// key's state only; addresses are checked per request in userspace.
+pub const CLIENT_XFF: u32 = 2;
+
 /// Counters of the connection hooks (indices into `STATS`).
 pub const C_CONN_CUT_REVOKED: u32 = STATS_SLOTS;
 pub const C_CONN_CUT_ALLOW: u32 = STATS_SLOTS + 1;
@@ -226,6 +247,10 @@ pub const EVENT_CACHE_SLOTS: u32 = 1024;
 
 /// Ring buffer size (bytes; power of two, multiple of the page size).
 pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Events each CPU may send per second in total (see `within_budget` in
+/// the eBPF crate): with the per-source interval, what bounds the daemon's
+/// work under a flood of spoofed sources.
+pub const EVENTS_PER_CPU_PER_SEC: u64 = 500;
 /// Minimum interval between two events about one source.
 pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
@@ -239,4 +264,5 @@ mod user {
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for EventCacheSlot {}
     unsafe impl aya::Pod for ConnInfo {}
+    unsafe impl aya::Pod for ConnClient {}
 }

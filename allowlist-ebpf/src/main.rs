@@ -34,10 +34,11 @@ use core::mem::size_of;
 use allowlist_common::{
     ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
     C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_DROP_UNCLASSIFIED, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
-    C_EVENTS_SENT, C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, EVENT_CACHE_SLOTS,
-    EVENT_INTERVAL_NS, EVENTS_BYTES, EventCacheSlot, GUARD_PORT_SLOTS, KEY_ACTIVE, PROTO_TCP,
-    PROTO_UDP, REASON_MAX, SERVICE_API, SERVICE_SMTP, V4_L1_ELEMENTS, V4_L1_LEN_BITS, V4LongKey,
-    V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST, armed_services, guard_service,
+    C_EVENTS_SENT, C_MALFORMED, C_PASS, CLIENT_PROXY, CLIENT_XFF, ConnClient, ConnInfo, DropEvent,
+    DropRule, EVENT_CACHE_SLOTS, EVENT_INTERVAL_NS, EVENTS_BYTES, EVENTS_PER_CPU_PER_SEC,
+    EventCacheSlot, GUARD_PORT_SLOTS, KEY_ACTIVE, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_API,
+    SERVICE_SMTP, V4_L1_ELEMENTS, V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey,
+    VERDICT_DROP_GUARD, VERDICT_DROP_LIST, armed_services, guard_service,
 };
 use aya_ebpf::{
     bindings::{
@@ -115,6 +116,11 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(ALL_STATS_SLOTS, 0);
 /// the proxy once it has read the key; removed when the socket closes.
 #[map]
 static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::pinned(1 << 18, 0);
+/// Socket cookie -> the client a trusted balancer named for that proxy
+/// connection (PROXY header, or X-Forwarded-For per request). Written by
+/// the proxy before `CONNS`; absent, the TCP peer is the client.
+#[map]
+static CONN_CLIENT: LruHashMap<u64, ConnClient> = LruHashMap::pinned(1 << 18, 0);
 /// Slot 0: bumped by the daemon after each change to the maps
 /// `conn_verdict` reads (KEY_STATE, KEY_ALLOW*, GUARD*, GUARD_PORTS).
 #[map]
@@ -705,6 +711,29 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// The total budget: at most `EVENTS_PER_CPU_PER_SEC` events per CPU per
+/// second, whatever the sources. The per-source limit alone lets a flood
+/// of spoofed sources (every address of a dropped /8) send one event each.
+/// Kept in the last slot of this CPU's `EVENT_CACHE` (`addr[0]`: start of
+/// the current second, `addr[1]`: events sent in it), so the pinned layout
+/// is unchanged.
+#[inline(always)]
+fn within_budget(now: u64) -> bool {
+    let Some(b) = EVENT_CACHE.get_ptr_mut(EVENT_CACHE_SLOTS - 1) else {
+        return true;
+    };
+    // SAFETY: this CPU's own slot; no other writer.
+    let b = unsafe { &mut *b };
+    if now.wrapping_sub(b.addr[0]) >= 1_000_000_000 {
+        b.addr = [now, 0];
+    }
+    if b.addr[1] >= EVENTS_PER_CPU_PER_SEC {
+        return false;
+    }
+    b.addr[1] += 1;
+    true
+}
+
 /// Whether an event about this source may be sent now: at most one per
 /// source per `EVENT_INTERVAL_NS`. The LRU map decides; the per-CPU cache in
 /// front of it only ever holds the LRU's own last-event times, so it
@@ -723,7 +752,8 @@ fn may_report(saddr: &[u8; 16]) -> bool {
     ];
     let h = (w[0] ^ w[1]) as u32 ^ ((w[0] ^ w[1]) >> 32) as u32;
     let idx = h.wrapping_mul(0x9E37_79B1) >> 22;
-    let cache = EVENT_CACHE.get_ptr_mut(idx % EVENT_CACHE_SLOTS);
+    // The last slot is this CPU's budget, not a cache entry.
+    let cache = EVENT_CACHE.get_ptr_mut(idx % (EVENT_CACHE_SLOTS - 1));
     if let Some(c) = cache {
         // SAFETY: this CPU's own slot.
         let c = unsafe { &*c };
@@ -756,6 +786,9 @@ fn may_report(saddr: &[u8; 16]) -> bool {
                 last_ns: last_event,
             }
         };
+    }
+    if allowed && !within_budget(now) {
+        allowed = false;
     }
     if !allowed {
         count(C_EVENTS_RATE_LIMITED);
@@ -815,6 +848,7 @@ pub fn conn_ops(ctx: SockOpsContext) -> u32 {
             // SAFETY: ctx.ops is the live bpf_sock_ops.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
             let _ = CONNS.remove(cookie);
+            let _ = CONN_CLIENT.remove(cookie);
         }
         _ => {}
     }
@@ -851,19 +885,48 @@ fn conn_verdict(ctx: &SkBuffContext, egress: bool) -> i32 {
     if generation != 0 && checked == generation {
         return 1;
     }
+    // SAFETY: plain value read of a map entry.
+    let named = unsafe { CONN_CLIENT.get(cookie) }.copied();
     let cut = if unsafe { KEY_STATE.get(kid) }.copied() != Some(KEY_ACTIVE) {
         Some(C_CONN_CUT_REVOKED)
+    } else if named.is_some_and(|c| c.mode == CLIENT_XFF) {
+        // Clients change per request behind an L7 balancer: the proxy
+        // checks each; the kernel holds the key's state only.
+        None
     } else {
         let kb = kid.to_be_bytes();
-        let family = ctx.skb.family();
-        let v6 = *ctx.skb.remote_ipv6();
-        let mapped = family == AF_INET6 && v6[0] == 0 && v6[1] == 0 && v6[2] == u32::to_be(0xffff);
         let local_port = ctx.skb.local_port() as u16;
         let api_guarded = GUARD_PORTS
             .get(u32::from(local_port))
             .is_some_and(|v| guard_service(*v, PROTO_TCP) == SERVICE_API);
-        if family == AF_INET || mapped {
-            let a = if mapped { v6[3] } else { ctx.skb.remote_ipv4() }.to_ne_bytes();
+        // The client: the one a PROXY header named, else the TCP peer.
+        let (v4, a) = match named {
+            Some(c) if c.mode == CLIENT_PROXY => (c.family == 4, c.addr),
+            _ => {
+                let family = ctx.skb.family();
+                let v6 = *ctx.skb.remote_ipv6();
+                let mapped =
+                    family == AF_INET6 && v6[0] == 0 && v6[1] == 0 && v6[2] == u32::to_be(0xffff);
+                if family == AF_INET || mapped {
+                    let b = if mapped { v6[3] } else { ctx.skb.remote_ipv4() }.to_ne_bytes();
+                    (
+                        true,
+                        [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                    )
+                } else if family == AF_INET6 {
+                    let mut a = [0u8; 16];
+                    for (i, w) in v6.iter().enumerate() {
+                        let b = w.to_ne_bytes();
+                        a[i * 4..i * 4 + 4].copy_from_slice(&b);
+                    }
+                    (false, a)
+                } else {
+                    // Neither family: nothing to check an address against.
+                    (false, [0xff; 16])
+                }
+            }
+        };
+        if v4 {
             if KEY_ALLOW4
                 .get(Key::new(
                     64,
@@ -872,17 +935,16 @@ fn conn_verdict(ctx: &SkBuffContext, egress: bool) -> i32 {
                 .is_none()
             {
                 Some(C_CONN_CUT_ALLOW)
-            } else if api_guarded && !in_guard4(SERVICE_API, u32::from_ne_bytes(a)) {
+            } else if api_guarded
+                && !in_guard4(SERVICE_API, u32::from_ne_bytes([a[0], a[1], a[2], a[3]]))
+            {
                 Some(C_CONN_CUT_ACCOUNT)
             } else {
                 None
             }
-        } else if family == AF_INET6 {
-            let mut a = [0u8; 16];
-            for (i, w) in v6.iter().enumerate() {
-                let b = w.to_ne_bytes();
-                a[i * 4..i * 4 + 4].copy_from_slice(&b);
-            }
+        } else if a == [0xff; 16] {
+            None
+        } else {
             let mut k = [0u8; 20];
             k[..4].copy_from_slice(&kb);
             k[4..].copy_from_slice(&a);
@@ -893,8 +955,6 @@ fn conn_verdict(ctx: &SkBuffContext, egress: bool) -> i32 {
             } else {
                 None
             }
-        } else {
-            None
         }
     };
     match cut {

@@ -64,6 +64,17 @@ pub struct Stats {
     /// recorder holds between two writes.
     #[serde(default)]
     pub refusals_dropped: u64,
+    #[serde(default)]
+    pub api_guard: ApiGuardState,
+}
+
+/// Whether the XDP guard covers the API port, and why.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ApiGuardState {
+    /// `[kernel] api_guard`: auto, on, off.
+    pub mode: String,
+    pub armed: bool,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

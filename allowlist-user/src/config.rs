@@ -117,6 +117,20 @@ pub struct KernelConfig {
     pub drop_capacity: u32,
     /// Prefixes per family the guard union holds.
     pub guard_capacity: u32,
+    /// When the XDP guard covers the API port: `auto` (only under a
+    /// connection flood), `on` (whenever API blocking is active), `off`.
+    pub api_guard: crate::flood::ApiGuardMode,
+    /// New connections per second above which `auto` arms the API guard.
+    pub flood_threshold: u64,
+    /// Seconds without a flood before `auto` disarms it again.
+    pub flood_calm_secs: u64,
+    /// Refusals of one source within `promote_window_secs` after which it
+    /// is promoted to the drop list (0: never).
+    pub promote_after: u32,
+    pub promote_window_secs: u64,
+    /// Expiry of a first promotion; each later one of the same source
+    /// doubles it (at most 30 days).
+    pub promote_ttl_secs: u64,
 }
 
 impl Default for KernelConfig {
@@ -129,6 +143,12 @@ impl Default for KernelConfig {
             bpffs: "/sys/fs/bpf/allowlist".into(),
             drop_capacity: 1 << 20,
             guard_capacity: 1 << 18,
+            api_guard: crate::flood::ApiGuardMode::Auto,
+            flood_threshold: 2000,
+            flood_calm_secs: 30,
+            promote_after: 100,
+            promote_window_secs: 60,
+            promote_ttl_secs: 600,
         }
     }
 }
@@ -305,6 +325,20 @@ impl Config {
                     "{} is out of range 1..=10000000",
                     self.blocking.unauthorized_max
                 ),
+            ));
+        }
+        if !(1..=3600).contains(&self.kernel.flood_calm_secs) {
+            return Err(invalid(
+                "[kernel] flood_calm_secs",
+                format!("{} is out of range 1..=3600", self.kernel.flood_calm_secs),
+            ));
+        }
+        if !(1..=86_400).contains(&self.kernel.promote_window_secs)
+            || !(1..=30 * 86_400).contains(&self.kernel.promote_ttl_secs)
+        {
+            return Err(invalid(
+                "[kernel] promote_window_secs / promote_ttl_secs",
+                "the window is 1..=86400 s and the first expiry 1..=2592000 s".into(),
             ));
         }
         if !(1..=3600).contains(&self.proxy.idle_timeout_secs) {

@@ -49,8 +49,9 @@ impl From<KernelError> for DaemonError {
 }
 
 const RECENT_EVENTS: usize = 256;
+const EVENT_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The daemon's clock. In builds with the `test-clock` feature (the
+/// The daemon's clock. In builds with the `test-hooks` feature (the
 /// binaries the tests drive, never a release),
 /// `ALLOWLIST_CLOCK_OFFSET_FILE` names a file holding seconds to add to the
 /// real time, so tests can move time forward (the 30-day learning switch,
@@ -58,21 +59,21 @@ const RECENT_EVENTS: usize = 256;
 /// whoever could write that file would control every expiry.
 #[derive(Debug, Default)]
 pub struct Clock {
-    #[cfg(feature = "test-clock")]
+    #[cfg(feature = "test-hooks")]
     offset_file: Option<std::path::PathBuf>,
 }
 
 impl Clock {
     pub fn from_env() -> Clock {
         Clock {
-            #[cfg(feature = "test-clock")]
+            #[cfg(feature = "test-hooks")]
             offset_file: std::env::var_os("ALLOWLIST_CLOCK_OFFSET_FILE").map(Into::into),
         }
     }
 
     /// Unix milliseconds.
     pub fn now_ms(&self) -> i64 {
-        #[cfg(feature = "test-clock")]
+        #[cfg(feature = "test-hooks")]
         {
             let offset_s: i64 = self
                 .offset_file
@@ -82,7 +83,7 @@ impl Clock {
                 .unwrap_or(0);
             wall_now_ms() + offset_s * 1000
         }
-        #[cfg(not(feature = "test-clock"))]
+        #[cfg(not(feature = "test-hooks"))]
         wall_now_ms()
     }
 }
@@ -94,6 +95,10 @@ pub struct Daemon {
     /// Serialises changes so store, kernel and snapshot move in step.
     pub(crate) changes: tokio::sync::Mutex<()>,
     events_received: AtomicU64,
+    /// Start of the current event-log window and events not logged in it.
+    event_log: Mutex<Option<(std::time::Instant, u64)>>,
+    /// The API guard's arming, guard drops to record, repeat offenders.
+    pub defense: crate::defense::Defense,
     /// Unauthorized-list entries evicted by the per-service cap, and
     /// refusals not recorded because too many distinct sources were pending.
     pub unauthorized_evicted: AtomicU64,
@@ -101,7 +106,7 @@ pub struct Daemon {
     recent: Mutex<VecDeque<api::KernelEvent>>,
     /// The policy the proxy reads, swapped whole on every change.
     pub policy: arc_swap::ArcSwap<crate::policy::Snapshot>,
-    pub(crate) state: Mutex<crate::ops::State>,
+    pub(crate) state: Mutex<crate::state::State>,
     pub(crate) runtimes: Mutex<std::collections::HashMap<String, Arc<crate::policy::KeyRuntime>>>,
     /// (source, key id) -> last successful call (Unix ms), for the impact
     /// of activating blocking.
@@ -110,7 +115,7 @@ pub struct Daemon {
     /// The kernel's connection/key pairing, when the hooks are loaded.
     pub conns: Option<crate::kernel::ConnTable>,
     /// Live proxy connections that presented a key, for the cut-off.
-    pub live: Mutex<std::collections::HashMap<u64, Arc<crate::proxy::LiveConn>>>,
+    pub live: Mutex<std::collections::HashMap<u64, Arc<crate::live::LiveConn>>>,
 }
 
 /// Parses a CIDR or a single address (as /32 or /128), refusing host bits
@@ -193,11 +198,13 @@ impl Daemon {
             kernel: kernel.map(Mutex::new),
             changes: tokio::sync::Mutex::new(()),
             events_received: AtomicU64::new(0),
+            event_log: Mutex::new(None),
+            defense: Default::default(),
             unauthorized_evicted: AtomicU64::new(0),
             refusals_dropped: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
             policy: arc_swap::ArcSwap::from_pointee(crate::policy::Snapshot::default()),
-            state: Mutex::new(crate::ops::State {
+            state: Mutex::new(crate::state::State {
                 keys: Default::default(),
                 authorized: Default::default(),
                 blocking,
@@ -218,6 +225,10 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         r.insert((crate::policy::normalize(addr), key_id.to_string()), at_ms);
+    }
+
+    pub fn kernel_enabled(&self) -> bool {
+        self.kernel.is_some()
     }
 
     pub(crate) fn kernel(&self) -> Option<std::sync::MutexGuard<'_, Kernel>> {
@@ -344,6 +355,7 @@ impl Daemon {
             events_received: self.events_received.load(Ordering::Relaxed),
             drop_entries: self.store.list_drops()?.len(),
             unauthorized_evicted: self.unauthorized_evicted.load(Ordering::Relaxed),
+            api_guard: self.api_guard_state(),
             refusals_dropped: self.refusals_dropped.load(Ordering::Relaxed),
             ..Default::default()
         };
@@ -397,7 +409,36 @@ impl Daemon {
         };
         let age_ns = kernel::sys::monotonic_ns().saturating_sub(ev.ts_ns);
         let at = wall_now_ms() as f64 / 1000.0 - age_ns as f64 / 1e9;
-        tracing::info!(%source, verdict, reason, port = ev.dport, proto = ev.proto, "kernel_drop");
+        // A source the guard dropped is an unauthorized caller like one the
+        // proxy refused: the owner must see it (written in batches).
+        if ev.verdict != allowlist_common::VERDICT_DROP_LIST {
+            self.defense.guard_drop(source, reason, ev.dport, at as i64);
+        }
+        // One INFO line per source would let a spoofed-source flood write
+        // the log: the first event of each 10 s window is logged, the rest
+        // are summed into one line when the window closes.
+        {
+            let mut w = self.event_log.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            match w.as_mut() {
+                Some((start, n)) if now.duration_since(*start) < EVENT_LOG_WINDOW => {
+                    *n += 1;
+                    tracing::debug!(%source, verdict, reason, port = ev.dport, proto = ev.proto, "kernel_drop");
+                }
+                _ => {
+                    if let Some((_, n)) = *w
+                        && n > 0
+                    {
+                        tracing::info!(
+                            events = n,
+                            "kernel_drop: more events in the last window (see `allowlistctl events`)"
+                        );
+                    }
+                    *w = Some((now, 0));
+                    tracing::info!(%source, verdict, reason, port = ev.dport, proto = ev.proto, "kernel_drop");
+                }
+            }
+        }
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() == RECENT_EVENTS {
             recent.pop_front();

@@ -8,7 +8,7 @@
 //! the old state. Readers (the proxy) only ever see whole snapshots.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::IpAddr,
     sync::{Arc, atomic::Ordering},
     time::Instant,
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     daemon::{Daemon, DaemonError, parse_ttl},
+    flood::ApiGuardMode,
     kernel::KeySpec,
     policy::{
         self, ApiMode, KeyPolicy, KeyRuntime, KeyStatus, PrefixSet, RateLimit, Scope, Snapshot,
@@ -30,16 +31,7 @@ use crate::{
     },
 };
 
-/// The daemon's in-memory mirror of the store's policy tables.
-#[derive(Clone, Debug)]
-pub struct State {
-    pub keys: BTreeMap<String, KeyRecord>,
-    pub authorized: BTreeMap<IpNet, AuthorizedRecord>,
-    pub blocking: BlockingState,
-    /// Addresses denied from the unauthorized list (refused until
-    /// authorized explicitly).
-    pub denied: std::collections::BTreeSet<IpAddr>,
-}
+pub use crate::state::State;
 
 /// Default grace period of a rotation, and its bounds.
 pub const DEFAULT_GRACE_SECS: i64 = 24 * 3600;
@@ -203,6 +195,7 @@ impl Daemon {
             always_allow: PrefixSet::new(self.config.blocking.always_allow.iter().copied()),
             always_allow_list: self.config.blocking.always_allow.clone(),
             denied: state.denied.iter().copied().collect(),
+            trusted_list: self.config.proxy.trusted_proxies.clone(),
             routes: policy::RouteScopes::default(),
         }
     }
@@ -228,7 +221,7 @@ impl Daemon {
             .collect();
         k.sync_keys(&specs)?;
         let mut ports = Vec::new();
-        if state.blocking.api == ApiBlocking::Active {
+        if state.blocking.api == ApiBlocking::Active && self.api_guard_wanted() {
             ports.push((
                 allowlist_common::PROTO_TCP,
                 self.config.proxy.listen.port(),
@@ -294,8 +287,13 @@ impl Daemon {
     /// current policy no longer admits from that peer. The kernel already
     /// stops its packets; this releases the socket at once.
     pub fn recheck_connections(&self) {
+        // Test builds only: show that the kernel alone stops the packets.
+        #[cfg(feature = "test-hooks")]
+        if std::env::var_os("ALLOWLIST_TEST_KERNEL_CUT_ONLY").is_some() {
+            return;
+        }
         let snap = self.policy.load();
-        let live: Vec<Arc<crate::proxy::LiveConn>> = self
+        let live: Vec<Arc<crate::live::LiveConn>> = self
             .live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -306,12 +304,117 @@ impl Daemon {
             let Some(key_id) = conn.key_id() else {
                 continue;
             };
-            let admitted = snap
-                .key(&key_id)
-                .is_some_and(|k| snap.admits(k, conn.client));
+            // Behind an L7 balancer: the client of the connection's latest
+            // request, not the balancer.
+            let client = conn.checked_client();
+            let admitted = snap.key(&key_id).is_some_and(|k| snap.admits(k, client));
             if !admitted {
-                tracing::info!(client = %conn.client, key = %key_id, "cutting a live connection: the policy no longer admits it");
+                tracing::info!(%client, key = %key_id, "cutting a live connection: the policy no longer admits it");
                 conn.cut();
+            }
+        }
+    }
+
+    /// Whether `[kernel] api_guard` wants the API port guarded now (API
+    /// blocking active is checked by the caller).
+    fn api_guard_wanted(&self) -> bool {
+        match self.config.kernel.api_guard {
+            ApiGuardMode::On => true,
+            ApiGuardMode::Off => false,
+            ApiGuardMode::Auto => self.defense.api_armed(),
+        }
+    }
+
+    /// What `stats` says about the API guard.
+    pub fn api_guard_state(&self) -> crate::api::ApiGuardState {
+        let mode = self.config.kernel.api_guard;
+        let active = self.with_state(|st| st.blocking.api == ApiBlocking::Active);
+        let (armed, reason) = match (self.kernel().is_some(), active, mode) {
+            (false, _, _) => (false, "kernel enforcement is off".to_string()),
+            (_, false, _) => (false, "API blocking is not active".to_string()),
+            (_, true, ApiGuardMode::Off) => (false, "api_guard = off".to_string()),
+            (_, true, ApiGuardMode::On) => (
+                true,
+                "api_guard = on and API blocking is active".to_string(),
+            ),
+            (_, true, ApiGuardMode::Auto) => {
+                let why = self.defense.reason();
+                let armed = self.defense.api_armed();
+                let why = if why.is_empty() {
+                    "api_guard = auto: no connection flood seen".to_string()
+                } else {
+                    format!("api_guard = auto: {why}")
+                };
+                (armed, why)
+            }
+        };
+        crate::api::ApiGuardState {
+            mode: mode.as_str().into(),
+            armed,
+            reason,
+        }
+    }
+
+    /// Arms or disarms the API guard (`auto` mode) and writes the guard
+    /// ports to the kernel when that changes.
+    pub async fn set_api_guard(&self, armed: bool, why: String) -> Result<(), DaemonError> {
+        if !self.defense.set_api_armed(armed, why.clone()) {
+            return Ok(());
+        }
+        tracing::info!(armed, reason = %why, "API guard");
+        let _guard = self.changes.lock().await;
+        let snap = self.policy.load();
+        self.with_state(|st| self.sync_policy_kernel(st, &snap))
+    }
+
+    /// Writes the guard drops gathered from kernel events to the
+    /// unauthorized list (API while armed, SMTP always).
+    pub fn flush_guard_drops(&self) -> Result<(), DaemonError> {
+        let batch = self.defense.take_guard_drops();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let evicted = self
+            .store
+            .record_unauthorized(&batch, self.config.blocking.unauthorized_max)?;
+        self.unauthorized_evicted
+            .fetch_add(evicted, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counts refusals per source and promotes those that keep failing to
+    /// the drop list, with an expiry that doubles each time one returns.
+    pub async fn note_refusals(&self, refused: &[(IpAddr, u64)]) {
+        let k = &self.config.kernel;
+        let now = self.clock.now_ms() / 1000;
+        let promote = self.defense.failures(
+            refused,
+            now,
+            k.promote_after,
+            k.promote_window_secs,
+            k.promote_ttl_secs,
+        );
+        for (source, secs) in promote {
+            let cidr = match source {
+                IpAddr::V4(a) => a.to_string(),
+                IpAddr::V6(a) => format!("{a}/64"),
+            };
+            let req = crate::api::AddDrop {
+                cidr: cidr.clone(),
+                ttl: Some(format!("{secs}s")),
+                reason: Some(format!(
+                    "promoted: {} refusals within {} s",
+                    k.promote_after, k.promote_window_secs
+                )),
+            };
+            match self
+                .add_drop_kind(req, crate::store::DropKind::Auto, "promotion")
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(%cidr, ttl_secs = secs, "promoted a source that keeps failing to the drop list")
+                }
+                Err(e) => tracing::warn!(%cidr, error = %e, "promoting a source to the drop list"),
             }
         }
     }

@@ -16,8 +16,8 @@ use std::{
 use allowlist::{
     config::Config,
     daemon::{Clock, Daemon},
-    ops::State,
     policy::{KeyStatus, Scope, hash_secret},
+    state::State,
     store::{
         AllowRecord, ApiBlocking, AuthorizedRecord, BlockingState, KeyRecord, SmtpBlocking,
         SqliteStore,

@@ -272,7 +272,7 @@ fn keys_and_lists_survive_sigkill_with_an_audit_trail() {
 #[test]
 fn the_release_build_ignores_the_test_clock() {
     // The same setup as above with the daemon built as a release is (no
-    // `test-clock` feature): 31 days on by the file, and nothing moves.
+    // `test-hooks` feature): 31 days on by the file, and nothing moves.
     let setup = Setup::new(false, "");
     let offset = setup.dir.path().join("clock-offset");
     std::fs::write(&offset, (31 * 86400).to_string()).unwrap();

@@ -43,7 +43,7 @@ pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
     let bins = repo.bin_dir(false);
     std::fs::copy(bins.join("allowlistd"), bins.join("allowlistd-release"))
         .context("copying allowlistd to allowlistd-release")?;
-    let mut build = repo.cargo("build -p allowlist-user --bins --features test-clock")?;
+    let mut build = repo.cargo("build -p allowlist-user --bins --features test-hooks")?;
     say("test", format_args!("build: {}", describe(&build)));
     status(&mut build).context("test step 'build' failed")?;
 
@@ -245,9 +245,10 @@ fn bench_tools(suite: Suite) -> Result<()> {
 }
 
 /// The programs the tests drive: namespaces and veth (iproute2), nsenter,
-/// bpftool, trafgen, nft, real HTTP clients (curl, nghttp, Python httpx
-/// with HTTP/2) and crafted packets (scapy). Debian's Python packages
-/// belong to /usr/bin/python3, which the tests call by that path.
+/// bpftool, trafgen, nft, a real balancer (HAProxy), real HTTP clients
+/// (curl, nghttp, Python httpx with HTTP/2) and crafted packets (scapy).
+/// Debian's Python packages belong to /usr/bin/python3, which the tests
+/// call by that path.
 const TEST_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
@@ -263,6 +264,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "/usr/bin/python3 -c 'import httpx, h2'",
         "python3-httpx python3-h2",
     ),
+    ("/usr/bin/python3 -c 'import scapy'", "python3-scapy"),
+    ("haproxy", "haproxy"),
 ];
 
 /// Checks every command in `tools` (a command line that must succeed, or a

@@ -221,6 +221,64 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
         })
     };
 
+    // Guard drops from kernel events enter the unauthorized list in
+    // batches, twice a second.
+    let guard_drops = {
+        let d = daemon.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let d = d.clone();
+                let r = tokio::task::spawn_blocking(move || d.flush_guard_drops()).await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "recording guard drops");
+                }
+            }
+        })
+    };
+    // `[kernel] api_guard = "auto"`: arm the API guard under a connection
+    // flood, disarm it after a calm period.
+    let flood = (daemon.kernel_enabled()
+        && config.kernel.api_guard == allowlist::flood::ApiGuardMode::Auto)
+        .then(|| {
+            let d = daemon.clone();
+            let stats = edge_stats.clone();
+            let (threshold, calm) = (
+                config.kernel.flood_threshold,
+                Duration::from_secs(config.kernel.flood_calm_secs),
+            );
+            tokio::spawn(async move {
+                use allowlist::flood::{FloodDetector, Reading, listen_pressure};
+                use std::sync::atomic::Ordering;
+                let mut detector = FloodDetector::new(threshold, calm);
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut last = (
+                    stats.accepted.load(Ordering::Relaxed),
+                    listen_pressure().unwrap_or(0),
+                    std::time::Instant::now(),
+                );
+                loop {
+                    tick.tick().await;
+                    let now = (
+                        stats.accepted.load(Ordering::Relaxed),
+                        listen_pressure().unwrap_or(last.1),
+                        std::time::Instant::now(),
+                    );
+                    let reading = Reading {
+                        accepted: now.0.saturating_sub(last.0),
+                        overflowed: now.1.saturating_sub(last.1),
+                    };
+                    if let Some((armed, why)) = detector.observe(reading, now.2 - last.2)
+                        && let Err(e) = d.set_api_guard(armed, why).await
+                    {
+                        tracing::warn!(error = %e, "arming the API guard");
+                    }
+                    last = now;
+                }
+            })
+        });
+
     let app = admin::router(daemon.clone());
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -262,6 +320,13 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     let _ = edge.await;
     sweeper.abort();
     housekeeping.abort();
+    guard_drops.abort();
+    if let Some(f) = flood {
+        f.abort();
+    }
+    if let Err(e) = daemon.flush_guard_drops() {
+        tracing::warn!(error = %e, "recording guard drops at exit");
+    }
     if let Err(e) = daemon.flush_usage() {
         tracing::warn!(error = %e, "flushing key usage counters at exit");
     }

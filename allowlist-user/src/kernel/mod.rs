@@ -951,26 +951,77 @@ impl Kernel {
     }
 }
 
-/// The proxy's handle on `CONNS`: pairs a socket with the key it presented.
+/// The proxy's handle on `CONNS` and `CONN_CLIENT`: pairs a socket with
+/// the key it presented (and, behind a trusted balancer, its client).
 pub struct ConnTable {
     map: MapData,
+    clients: MapData,
+}
+
+/// Who the kernel checks a paired connection's packets against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnClientKind {
+    /// The TCP peer.
+    Peer,
+    /// The client a PROXY protocol header named.
+    Proxy(std::net::IpAddr),
+    /// Per-request clients from X-Forwarded-For: key state only.
+    Forwarded,
+}
+
+fn pod_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: callers pass repr(C) plain data without padding bytes.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
 impl ConnTable {
-    pub fn pair(&self, cookie: u64, kid: u32) {
+    pub fn pair(&self, cookie: u64, kid: u32, client: ConnClientKind) {
         use std::os::fd::AsFd;
+        // The client goes in first: `conn_verdict` reads it once `CONNS`
+        // holds the socket.
+        let named = match client {
+            ConnClientKind::Peer => None,
+            ConnClientKind::Forwarded => Some(allowlist_common::ConnClient {
+                mode: allowlist_common::CLIENT_XFF,
+                ..Default::default()
+            }),
+            ConnClientKind::Proxy(addr) => {
+                let mut c = allowlist_common::ConnClient {
+                    mode: allowlist_common::CLIENT_PROXY,
+                    ..Default::default()
+                };
+                match crate::policy::normalize(addr) {
+                    std::net::IpAddr::V4(a) => {
+                        c.family = 4;
+                        c.addr[..4].copy_from_slice(&a.octets());
+                    }
+                    std::net::IpAddr::V6(a) => {
+                        c.family = 6;
+                        c.addr = a.octets();
+                    }
+                }
+                Some(c)
+            }
+        };
+        if let Some(c) = named
+            && let Err(e) = sys::map_update(
+                self.clients.fd().as_fd(),
+                &cookie.to_ne_bytes(),
+                pod_bytes(&c),
+            )
+        {
+            tracing::warn!(error = %e, "naming a connection's client in the kernel");
+            return;
+        }
         let value = ConnInfo {
             kid,
             checked_gen: 0,
         };
-        // SAFETY: ConnInfo is repr(C) plain data without padding bytes.
-        let value_bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&value as *const ConnInfo).cast::<u8>(),
-                size_of::<ConnInfo>(),
-            )
-        };
-        if let Err(e) = sys::map_update(self.map.fd().as_fd(), &cookie.to_ne_bytes(), value_bytes) {
+        if let Err(e) = sys::map_update(
+            self.map.fd().as_fd(),
+            &cookie.to_ne_bytes(),
+            pod_bytes(&value),
+        ) {
             tracing::warn!(error = %e, "pairing a connection with its key in the kernel");
         }
     }
@@ -1042,16 +1093,19 @@ impl Kernel {
         Ok(())
     }
 
-    /// The proxy's handle on `CONNS`. Call once.
+    /// The proxy's handle on `CONNS` and `CONN_CLIENT`. Call once.
     pub fn conn_table(&mut self) -> Result<ConnTable, KernelError> {
-        let name = "CONNS";
-        match self.ebpf.take_map(name) {
-            Some(Map::LruHashMap(map)) => Ok(ConnTable { map }),
+        let mut lru = |name: &'static str| match self.ebpf.take_map(name) {
+            Some(Map::LruHashMap(map)) => Ok(map),
             _ => Err(KernelError::Map {
                 name,
                 source: MapError::InvalidName { name: name.into() },
             }),
-        }
+        };
+        Ok(ConnTable {
+            map: lru("CONNS")?,
+            clients: lru("CONN_CLIENT")?,
+        })
     }
 }
 

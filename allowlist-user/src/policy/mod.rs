@@ -713,6 +713,10 @@ pub struct Snapshot {
     /// Addresses the account denied: refused even inside an authorized or
     /// learned range, until authorized explicitly.
     pub denied: HashSet<IpAddr>,
+    /// `[proxy] trusted_proxies`: balancers connect from these, so the XDP
+    /// guard always admits them (their clients are checked by the proxy
+    /// and the connection hooks).
+    pub trusted_list: Vec<IpNet>,
     pub routes: RouteScopes,
 }
 
@@ -876,6 +880,7 @@ impl Snapshot {
     pub fn api_guard_union(&self) -> Vec<IpNet> {
         let usable: Vec<&Arc<KeyPolicy>> = self.keys.values().filter(|k| k.usable()).collect();
         let mut out: Vec<IpNet> = self.always_allow_list.clone();
+        out.extend(self.trusted_list.iter().copied());
         if usable.iter().any(|k| k.allow.is_empty()) {
             out.extend(self.account_list.iter().copied());
         } else {
@@ -903,6 +908,7 @@ impl Snapshot {
     /// SMTP is guarded by the account list alone (and `always_allow`).
     pub fn smtp_guard_union(&self) -> Vec<IpNet> {
         let mut out = self.always_allow_list.clone();
+        out.extend(self.trusted_list.iter().copied());
         out.extend(self.account_list.iter().copied());
         out.sort_by_key(|n| (n.addr(), n.prefix_len()));
         out.dedup();
@@ -1237,6 +1243,7 @@ mod tests {
                 always_allow: PrefixSet::new(always.clone()),
                 always_allow_list: always,
                 denied: Default::default(),
+                trusted_list: Vec::new(),
                 routes: RouteScopes::default(),
             };
             let union = PrefixSet::new(s.api_guard_union());

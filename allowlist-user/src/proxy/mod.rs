@@ -61,9 +61,10 @@ use crate::{
     policy::{self, Decision, PrefixSet, RateInfo, Reason, normalize, normalize_path},
     store::UnauthorizedRecord,
 };
+use crate::{kernel::ConnClientKind, live::Activity};
 use client_addr::read_proxy_header;
 use forward::{API_KEY, Caller, strip_hop_by_hop, upstream_headers};
-use idle::{Activity, Tracked};
+use idle::Tracked;
 
 /// Limits that keep one client from starving the others.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -240,52 +241,7 @@ pub fn tls_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, ProxyError
     Ok(Arc::new(cfg))
 }
 
-/// A live connection that may carry a key: what the cut-off needs.
-#[derive(Debug)]
-pub struct LiveConn {
-    /// The client address the checks used.
-    pub client: IpAddr,
-    /// The socket's fd, used only by the connection's own task while that
-    /// task still owns the socket (so it can never name a reused fd).
-    fd: std::os::fd::RawFd,
-    cookie: Option<u64>,
-    /// (public id, kernel id) of the key last allowed on this connection.
-    key: std::sync::Mutex<Option<(String, u32)>>,
-    /// When this connection last reported a success (Unix ms): once a
-    /// minute per connection is plenty for the activation-impact check, and
-    /// keeps the channel off the per-request path.
-    reported_ms: AtomicI64,
-    kill: tokio::sync::Notify,
-    /// Requests in flight, for closing idle connections.
-    activity: Arc<Activity>,
-}
-
-impl LiveConn {
-    pub fn key_id(&self) -> Option<String> {
-        self.key
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|k| k.0.clone())
-    }
-
-    /// Has the connection's task close it with an RST. (The kernel hooks
-    /// already drop its packets; this frees the socket and tells the
-    /// client.)
-    pub fn cut(&self) {
-        self.kill.notify_one();
-    }
-
-    /// Records the key allowed on this connection; true when it changed.
-    fn set_key(&self, id: &str, kid: u32) -> bool {
-        let mut k = self.key.lock().unwrap_or_else(|p| p.into_inner());
-        if k.as_ref().is_some_and(|(_, old)| *old == kid) {
-            return false;
-        }
-        *k = Some((id.to_string(), kid));
-        true
-    }
-}
+pub use crate::live::LiveConn;
 
 /// What the request path hands to the background task.
 #[derive(Debug)]
@@ -315,6 +271,8 @@ pub struct EdgeStats {
     pub upstream_errors: AtomicU64,
     /// Side effects dropped because the queue was full.
     pub queue_dropped: AtomicU64,
+    /// Connections accepted (the flood detector's rate).
+    pub accepted: AtomicU64,
 }
 
 /// One worker's view of the edge: the shared state and its own upstream
@@ -528,6 +486,9 @@ impl Edge {
             return self.refuse(req, resp).await;
         }
         self.shared.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        if via_xff {
+            *conn.forwarded.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
+        }
         let mut new_key = false;
         if let Some(k) = &d.key
             && conn.set_key(&k.id, k.kid)
@@ -536,7 +497,7 @@ impl Edge {
             if let (Some(table), Some(cookie)) = (&self.shared.daemon.conns, conn.cookie) {
                 // From now on the kernel checks every packet of this
                 // connection against this key's policy.
-                table.pair(cookie, k.kid);
+                table.pair(cookie, k.kid, conn.binding);
             }
         }
         if let Some(net) = d.learn {
@@ -641,7 +602,8 @@ async fn side_effects(daemon: Arc<Daemon>, mut rx: mpsc::Receiver<Vec<SideEffect
                 Some(b) => b,
             },
             _ = tick.tick() => {
-                flush_refused(&daemon, &mut refused);
+                let sources = flush_refused(&daemon, &mut refused);
+                daemon.note_refusals(&sources).await;
                 continue;
             }
         };
@@ -684,17 +646,24 @@ async fn side_effects(daemon: Arc<Daemon>, mut rx: mpsc::Receiver<Vec<SideEffect
             }
         }
     }
-    flush_refused(&daemon, &mut refused);
+    let refused_sources = flush_refused(&daemon, &mut refused);
+    daemon.note_refusals(&refused_sources).await;
 }
 
+/// Writes the refusals gathered since the last write; returns each source
+/// with its refusals, for promotion.
 fn flush_refused(
     daemon: &Daemon,
     refused: &mut std::collections::HashMap<(IpAddr, String), UnauthorizedRecord>,
-) {
+) -> Vec<(IpAddr, u64)> {
     if refused.is_empty() {
-        return;
+        return Vec::new();
     }
     let batch: Vec<UnauthorizedRecord> = refused.drain().map(|(_, v)| v).collect();
+    let mut sources: std::collections::HashMap<IpAddr, u64> = Default::default();
+    for r in &batch {
+        *sources.entry(r.addr).or_default() += r.attempts.max(0) as u64;
+    }
     // One line per write, not per source: a spray must not flood the log.
     let attempts: i64 = batch.iter().map(|r| r.attempts).sum();
     if let [one] = &batch[..] {
@@ -713,6 +682,7 @@ fn flush_refused(
         }
         Err(e) => tracing::warn!(error = %e, "recording refused sources"),
     }
+    sources.into_iter().collect()
 }
 
 /// Binds the edge listener. It is returned unregistered: each edge worker
@@ -970,6 +940,7 @@ async fn worker(
                 }
             };
         drop(ready);
+        shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
             // Over the connection limit: refuse at once rather than queue.
             drop(stream);
@@ -1030,6 +1001,14 @@ async fn worker(
                 reported_ms: AtomicI64::new(0),
                 kill: tokio::sync::Notify::new(),
                 activity: Activity::new(),
+                forwarded: Default::default(),
+                binding: if use_xff {
+                    ConnClientKind::Forwarded
+                } else if client_ip != peer_ip {
+                    ConnClientKind::Proxy(client_ip)
+                } else {
+                    ConnClientKind::Peer
+                },
             });
             let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
             shared
