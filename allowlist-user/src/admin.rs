@@ -10,7 +10,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use serde::Deserialize;
 use tokio::net::UnixListener;
 
 use crate::{
@@ -130,16 +129,10 @@ async fn add_drop(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CidrQuery {
-    cidr: String,
-}
-
 async fn remove_drop(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    q: Result<Query<CidrQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<api::CidrQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<api::DropView> {
     let Query(q) =
         q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
@@ -198,18 +191,11 @@ async fn revoke_key(
     Ok(Json(d.revoke_key(&id, &peer.actor()).await?))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Rotate {
-    #[serde(default)]
-    grace: Option<String>,
-}
-
 async fn rotate_key(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(id): UrlPath<String>,
-    b: Body<Rotate>,
+    b: Body<api::RotateKey>,
 ) -> ApiResult<KeyView> {
     let r = body(b)?;
     Ok(Json(
@@ -217,19 +203,11 @@ async fn rotate_key(
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AllowReq {
-    cidr: String,
-    #[serde(default)]
-    label: Option<String>,
-}
-
 async fn key_allow(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(id): UrlPath<String>,
-    b: Body<AllowReq>,
+    b: Body<api::AllowEntry>,
 ) -> ApiResult<KeyView> {
     let r = body(b)?;
     Ok(Json(
@@ -241,7 +219,7 @@ async fn key_disallow(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(id): UrlPath<String>,
-    q: Result<Query<CidrQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<api::CidrQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<KeyView> {
     let Query(q) =
         q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
@@ -255,7 +233,7 @@ async fn list_ips(State(d): State<Arc<Daemon>>) -> Json<serde_json::Value> {
 async fn authorize(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    b: Body<AllowReq>,
+    b: Body<api::AllowEntry>,
 ) -> Result<(StatusCode, Json<AuthorizedRecord>), ApiError> {
     let r = body(b)?;
     Ok((
@@ -270,7 +248,7 @@ async fn authorize(
 async fn unauthorize(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    q: Result<Query<CidrQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<api::CidrQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<AuthorizedRecord> {
     let Query(q) =
         q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
@@ -284,22 +262,10 @@ async fn list_unauthorized(
     Ok(Json(serde_json::json!({ "unauthorized": list })))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DenyReq {
-    addr: String,
-    #[serde(default)]
-    drop: bool,
-    #[serde(default)]
-    ttl: Option<String>,
-    #[serde(default)]
-    rotate_key: bool,
-}
-
 async fn deny(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    b: Body<DenyReq>,
+    b: Body<api::Deny>,
 ) -> ApiResult<DenyOutcome> {
     let r = body(b)?;
     Ok(Json(
@@ -308,18 +274,10 @@ async fn deny(
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ModeReq {
-    mode: String,
-    #[serde(default)]
-    force: bool,
-}
-
 async fn set_api(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    b: Body<ModeReq>,
+    b: Body<api::SetMode>,
 ) -> ApiResult<BlockingState> {
     let r = body(b)?;
     let mode = match r.mode.as_str() {
@@ -342,7 +300,7 @@ async fn set_api(
 async fn set_smtp(
     State(d): State<Arc<Daemon>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
-    b: Body<ModeReq>,
+    b: Body<api::SetMode>,
 ) -> ApiResult<BlockingState> {
     let r = body(b)?;
     let mode = match r.mode.as_str() {

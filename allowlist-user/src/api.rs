@@ -33,6 +33,58 @@ pub struct AddDrop {
     pub reason: Option<String>,
 }
 
+/// `DELETE ...?cidr=` (query string).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidrQuery {
+    pub cidr: String,
+}
+
+/// `POST /v1/keys/{id}/rotate`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// Like "1h"; none = the default 24 h, "0" = none.
+    #[serde(default)]
+    pub grace: Option<String>,
+}
+
+/// `POST /v1/keys/{id}/allow` and `POST /v1/ips`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    pub cidr: String,
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// `POST /v1/ips/deny`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deny {
+    pub addr: String,
+    #[serde(default)]
+    pub drop: bool,
+    #[serde(default)]
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub rotate_key: bool,
+}
+
+/// `POST /v1/blocking/api` and `/v1/blocking/smtp`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMode {
+    pub mode: String,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A body that carries nothing (`POST /v1/keys/{id}/revoke`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DropView {
     #[serde(flatten)]

@@ -243,8 +243,20 @@ impl Daemon {
             return Ok(());
         };
         let (wall, mono) = (wall_now_ms(), kernel::sys::monotonic_ns());
+        let always = &self.config.blocking.always_allow;
         let specs: Vec<DropSpec> = records
             .iter()
+            // Lockout protection holds for entries stored before the
+            // configuration named the network too.
+            .filter(|r| {
+                let overlap = always
+                    .iter()
+                    .find(|a| a.contains(&r.cidr) || r.cidr.contains(*a));
+                if let Some(a) = overlap {
+                    tracing::warn!(cidr = %r.cidr, always_allow = %a, "drop entry not enforced: it overlaps [blocking] always_allow");
+                }
+                overlap.is_none()
+            })
             .filter_map(|r| to_spec(r, wall, mono))
             .collect();
         k.sync_drops(&specs)

@@ -166,8 +166,8 @@ mod tests {
         v.sort_by_key(|r| r.port);
         assert_eq!(v.len(), 2);
         assert_eq!(
-            (v[1].attempts, v[1].first_seen, v[1].last_seen),
-            (2, 10, 12)
+            (v[0].port, v[0].attempts, v[0].first_seen, v[0].last_seen),
+            (25, 2, 10, 12)
         );
         assert!(d.take_guard_drops().is_empty());
     }

@@ -259,7 +259,19 @@ impl Daemon {
         let mut new = self.with_state(State::clone);
         edit(&mut new)?;
         let snap = self.snapshot_of(&new);
-        self.sync_policy_kernel(&new, &snap)?;
+        if let Err(e) = self.sync_policy_kernel(&new, &snap) {
+            // Each map family undoes its own failed write; one family may
+            // have landed before another failed, so put the old policy
+            // back whole.
+            let restored = self.with_state(|old| {
+                let old_snap = self.snapshot_of(old);
+                self.sync_policy_kernel(old, &old_snap)
+            });
+            if let Err(k) = restored {
+                tracing::error!(error = %k, "restoring the kernel maps after a failed change");
+            }
+            return Err(e);
+        }
         let out = match persist(&new) {
             Ok(out) => out,
             Err(e) => {

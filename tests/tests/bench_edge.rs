@@ -405,9 +405,10 @@ fn bench_edge_under_syn_flood() {
     let pair = Pair::new();
     pair.client_addr("198.51.100.90");
     let _up = Upstream::start(&pair.server, 8080);
+    // `on`: the guard's own effect is measured, not auto's arming delay.
     let setup = Setup::new(
         true,
-        &format!("interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\""),
+        &format!("interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\"\napi_guard = \"on\""),
     );
     setup.proxy(&format!(
         "listen = \"0.0.0.0:{PORT}\"\nupstream = \"http://127.0.0.1:8080\""

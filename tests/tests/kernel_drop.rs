@@ -427,3 +427,35 @@ fn unload_removes_every_program_link_and_pin() {
         "XDP detached"
     );
 }
+
+#[test]
+fn always_allow_holds_for_drop_entries_stored_before_it() {
+    if !kernel_tests_enabled("always_allow_holds_for_drop_entries_stored_before_it") {
+        return;
+    }
+    let pair = Pair::new();
+    pair.client_addr("198.51.100.30");
+    let _open = Server::start(&pair.server, PORT);
+    let setup = kernel_setup();
+    let mut d = setup.start(Some(&pair.server), &[]);
+    setup.ctl_json(&["drop", "add", "198.51.100.0/24", "--reason", "old entry"]);
+    assert_eq!(
+        connect(&pair.client, "198.51.100.30", SERVER_V4, PORT, T),
+        Connect::Silent
+    );
+    d.stop();
+    // The operator adds a management address to always_allow; the stored
+    // /24 that covers it must no longer drop it after the restart.
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(
+        &setup.config,
+        format!("{text}\n[blocking]\nalways_allow = [\"198.51.100.30/32\"]\n"),
+    )
+    .unwrap();
+    let d = setup.start(Some(&pair.server), &[]);
+    assert_eq!(
+        connect(&pair.client, "198.51.100.30", SERVER_V4, PORT, T),
+        Connect::Ok
+    );
+    assert!(d.log_text().contains("overlaps [blocking] always_allow"));
+}

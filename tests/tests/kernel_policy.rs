@@ -17,7 +17,10 @@ const API: u16 = 8443;
 fn setup() -> Setup {
     let s = Setup::new(
         true,
-        &format!("interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\"\nsmtp_ports = [{SMTP}]"),
+        // `on`: these tests check the unions themselves, armed with blocking.
+        &format!(
+            "interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\"\nsmtp_ports = [{SMTP}]\napi_guard = \"on\""
+        ),
     );
     // The API guard protects the daemon's own TLS edge.
     s.proxy(&format!("listen = \"0.0.0.0:{API}\""));

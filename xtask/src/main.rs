@@ -3,6 +3,7 @@
 //! compiled by `aya-build` from allowlist-user's build script; this tool only
 //! makes sure that build can find what it needs.
 
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -58,6 +59,15 @@ enum Cmd {
         /// after a further `--` goes to the test binaries.
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// Run the cargo-fuzz targets (all, or one), each for a bounded time.
+    Fuzz {
+        /// One target (proxy_header, forwarded_for, allow_entry, credential,
+        /// path, admin_bodies, config); all when omitted.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
     },
     /// Build release binaries and run a benchmark suite.
     Bench {
@@ -124,6 +134,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::Build { release } => build(&repo, release)?,
         Cmd::Run { release, args } => run::run(&repo, release, &args)?,
         Cmd::Test { quick, args } => test::test(&repo, quick, &args)?,
+        Cmd::Fuzz { target, seconds } => fuzz::fuzz(&repo, target.as_deref(), seconds)?,
         Cmd::Bench { suite } => return test::bench(&repo, suite),
     }
     Ok(ExitCode::SUCCESS)

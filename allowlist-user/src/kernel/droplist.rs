@@ -54,6 +54,12 @@ pub trait DropMaps {
     fn del_v6_l1(&mut self, top: u32) -> Result<(), Self::Error>;
     fn set_v6_long(&mut self, key: V6LongKey, rule: u32) -> Result<(), Self::Error>;
     fn del_v6_long(&mut self, key: V6LongKey) -> Result<(), Self::Error>;
+    // What an entry holds now, so a failed change can be undone
+    // (`journal::Journal`).
+    fn rule(&self, index: u32) -> DropRule;
+    fn v4_long(&self, key: V4LongKey) -> Option<u32>;
+    fn v6_l1(&self, top: u32) -> Option<V6L1Value>;
+    fn v6_long(&self, key: V6LongKey) -> Option<u32>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,8 +74,22 @@ pub enum DropListError {
          [kernel] drop_capacity or remove entries (nothing was changed)"
     )]
     Full { wanted: usize, capacity: usize },
-    #[error("writing the kernel drop maps failed: {0}")]
+    #[error(
+        "the IPv6 drop list would need {wanted} first-level entries (a prefix shorter than /32 \
+         takes one per /32 it covers) but the kernel map holds {capacity}; raise \
+         [kernel] drop_capacity or use longer prefixes (nothing was changed)"
+    )]
+    V6FirstLevelFull { wanted: usize, capacity: usize },
+    #[error("writing the kernel drop maps failed: {0} (nothing was changed)")]
     Maps(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(
+        "writing the kernel drop maps failed: {write}; undoing the change failed too: {undo}. \
+         Restart allowlistd: it rewrites the maps from the store"
+    )]
+    Inconsistent {
+        write: Box<dyn std::error::Error + Send + Sync>,
+        undo: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Checks that `net` can go in the drop list.
@@ -107,7 +127,7 @@ struct Entry {
 
 /// The compiler's memory of what the maps hold, so that the next change is
 /// written as a diff.
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DropList {
     capacity: usize,
     v4: HashMap<Ipv4Net, Entry>,
@@ -172,12 +192,53 @@ impl DropList {
                 capacity: self.capacity,
             });
         }
+        // The v6 first level holds one entry per /32 in use, and a prefix
+        // shorter than /32 is expanded into every /32 it covers.
+        let mut tops: HashSet<u32> = HashSet::new();
+        for net in want6.keys() {
+            let first = top32(net);
+            let count = 1u32 << 32u8.saturating_sub(net.prefix_len());
+            tops.extend(first..first + count);
+        }
+        if tops.len() > self.capacity {
+            return Err(DropListError::V6FirstLevelFull {
+                wanted: tops.len(),
+                capacity: self.capacity,
+            });
+        }
         Ok((want4, want6))
     }
 
     /// Makes the maps hold exactly `wanted` (last spec wins for a duplicate
-    /// prefix). Refused as a whole, before any write, when it does not fit.
+    /// prefix). Refused as a whole, before any write, when it does not fit;
+    /// when a write fails midway, every write already made is undone and
+    /// this record restored, so maps and record are as before the call.
     pub fn apply<M: DropMaps>(
+        &mut self,
+        maps: &mut M,
+        wanted: &[DropSpec],
+    ) -> Result<(), DropListError> {
+        // A copy of the record, O(entries) — as is every apply, which reads
+        // the whole wanted list.
+        let before = self.clone();
+        let mut journal = super::journal::Journal::new(maps);
+        match self.apply_diff(&mut journal, wanted) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                *self = before;
+                match (e, journal.rollback()) {
+                    (e, Ok(())) => Err(e),
+                    (DropListError::Maps(write), Err(undo)) => Err(DropListError::Inconsistent {
+                        write,
+                        undo: Box::new(undo),
+                    }),
+                    (e, Err(_)) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn apply_diff<M: DropMaps>(
         &mut self,
         maps: &mut M,
         wanted: &[DropSpec],
@@ -721,6 +782,18 @@ impl DropMaps for ModelMaps {
         self.v6_long.remove(&key);
         Ok(())
     }
+    fn rule(&self, index: u32) -> DropRule {
+        self.rules.get(&index).copied().unwrap_or_default()
+    }
+    fn v4_long(&self, key: V4LongKey) -> Option<u32> {
+        self.v4_long.get(&key).copied()
+    }
+    fn v6_l1(&self, top: u32) -> Option<V6L1Value> {
+        self.v6_l1.get(&top).copied()
+    }
+    fn v6_long(&self, key: V6LongKey) -> Option<u32> {
+        self.v6_long.get(&key).copied()
+    }
 }
 
 impl AdoptMaps for ModelMaps {
@@ -921,6 +994,185 @@ mod tests {
             .collect();
         out.reverse();
         out
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("injected failure")]
+    struct Injected;
+
+    /// Model maps whose `n`-th write fails.
+    struct FailAt<'a> {
+        maps: &'a mut ModelMaps,
+        n: usize,
+        seen: usize,
+    }
+
+    impl FailAt<'_> {
+        fn write(&mut self) -> Result<(), Injected> {
+            self.seen += 1;
+            if self.seen == self.n {
+                Err(Injected)
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl DropMaps for FailAt<'_> {
+        type Error = Injected;
+        fn set_rule(&mut self, index: u32, rule: DropRule) -> Result<(), Injected> {
+            self.write()?;
+            let _ = self.maps.set_rule(index, rule);
+            Ok(())
+        }
+        fn v4_slot(&self, slot: u32) -> u32 {
+            self.maps.v4_slot(slot)
+        }
+        fn set_v4_slot(&mut self, slot: u32, value: u32) -> Result<(), Injected> {
+            self.write()?;
+            let _ = self.maps.set_v4_slot(slot, value);
+            Ok(())
+        }
+        fn set_v4_long(&mut self, key: V4LongKey, rule: u32) -> Result<(), Injected> {
+            self.write()?;
+            let _ = self.maps.set_v4_long(key, rule);
+            Ok(())
+        }
+        fn del_v4_long(&mut self, key: V4LongKey) -> Result<(), Injected> {
+            self.write()?;
+            let _ = self.maps.del_v4_long(key);
+            Ok(())
+        }
+        fn set_v6_l1(&mut self, top: u32, value: V6L1Value) -> Result<(), Injected> {
+            self.write()?;
+            let _ = self.maps.set_v6_l1(top, value);
+            Ok(())
+        }
+        fn del_v6_l1(&mut self, top: u32) -> Result<(), Injected> {
+            self.write()?;
+            let _ = self.maps.del_v6_l1(top);
+            Ok(())
+        }
+        fn set_v6_long(&mut self, key: V6LongKey, rule: u32) -> Result<(), Injected> {
+            self.write()?;
+            let _ = self.maps.set_v6_long(key, rule);
+            Ok(())
+        }
+        fn del_v6_long(&mut self, key: V6LongKey) -> Result<(), Injected> {
+            self.write()?;
+            let _ = self.maps.del_v6_long(key);
+            Ok(())
+        }
+        fn rule(&self, index: u32) -> DropRule {
+            self.maps.rule(index)
+        }
+        fn v4_long(&self, key: V4LongKey) -> Option<u32> {
+            self.maps.v4_long(key)
+        }
+        fn v6_l1(&self, top: u32) -> Option<V6L1Value> {
+            self.maps.v6_l1(top)
+        }
+        fn v6_long(&self, key: V6LongKey) -> Option<u32> {
+            self.maps.v6_long(key)
+        }
+    }
+
+    /// What the model holds, in the part of the v4 table the specs reach
+    /// (0xC0000000/16), with zeroed rules counted as absent.
+    type Held = (
+        HashMap<u32, DropRule>,
+        Vec<u32>,
+        HashMap<V4LongKey, u32>,
+        HashMap<u32, V6L1Value>,
+        HashMap<V6LongKey, u32>,
+    );
+
+    fn held(m: &ModelMaps) -> Held {
+        (
+            m.rules
+                .iter()
+                .filter(|(_, r)| **r != DropRule::default())
+                .map(|(i, r)| (*i, *r))
+                .collect(),
+            m.v4_l1[0xC0_0000..0xC0_0100].to_vec(),
+            m.v4_long.clone(),
+            m.v6_l1.clone(),
+            m.v6_long.clone(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// A failure at any one map write of a change leaves the maps and
+        /// the compiler's record exactly as they were; without a failure
+        /// the change lands and matches the reference.
+        #[test]
+        fn a_failed_write_at_any_point_changes_nothing(
+            a in proptest::collection::vec(prop_oneof![spec4(), spec6()], 0..10),
+            b in proptest::collection::vec(prop_oneof![spec4(), spec6()], 0..10),
+        ) {
+            let mut list = DropList::new(4096);
+            let mut model = ModelMaps::default();
+            list.apply(&mut model, &a).unwrap();
+            let (list_before, maps_before) = (list.clone(), held(&model));
+            let mut landed = false;
+            for n in 1..100_000 {
+                let mut failing = FailAt { maps: &mut model, n, seen: 0 };
+                match list.apply(&mut failing, &b) {
+                    Err(DropListError::Maps(_)) => {
+                        prop_assert!(list == list_before, "record changed after a failure at write {}", n);
+                        prop_assert!(held(&model) == maps_before, "maps changed after a failure at write {}", n);
+                    }
+                    Err(e) => prop_assert!(false, "{}", e),
+                    Ok(()) => {
+                        landed = true;
+                        break;
+                    }
+                }
+            }
+            prop_assert!(landed);
+            for addr in probes(&b).into_iter().chain(probes(&a)) {
+                for now in [0u64, 50, 200] {
+                    let (got, want) = (lookup(&model, addr, now), reference(&b, addr, now));
+                    prop_assert_eq!(got.is_some(), want.is_some(), "{} at {}", addr, now);
+                    if longest_unexpired(&b, addr, now) {
+                        prop_assert_eq!(got, want, "{} at {}", addr, now);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_ipv6_prefix_counts_every_first_level_entry_it_takes() {
+        let mut list = DropList::new(300);
+        let mut model = ModelMaps::default();
+        let slash24 = |i: u8| DropSpec {
+            net: format!("2001:{i:x}00::/24").parse().unwrap(),
+            reason: 1,
+            expires_ns: 0,
+        };
+        // One /24 is 256 first-level entries: fits in 300; two do not.
+        list.apply(&mut model, &[slash24(1)]).unwrap();
+        let err = list
+            .apply(&mut model, &[slash24(1), slash24(2)])
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DropListError::V6FirstLevelFull {
+                    wanted: 512,
+                    capacity: 300
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            model.v6_l1.len(),
+            256,
+            "nothing written for the refused change"
+        );
     }
 
     proptest! {

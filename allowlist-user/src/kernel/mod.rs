@@ -16,10 +16,15 @@
 //! removes it.
 
 pub mod droplist;
+mod journal;
+pub mod policy_maps;
+
+pub use policy_maps::KeySpec;
+use policy_maps::{ExecError, GuardRecord, KeyRecord, PolicyMaps, PolicyOp, TooMany};
 pub mod sys;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::BTreeMap,
     fs, io,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -28,9 +33,8 @@ use std::{
 use allowlist_common::{
     ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
     C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT,
-    C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, KEY_ACTIVE, KEY_REVOKED, LAYOUT_VERSION,
-    PROTO_TCP, PROTO_UDP, REASON_AUTO, REASON_DENIED, REASON_IMPORT, REASON_MANUAL, V4_L1_SLOTS,
-    V4LongKey, V6L1Value, V6LongKey, guard_service, with_guard_service,
+    C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, LAYOUT_VERSION, REASON_AUTO, REASON_DENIED,
+    REASON_IMPORT, REASON_MANUAL, V4_L1_SLOTS, V4LongKey, V6L1Value, V6LongKey,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -112,14 +116,16 @@ pub enum KernelError {
     #[error(transparent)]
     DropList(#[from] DropListError),
     #[error(
-        "the guard union would hold {wanted} {family} prefixes but the kernel map holds \
-         {capacity}; raise [kernel] guard_capacity (nothing was changed)"
+        "the {family} map would hold {wanted} entries while the change is written (old and new \
+         side by side) but holds {capacity}; raise [kernel] guard_capacity (nothing was changed)"
     )]
     GuardFull {
         family: &'static str,
         wanted: usize,
         capacity: u32,
     },
+    #[error("writing the kernel policy maps: {0}")]
+    Write(String),
 }
 
 /// How the XDP program is attached.
@@ -191,6 +197,76 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
+/// The policy maps, borrowed for one planned change.
+struct KernelPolicyMaps<'a> {
+    key_state: &'a mut BpfHashMap<MapData, u32, u32>,
+    key_allow4: &'a mut LpmTrie<MapData, [u8; 8], u8>,
+    key_allow6: &'a mut LpmTrie<MapData, [u8; 20], u8>,
+    guard4: &'a mut LpmTrie<MapData, [u8; 5], u8>,
+    guard6: &'a mut LpmTrie<MapData, [u8; 17], u8>,
+    guard_ports: &'a mut Array<MapData, u32>,
+}
+
+impl PolicyMaps for KernelPolicyMaps<'_> {
+    type Error = MapWriteError;
+    fn apply(&mut self, op: &PolicyOp) -> Result<(), MapWriteError> {
+        match *op {
+            PolicyOp::KeyState(kid, Some(st)) => {
+                self.key_state.insert(kid, st, 0).map_err(mw("KEY_STATE"))
+            }
+            PolicyOp::KeyState(kid, None) => {
+                ignore_missing(self.key_state.remove(&kid)).map_err(mw("KEY_STATE"))
+            }
+            PolicyOp::KeyAllow4(kid, n, true) => self
+                .key_allow4
+                .insert(&key_allow4(kid, &n), 1, 0)
+                .map_err(mw("KEY_ALLOW4")),
+            PolicyOp::KeyAllow4(kid, n, false) => {
+                ignore_missing(self.key_allow4.remove(&key_allow4(kid, &n)))
+                    .map_err(mw("KEY_ALLOW4"))
+            }
+            PolicyOp::KeyAllow6(kid, n, true) => self
+                .key_allow6
+                .insert(&key_allow6(kid, &n), 1, 0)
+                .map_err(mw("KEY_ALLOW6")),
+            PolicyOp::KeyAllow6(kid, n, false) => {
+                ignore_missing(self.key_allow6.remove(&key_allow6(kid, &n)))
+                    .map_err(mw("KEY_ALLOW6"))
+            }
+            PolicyOp::Guard4(svc, n, true) => self
+                .guard4
+                .insert(&guard_key4(svc, &n), 1, 0)
+                .map_err(mw("GUARD4")),
+            PolicyOp::Guard4(svc, n, false) => {
+                ignore_missing(self.guard4.remove(&guard_key4(svc, &n))).map_err(mw("GUARD4"))
+            }
+            PolicyOp::Guard6(svc, n, true) => self
+                .guard6
+                .insert(&guard_key6(svc, &n), 1, 0)
+                .map_err(mw("GUARD6")),
+            PolicyOp::Guard6(svc, n, false) => {
+                ignore_missing(self.guard6.remove(&guard_key6(svc, &n))).map_err(mw("GUARD6"))
+            }
+            PolicyOp::GuardPort(port, v) => self
+                .guard_ports
+                .set(u32::from(port), v, 0)
+                .map_err(mw("GUARD_PORTS")),
+        }
+    }
+}
+
+fn full(family: &'static str) -> impl Fn(TooMany) -> KernelError {
+    move |t| KernelError::GuardFull {
+        family,
+        wanted: t.peak,
+        capacity: t.capacity as u32,
+    }
+}
+
+fn exec_error(e: ExecError<MapWriteError>) -> KernelError {
+    KernelError::Write(e.to_string())
+}
+
 impl DropMaps for KernelDropMaps {
     type Error = MapWriteError;
     fn set_rule(&mut self, index: u32, rule: DropRule) -> Result<(), Self::Error> {
@@ -220,6 +296,18 @@ impl DropMaps for KernelDropMaps {
     }
     fn del_v6_long(&mut self, key: V6LongKey) -> Result<(), Self::Error> {
         ignore_missing(self.v6_long.remove(&key)).map_err(mw("DROP6_LONG"))
+    }
+    fn rule(&self, index: u32) -> DropRule {
+        self.rules.get(&index, 0).unwrap_or_default()
+    }
+    fn v4_long(&self, key: V4LongKey) -> Option<u32> {
+        self.v4_long.get(&key, 0).ok()
+    }
+    fn v6_l1(&self, top: u32) -> Option<V6L1Value> {
+        self.v6_l1.get(&top, 0).ok()
+    }
+    fn v6_long(&self, key: V6LongKey) -> Option<u32> {
+        self.v6_long.get(&key, 0).ok()
     }
 }
 
@@ -291,32 +379,6 @@ pub struct FillLevels {
     pub key_entries_v6: usize,
 }
 
-/// The guard unions (per service) and guarded ports as last written.
-#[derive(Default)]
-struct GuardState {
-    v4: HashSet<(u32, Ipv4Net)>,
-    v6: HashSet<(u32, Ipv6Net)>,
-    /// Port -> `GUARD_PORTS` value (non-zero entries only).
-    ports: BTreeMap<u16, u32>,
-}
-
-/// The per-key allowlists and states as last written.
-#[derive(Default)]
-struct KeyState {
-    v4: HashSet<(u32, Ipv4Net)>,
-    v6: HashSet<(u32, Ipv6Net)>,
-    state: BTreeMap<u32, u32>,
-}
-
-/// What the kernel needs of one key.
-#[derive(Clone, Debug)]
-pub struct KeySpec {
-    pub kid: u32,
-    pub revoked: bool,
-    /// Empty = every address.
-    pub allow: Vec<IpNet>,
-}
-
 fn guard_key4(service: u32, n: &Ipv4Net) -> Key<[u8; 5]> {
     let o = n.network().octets();
     Key::new(
@@ -359,9 +421,9 @@ pub struct Kernel {
     key_allow4: LpmTrie<MapData, [u8; 8], u8>,
     key_allow6: LpmTrie<MapData, [u8; 20], u8>,
     key_state: BpfHashMap<MapData, u32, u32>,
-    keys: KeyState,
+    keys: KeyRecord,
     guard_ports: Array<MapData, u32>,
-    guard: GuardState,
+    guard: GuardRecord,
     policy_gen: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
     /// Interface -> attach mode in use.
@@ -516,9 +578,9 @@ impl Kernel {
             key_allow4: take(&mut ebpf, "KEY_ALLOW4")?,
             key_allow6: take(&mut ebpf, "KEY_ALLOW6")?,
             key_state: take(&mut ebpf, "KEY_STATE")?,
-            keys: KeyState::default(),
+            keys: KeyRecord::default(),
             guard_ports: take(&mut ebpf, "GUARD_PORTS")?,
-            guard: GuardState::default(),
+            guard: GuardRecord::default(),
             policy_gen: take(&mut ebpf, "POLICY_GEN")?,
             stats: take(&mut ebpf, "STATS")?,
             attached: BTreeMap::new(),
@@ -725,73 +787,10 @@ impl Kernel {
     }
 
     fn write_keys(&mut self, keys: &[KeySpec]) -> Result<(), KernelError> {
-        let me = |name: &'static str| move |source| KernelError::Map { name, source };
-        let mut want4 = HashSet::new();
-        let mut want6 = HashSet::new();
-        let mut want_state = BTreeMap::new();
-        for k in keys {
-            want_state.insert(k.kid, if k.revoked { KEY_REVOKED } else { KEY_ACTIVE });
-            if k.revoked {
-                continue;
-            }
-            if k.allow.is_empty() {
-                want4.insert((k.kid, Ipv4Net::new([0, 0, 0, 0].into(), 0).expect("valid")));
-                want6.insert((k.kid, Ipv6Net::new(0u128.into(), 0).expect("valid")));
-            }
-            for n in &k.allow {
-                match n.trunc() {
-                    IpNet::V4(n) => want4.insert((k.kid, n)),
-                    IpNet::V6(n) => want6.insert((k.kid, n)),
-                };
-            }
-        }
-        let cap = self.opts.guard_capacity as usize;
-        if want4.len() > cap || want6.len() > cap || want_state.len() > cap {
-            return Err(KernelError::GuardFull {
-                family: "per-key allowlist",
-                wanted: want4.len().max(want6.len()).max(want_state.len()),
-                capacity: self.opts.guard_capacity,
-            });
-        }
-        // Revocations first.
-        for (kid, st) in &want_state {
-            if *st == KEY_REVOKED && self.keys.state.get(kid) != Some(st) {
-                self.key_state.insert(kid, st, 0).map_err(me("KEY_STATE"))?;
-            }
-        }
-        for (kid, n) in want4.difference(&self.keys.v4) {
-            self.key_allow4
-                .insert(&key_allow4(*kid, n), 1, 0)
-                .map_err(me("KEY_ALLOW4"))?;
-        }
-        for (kid, n) in want6.difference(&self.keys.v6) {
-            self.key_allow6
-                .insert(&key_allow6(*kid, n), 1, 0)
-                .map_err(me("KEY_ALLOW6"))?;
-        }
-        for (kid, n) in self.keys.v4.difference(&want4) {
-            ignore_missing(self.key_allow4.remove(&key_allow4(*kid, n)))
-                .map_err(me("KEY_ALLOW4"))?;
-        }
-        for (kid, n) in self.keys.v6.difference(&want6) {
-            ignore_missing(self.key_allow6.remove(&key_allow6(*kid, n)))
-                .map_err(me("KEY_ALLOW6"))?;
-        }
-        for (kid, st) in &want_state {
-            if *st != KEY_REVOKED && self.keys.state.get(kid) != Some(st) {
-                self.key_state.insert(kid, st, 0).map_err(me("KEY_STATE"))?;
-            }
-        }
-        for kid in self.keys.state.keys() {
-            if !want_state.contains_key(kid) {
-                ignore_missing(self.key_state.remove(kid)).map_err(me("KEY_STATE"))?;
-            }
-        }
-        self.keys = KeyState {
-            v4: want4,
-            v6: want6,
-            state: want_state,
-        };
+        let plan = policy_maps::plan_keys(&self.keys, keys, self.opts.guard_capacity as usize)
+            .map_err(full("per-key allowlist"))?;
+        policy_maps::execute(&mut self.policy_maps(), &plan.ops).map_err(exec_error)?;
+        self.keys = plan.record;
         Ok(())
     }
 
@@ -799,7 +798,7 @@ impl Kernel {
     /// that service may be reached from) and guard exactly `ports`
     /// (`(proto, port, service)`). Additions are written before removals,
     /// and ports are armed last, so a change never drops a source that both
-    /// the old and the new union admit.
+    /// the old and the new union admit; a write that fails undoes the rest.
     pub fn sync_guard(
         &mut self,
         unions: &[(u32, Vec<IpNet>)],
@@ -815,83 +814,27 @@ impl Kernel {
         unions: &[(u32, Vec<IpNet>)],
         ports: &[(u8, u16, u32)],
     ) -> Result<(), KernelError> {
-        let mut want4: HashSet<(u32, Ipv4Net)> = HashSet::new();
-        let mut want6: HashSet<(u32, Ipv6Net)> = HashSet::new();
-        for (service, union) in unions {
-            for n in union {
-                match n.trunc() {
-                    IpNet::V4(n) => want4.insert((*service, n)),
-                    IpNet::V6(n) => want6.insert((*service, n)),
-                };
-            }
-        }
-        let cap = 2 * self.opts.guard_capacity;
-        if want4.len() > cap as usize {
-            return Err(KernelError::GuardFull {
-                family: "IPv4",
-                wanted: want4.len(),
-                capacity: cap,
-            });
-        }
-        if want6.len() > cap as usize {
-            return Err(KernelError::GuardFull {
-                family: "IPv6",
-                wanted: want6.len(),
-                capacity: cap,
-            });
-        }
-        let gm = |name: &'static str| move |source| KernelError::Map { name, source };
-        for (svc, n) in want4.difference(&self.guard.v4) {
-            self.guard4
-                .insert(&guard_key4(*svc, n), 1, 0)
-                .map_err(gm("GUARD4"))?;
-        }
-        for (svc, n) in want6.difference(&self.guard.v6) {
-            self.guard6
-                .insert(&guard_key6(*svc, n), 1, 0)
-                .map_err(gm("GUARD6"))?;
-        }
-        let mut want_ports: BTreeMap<u16, u32> = BTreeMap::new();
-        let mut armed = 0u32;
-        for &(proto, port, service) in ports {
-            let v = want_ports.entry(port).or_default();
-            *v = with_guard_service(*v, proto, service);
-            armed |= 1 << service;
-        }
-        if armed != 0 {
-            want_ports.insert(allowlist_common::ARMED_SLOT, armed);
-        }
-        // Disarm ports first, then shrink the unions, then arm new ports.
-        for (port, old) in &self.guard.ports {
-            let new = want_ports.get(port).copied().unwrap_or(0);
-            // Keep only what both the old and new value guard for now.
-            let both = [PROTO_TCP, PROTO_UDP].into_iter().fold(0, |acc, proto| {
-                let (o, n) = (guard_service(*old, proto), guard_service(new, proto));
-                with_guard_service(acc, proto, if o == n { o } else { 0 })
-            });
-            if both != *old {
-                self.guard_ports
-                    .set(u32::from(*port), both, 0)
-                    .map_err(gm("GUARD_PORTS"))?;
-            }
-        }
-        for (svc, n) in self.guard.v4.difference(&want4) {
-            ignore_missing(self.guard4.remove(&guard_key4(*svc, n))).map_err(gm("GUARD4"))?;
-        }
-        for (svc, n) in self.guard.v6.difference(&want6) {
-            ignore_missing(self.guard6.remove(&guard_key6(*svc, n))).map_err(gm("GUARD6"))?;
-        }
-        for (port, v) in &want_ports {
-            self.guard_ports
-                .set(u32::from(*port), *v, 0)
-                .map_err(gm("GUARD_PORTS"))?;
-        }
-        self.guard = GuardState {
-            v4: want4,
-            v6: want6,
-            ports: want_ports,
-        };
+        let plan = policy_maps::plan_guard(
+            &self.guard,
+            unions,
+            ports,
+            2 * self.opts.guard_capacity as usize,
+        )
+        .map_err(full("guard union"))?;
+        policy_maps::execute(&mut self.policy_maps(), &plan.ops).map_err(exec_error)?;
+        self.guard = plan.record;
         Ok(())
+    }
+
+    fn policy_maps(&mut self) -> KernelPolicyMaps<'_> {
+        KernelPolicyMaps {
+            key_state: &mut self.key_state,
+            key_allow4: &mut self.key_allow4,
+            key_allow6: &mut self.key_allow6,
+            guard4: &mut self.guard4,
+            guard6: &mut self.guard6,
+            guard_ports: &mut self.guard_ports,
+        }
     }
 
     pub fn stats(&self) -> Result<KernelStats, KernelError> {

@@ -348,7 +348,7 @@ fn json_error(status: StatusCode, code: &str, message: &str) -> Response<Inner> 
 
 /// The key from `api-key`, else `Authorization: Bearer`; and whether it
 /// came from Authorization (which is then stripped too).
-fn credential(h: &HeaderMap) -> Option<(&str, bool)> {
+pub fn credential(h: &HeaderMap) -> Option<(&str, bool)> {
     if let Some(v) = h.get(&API_KEY).and_then(|v| v.to_str().ok()) {
         return Some((v.trim(), false));
     }

@@ -42,10 +42,7 @@ pub async fn run(client: &Client, cmd: BlockingCmd) -> Result<Output, CtlError> 
     match cmd {
         BlockingCmd::Api { mode, force } => {
             let v: serde_json::Value = client
-                .post(
-                    "/v1/blocking/api",
-                    &serde_json::json!({ "mode": mode, "force": force }),
-                )
+                .post("/v1/blocking/api", &allowlist::api::SetMode { mode, force })
                 .await?;
             let text = format!("api blocking: {}\n", v["api"].as_str().unwrap_or("?"));
             Ok(Output { json: v, text })
@@ -54,7 +51,7 @@ pub async fn run(client: &Client, cmd: BlockingCmd) -> Result<Output, CtlError> 
             let v: serde_json::Value = client
                 .post(
                     "/v1/blocking/smtp",
-                    &serde_json::json!({ "mode": mode, "force": force }),
+                    &allowlist::api::SetMode { mode, force },
                 )
                 .await?;
             let text = format!("smtp blocking: {}\n", v["smtp"].as_str().unwrap_or("?"));

@@ -1,7 +1,6 @@
 //! `allowlistctl ips ...`
 
 use clap::Subcommand;
-use serde_json::json;
 
 use crate::{
     Output,
@@ -57,7 +56,7 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
         }
         IpsCmd::Authorize { cidr, label } => {
             let v: serde_json::Value = client
-                .post("/v1/ips", &json!({ "cidr": cidr, "label": label }))
+                .post("/v1/ips", &allowlist::api::AllowEntry { cidr, label })
                 .await?;
             let text = format!("authorized {}\n", v["cidr"].as_str().unwrap_or(""));
             (v, text)
@@ -102,7 +101,12 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
             let v: serde_json::Value = client
                 .post(
                     "/v1/ips/deny",
-                    &json!({ "addr": addr, "drop": drop, "ttl": ttl, "rotate_key": rotate_key }),
+                    &allowlist::api::Deny {
+                        addr,
+                        drop,
+                        ttl,
+                        rotate_key,
+                    },
                 )
                 .await?;
             let mut text = format!("denied {}\n", v["addr"].as_str().unwrap_or(""));

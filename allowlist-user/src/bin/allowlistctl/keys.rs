@@ -2,7 +2,6 @@
 
 use allowlist::ops::{KeyView, NewKey};
 use clap::Subcommand;
-use serde_json::json;
 
 use crate::{
     Output,
@@ -148,7 +147,10 @@ pub async fn run(client: &Client, cmd: KeysCmd) -> Result<Output, CtlError> {
         }
         KeysCmd::Revoke { id } => {
             let k: KeyView = client
-                .post(&format!("/v1/keys/{}/revoke", query_value(&id)), &json!({}))
+                .post(
+                    &format!("/v1/keys/{}/revoke", query_value(&id)),
+                    &allowlist::api::Empty {},
+                )
                 .await?;
             (
                 serde_json::to_value(&k).unwrap_or_default(),
@@ -159,7 +161,7 @@ pub async fn run(client: &Client, cmd: KeysCmd) -> Result<Output, CtlError> {
             let k: KeyView = client
                 .post(
                     &format!("/v1/keys/{}/rotate", query_value(&id)),
-                    &json!({ "grace": grace }),
+                    &allowlist::api::RotateKey { grace },
                 )
                 .await?;
             (
@@ -171,7 +173,7 @@ pub async fn run(client: &Client, cmd: KeysCmd) -> Result<Output, CtlError> {
             let k: KeyView = client
                 .post(
                     &format!("/v1/keys/{}/allow", query_value(&id)),
-                    &json!({ "cidr": cidr, "label": label }),
+                    &allowlist::api::AllowEntry { cidr, label },
                 )
                 .await?;
             (serde_json::to_value(&k).unwrap_or_default(), describe(&k))

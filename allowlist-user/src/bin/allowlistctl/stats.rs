@@ -11,6 +11,16 @@ pub async fn run(client: &Client) -> Result<Output, CtlError> {
     let s: Stats = client.get("/v1/stats").await?;
     let mut text = String::new();
     text.push_str(&format!(
+        "API guard ({}): {} — {}\n",
+        s.api_guard.mode,
+        if s.api_guard.armed {
+            "armed"
+        } else {
+            "not armed"
+        },
+        s.api_guard.reason
+    ));
+    text.push_str(&format!(
         "unauthorized list: {} entries evicted by the cap, {} refusals not recorded (too many sources at once)\n",
         s.unauthorized_evicted, s.refusals_dropped
     ));
