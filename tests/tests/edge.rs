@@ -503,17 +503,40 @@ fn upstream_failures_and_keepalive_reuse() {
     let accepted = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let up = keepalive_upstream(&pair, accepted.clone(), stop.clone());
-    // Sequential requests reuse pooled upstream connections: at most one
-    // per edge worker, however many requests.
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for i in 0..6 {
-        let r = get(&format!("/keep/{i}"));
-        assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
-    }
+    // Six requests on one client connection (so on one edge worker) reuse
+    // one pooled upstream connection: exactly one is opened.
+    let script = format!(
+        r#"
+import httpx
+t = httpx.HTTPTransport(local_address="198.51.100.50", verify=False)
+with httpx.Client(transport=t, timeout=10) as cl:
+    print(" ".join(cl.get("{u}/keep/%d" % i, headers={{"api-key": "{k}"}}).text.strip() for i in range(6)))
+"#,
+        u = url(SERVER_V4, "")
+    );
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pair.client.name,
+            "timeout",
+            "30",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ok ok ok ok ok ok",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reused = accepted.load(Ordering::Relaxed);
-    assert!(
-        reused <= workers,
-        "6 requests opened {reused} upstream connections"
+    assert_eq!(
+        reused, 1,
+        "6 requests on one connection opened {reused} upstream connections"
     );
     // The upstream closes each connection after one answer, while it sits
     // idle in the pool: every next request still gets through.
