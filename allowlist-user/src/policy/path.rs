@@ -11,8 +11,6 @@
 //! (some treat it as `/`), an encoded NUL or control byte, a broken escape,
 //! and a dot segment that climbs above the root.
 
-use std::fmt::Write as _;
-
 /// Why a path cannot be normalized safely (answered with `400`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PathError {
@@ -92,7 +90,10 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, PathError> {
     }
 
     // Decode unreserved escapes, validate the others, split into segments.
-    let mut decoded = String::with_capacity(path.len());
+    // Bytes, not chars: whatever is not an escape is copied as it came (the
+    // HTTP layer admits only visible ASCII in a path, but this function
+    // must not corrupt anything else either).
+    let mut out_bytes: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -107,18 +108,17 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, PathError> {
             match v {
                 b'/' | b'\\' => return Err(PathError::EncodedSeparator),
                 0..=0x1f | 0x7f => return Err(PathError::ControlByte),
-                v if unreserved(v) => decoded.push(v as char),
-                v => {
-                    let _ = write!(decoded, "%{v:02X}");
-                }
+                v if unreserved(v) => out_bytes.push(v),
+                v => out_bytes.extend_from_slice(format!("%{v:02X}").as_bytes()),
             }
             i += 3;
         } else {
-            // The HTTP layer admits only visible ASCII in a path.
-            decoded.push(b as char);
+            out_bytes.push(b);
             i += 1;
         }
     }
+    // Only ASCII was added to bytes of a valid &str, at char boundaries.
+    let decoded = String::from_utf8(out_bytes).map_err(|_| PathError::BadEscape)?;
 
     let trailing = decoded.ends_with('/')
         || decoded.ends_with("/.")
@@ -144,7 +144,8 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, PathError> {
     if trailing || normal.is_empty() {
         normal.push('/');
     }
-    Ok(Some(normal))
+    // Escapes that were already in their normal form: nothing changed.
+    Ok((normal != path).then_some(normal))
 }
 
 #[cfg(test)]
@@ -185,6 +186,10 @@ mod tests {
         assert_eq!(n("/%65mails").unwrap(), "/emails");
         assert_eq!(n("/a%20b").unwrap(), "/a%20b");
         assert_eq!(n("/a%3fb").unwrap(), "/a%3Fb");
+        // Found by the fuzzer: a path already in normal form with an escape
+        // is reported unchanged.
+        assert_eq!(normalize_path("/%2C"), Ok(None));
+        assert_eq!(n("/\u{9a}%22").unwrap(), "/\u{9a}%22");
         assert_eq!(n("/.").unwrap(), "/");
     }
 

@@ -138,6 +138,12 @@ pub async fn read_proxy_header(stream: &mut TcpStream) -> io::Result<Option<IpAd
 /// Parses one complete PROXY v1 or v2 header.
 pub fn parse_proxy_header(header: &[u8]) -> Result<Option<IpAddr>, String> {
     if header.starts_with(b"PROXY ") {
+        // The v1 header is US-ASCII. (Found by fuzzing: ppp 2.3 slices a
+        // v1 header by byte offsets and panics inside a multi-byte UTF-8
+        // character, so non-ASCII must never reach it.)
+        if !header.is_ascii() {
+            return Err("PROXY v1 header is not ASCII".into());
+        }
         let text = std::str::from_utf8(header).map_err(|_| "PROXY v1 header is not text")?;
         Ok(
             match ppp::v1::Header::try_from(text)
@@ -249,5 +255,7 @@ mod tests {
         local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
         assert_eq!(parse_proxy_header(&local).unwrap(), None);
         assert!(parse_proxy_header(b"PROXY TCP4 x y 1 2\r\n").is_err());
+        // Found by fuzzing: non-ASCII made the PROXY parser panic.
+        assert!(parse_proxy_header("PROXY TCP6 P\u{18}Y TCP6 P\u{18}]ధTCP\r\n".as_bytes()).is_err());
     }
 }
