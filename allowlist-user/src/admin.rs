@@ -15,7 +15,7 @@ use tokio::net::UnixListener;
 use crate::{
     api::{self, ErrorBody, ErrorDetail},
     daemon::{Daemon, DaemonError},
-    ops::{DenyOutcome, KeyView, NewKey},
+    daemon::{DenyOutcome, KeyView, NewKey},
     store::{ApiBlocking, AuthorizedRecord, BlockingState, SmtpBlocking, UnauthorizedRecord},
 };
 

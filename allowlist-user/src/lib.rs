@@ -13,7 +13,7 @@ pub mod defense;
 pub mod flood;
 pub mod kernel;
 pub mod live;
-pub mod ops;
+
 pub mod policy;
 pub mod proxy;
 pub mod state;

@@ -2,7 +2,7 @@
 //! type does not have is refused (a misspelt field must not change what a
 //! request means).
 #![no_main]
-use allowlist::{api, ops::NewKey};
+use allowlist::{api, daemon::NewKey};
 use libfuzzer_sys::fuzz_target;
 
 fn check<T: serde::de::DeserializeOwned + serde::Serialize>(data: &[u8]) {

@@ -6,7 +6,7 @@
 
 use allowlist_common::{DropRule, V4LongKey, V6L1Value, V6LongKey};
 
-use super::droplist::DropMaps;
+use super::drop_maps::DropMaps;
 
 /// What a successful write replaced.
 #[derive(Clone, Copy, Debug)]

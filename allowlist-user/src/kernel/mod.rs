@@ -15,6 +15,7 @@
 //! daemon leaves all of it in place when it stops; `allowlistd --unload`
 //! removes it.
 
+mod drop_maps;
 pub mod droplist;
 mod journal;
 pub mod policy_maps;

@@ -401,7 +401,10 @@ mod tests {
         })
     }
 
-    fn guard() -> impl Strategy<Value = (Vec<(u32, Vec<IpNet>)>, Vec<(u8, u16, u32)>)> {
+    /// Unions per service and (proto, port, service) triples.
+    type GuardCase = (Vec<(u32, Vec<IpNet>)>, Vec<(u8, u16, u32)>);
+
+    fn guard() -> impl Strategy<Value = GuardCase> {
         (
             proptest::collection::vec(net(), 0..4),
             proptest::collection::vec(net(), 0..4),

@@ -256,6 +256,8 @@ mod tests {
         assert_eq!(parse_proxy_header(&local).unwrap(), None);
         assert!(parse_proxy_header(b"PROXY TCP4 x y 1 2\r\n").is_err());
         // Found by fuzzing: non-ASCII made the PROXY parser panic.
-        assert!(parse_proxy_header("PROXY TCP6 P\u{18}Y TCP6 P\u{18}]ధTCP\r\n".as_bytes()).is_err());
+        assert!(
+            parse_proxy_header("PROXY TCP6 P\u{18}Y TCP6 P\u{18}]ధTCP\r\n".as_bytes()).is_err()
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! `allowlistctl keys ...`
 
-use allowlist::ops::{KeyView, NewKey};
+use allowlist::daemon::{KeyView, NewKey};
 use clap::Subcommand;
 
 use crate::{

@@ -1,0 +1,116 @@
+//! Drop events from the kernel's ring buffer: counted, kept for
+//! `allowlistctl events`, logged without flooding the log, and fed to the
+//! unauthorized list.
+
+use std::sync::{Arc, atomic::Ordering};
+
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    api,
+    kernel::{self},
+};
+
+use super::*;
+
+impl Daemon {
+    pub fn recent_events(&self) -> api::Events {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        api::Events {
+            events: recent.iter().cloned().collect(),
+        }
+    }
+
+    fn record_event(&self, ev: &allowlist_common::DropEvent) {
+        self.events_received.fetch_add(1, Ordering::Relaxed);
+        let source = kernel::event_source(ev);
+        let (verdict, reason) = match ev.verdict {
+            allowlist_common::VERDICT_DROP_LIST => ("drop_list", kernel::reason_name(ev.reason)),
+            _ => (
+                "guard",
+                if ev.reason == allowlist_common::SERVICE_SMTP {
+                    "smtp"
+                } else {
+                    "api"
+                },
+            ),
+        };
+        let age_ns = kernel::sys::monotonic_ns().saturating_sub(ev.ts_ns);
+        let at = wall_now_ms() as f64 / 1000.0 - age_ns as f64 / 1e9;
+        // A source the guard dropped is an unauthorized caller like one the
+        // proxy refused: the owner must see it (written in batches).
+        if ev.verdict != allowlist_common::VERDICT_DROP_LIST {
+            self.defense.guard_drop(source, reason, ev.dport, at as i64);
+        }
+        // One INFO line per source would let a spoofed-source flood write
+        // the log: the first event of each 10 s window is logged, the rest
+        // are summed into one line when the window closes.
+        {
+            let mut w = self.event_log.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            match w.as_mut() {
+                Some((start, n)) if now.duration_since(*start) < EVENT_LOG_WINDOW => {
+                    *n += 1;
+                    tracing::debug!(%source, verdict, reason, port = ev.dport, proto = ev.proto, "kernel_drop");
+                }
+                _ => {
+                    if let Some((_, n)) = *w
+                        && n > 0
+                    {
+                        tracing::info!(
+                            events = n,
+                            "kernel_drop: more events in the last window (see `allowlistctl events`)"
+                        );
+                    }
+                    *w = Some((now, 0));
+                    tracing::info!(%source, verdict, reason, port = ev.dport, proto = ev.proto, "kernel_drop");
+                }
+            }
+        }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == RECENT_EVENTS {
+            recent.pop_front();
+        }
+        recent.push_back(api::KernelEvent {
+            at,
+            source: source.to_string(),
+            verdict: verdict.into(),
+            reason: reason.into(),
+            port: ev.dport,
+            protocol: ev.proto,
+        });
+    }
+
+    /// Reads drop events from the kernel ring buffer until the daemon stops.
+    /// Drains in batches; the kernel already limits each source to one
+    /// event a second.
+    pub async fn read_events(self: Arc<Self>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+        // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd
+        // owns the RingBuf, and always reports that same fd.
+        let mut fd = match unsafe {
+            AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+        } {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot poll the kernel event ring buffer; kernel drops will not be reported");
+                return;
+            }
+        };
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!(error = %e, "polling the kernel event ring buffer");
+                    return;
+                }
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if let Some(ev) = kernel::decode_event(&item) {
+                    self.record_event(&ev);
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The application: the daemon's shared state and every operation the
+//! admin API exposes, one file per domain, all changes through `change`.
+
+mod blocking;
+mod change;
+mod drops;
+mod events;
+mod guard;
+mod keys;
+mod lists;
+mod usage;
+
+pub use crate::state::State;
+pub use keys::{DEFAULT_GRACE_SECS, KeyView, MAX_GRACE_SECS, NewKey};
+pub use lists::DenyOutcome;
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use ipnet::IpNet;
+
+use crate::{
+    api,
+    config::Config,
+    kernel::{self, DropSpec, Kernel, KernelError},
+    store::{DropRecord, Store, StoreError, unix_now},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Capacity(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("kernel: {0}")]
+    Kernel(KernelError),
+}
+
+impl From<KernelError> for DaemonError {
+    fn from(e: KernelError) -> Self {
+        match e {
+            KernelError::DropList(ref d @ kernel::DropListError::Full { .. }) => {
+                DaemonError::Capacity(d.to_string())
+            }
+            KernelError::DropList(ref d @ kernel::DropListError::TooWide { .. }) => {
+                DaemonError::Invalid(d.to_string())
+            }
+            KernelError::GuardFull { .. } => DaemonError::Capacity(e.to_string()),
+            e => DaemonError::Kernel(e),
+        }
+    }
+}
+
+const RECENT_EVENTS: usize = 256;
+const EVENT_LOG_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The daemon's clock. In builds with the `test-hooks` feature (the
+/// binaries the tests drive, never a release),
+/// `ALLOWLIST_CLOCK_OFFSET_FILE` names a file holding seconds to add to the
+/// real time, so tests can move time forward (the 30-day learning switch,
+/// rotation grace) without waiting. A release binary has no such hook:
+/// whoever could write that file would control every expiry.
+#[derive(Debug, Default)]
+pub struct Clock {
+    #[cfg(feature = "test-hooks")]
+    offset_file: Option<std::path::PathBuf>,
+}
+
+impl Clock {
+    pub fn from_env() -> Clock {
+        Clock {
+            #[cfg(feature = "test-hooks")]
+            offset_file: std::env::var_os("ALLOWLIST_CLOCK_OFFSET_FILE").map(Into::into),
+        }
+    }
+
+    /// Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        #[cfg(feature = "test-hooks")]
+        {
+            let offset_s: i64 = self
+                .offset_file
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            wall_now_ms() + offset_s * 1000
+        }
+        #[cfg(not(feature = "test-hooks"))]
+        wall_now_ms()
+    }
+}
+
+pub struct Daemon {
+    pub config: Config,
+    pub(crate) store: Arc<dyn Store>,
+    kernel: Option<Mutex<Kernel>>,
+    /// Serialises changes so store, kernel and snapshot move in step.
+    pub(crate) changes: tokio::sync::Mutex<()>,
+    events_received: AtomicU64,
+    /// Start of the current event-log window and events not logged in it.
+    event_log: Mutex<Option<(std::time::Instant, u64)>>,
+    /// The API guard's arming, guard drops to record, repeat offenders.
+    pub defense: crate::defense::Defense,
+    /// Unauthorized-list entries evicted by the per-service cap, and
+    /// refusals not recorded because too many distinct sources were pending.
+    pub unauthorized_evicted: AtomicU64,
+    pub refusals_dropped: AtomicU64,
+    recent: Mutex<VecDeque<api::KernelEvent>>,
+    /// The policy the proxy reads, swapped whole on every change.
+    pub policy: arc_swap::ArcSwap<crate::policy::Snapshot>,
+    pub(crate) state: Mutex<crate::state::State>,
+    pub(crate) runtimes: Mutex<std::collections::HashMap<String, Arc<crate::policy::KeyRuntime>>>,
+    /// (source, key id) -> last successful call (Unix ms), for the impact
+    /// of activating blocking.
+    pub(crate) recent_successes: Mutex<std::collections::HashMap<(std::net::IpAddr, String), i64>>,
+    pub clock: Clock,
+    /// The kernel's connection/key pairing, when the hooks are loaded.
+    pub conns: Option<crate::kernel::ConnTable>,
+    /// Live proxy connections that presented a key, for the cut-off.
+    pub live: Mutex<std::collections::HashMap<u64, Arc<crate::live::LiveConn>>>,
+}
+
+/// Parses a CIDR or a single address (as /32 or /128), refusing host bits
+/// with the network that was probably meant.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<std::net::IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    let net: IpNet = s.parse().map_err(|_| {
+        format!("{s:?} is not an IP address or CIDR; write it like 203.0.113.0/24 or 2001:db8::/48")
+    })?;
+    if net.trunc() != net {
+        return Err(format!(
+            "{s} has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// Parses a TTL like "90s", "10m", "24h", "7d", "1h30m".
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        format!("TTL {s:?} is not a duration ({e}); write it like 90s, 10m, 24h or 7d")
+    })?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("TTL {s:?} is shorter than one second"));
+    }
+    if d > Duration::from_secs(10 * 365 * 86400) {
+        return Err(format!(
+            "TTL {s:?} is longer than ten years; leave the TTL out for an entry that stays until removed"
+        ));
+    }
+    Ok(d)
+}
+
+/// The kernel's view of a stored entry, or `None` when it has expired.
+fn to_spec(rec: &DropRecord, wall_now_ms: i64, mono_now: u64) -> Option<DropSpec> {
+    let expires_ns = match rec.expires_at {
+        None => 0,
+        Some(at) => {
+            let left_ms = at * 1000 - wall_now_ms;
+            if left_ms <= 0 {
+                return None;
+            }
+            mono_now + left_ms as u64 * 1_000_000
+        }
+    };
+    Some(DropSpec {
+        net: rec.cidr,
+        reason: rec.kind.code(),
+        expires_ns,
+    })
+}
+
+fn wall_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn view(record: DropRecord) -> api::DropView {
+    let expires_in = record.expires_at.map(|at| (at - unix_now()).max(0));
+    api::DropView { record, expires_in }
+}
+impl Daemon {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        kernel: Option<Kernel>,
+        clock: Clock,
+    ) -> Result<Daemon, DaemonError> {
+        let blocking = store.blocking()?;
+        Ok(Daemon {
+            config,
+            store,
+            kernel: kernel.map(Mutex::new),
+            changes: tokio::sync::Mutex::new(()),
+            events_received: AtomicU64::new(0),
+            event_log: Mutex::new(None),
+            defense: Default::default(),
+            unauthorized_evicted: AtomicU64::new(0),
+            refusals_dropped: AtomicU64::new(0),
+            recent: Mutex::new(VecDeque::new()),
+            policy: arc_swap::ArcSwap::from_pointee(crate::policy::Snapshot::default()),
+            state: Mutex::new(crate::state::State {
+                keys: Default::default(),
+                authorized: Default::default(),
+                blocking,
+                denied: Default::default(),
+            }),
+            runtimes: Mutex::new(Default::default()),
+            recent_successes: Mutex::new(Default::default()),
+            clock,
+            conns: None,
+            live: Mutex::new(Default::default()),
+        })
+    }
+
+    /// Notes a successful keyed call (the proxy reports them in batches).
+    pub fn record_success(&self, addr: std::net::IpAddr, key_id: &str, at_ms: i64) {
+        let mut r = self
+            .recent_successes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        r.insert((crate::policy::normalize(addr), key_id.to_string()), at_ms);
+    }
+
+    pub fn kernel_enabled(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    pub(crate) fn kernel(&self) -> Option<std::sync::MutexGuard<'_, Kernel>> {
+        self.kernel
+            .as_ref()
+            .map(|k| k.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn stats(&self) -> Result<api::Stats, DaemonError> {
+        let mut out = api::Stats {
+            kernel_enabled: self.kernel.is_some(),
+            events_received: self.events_received.load(Ordering::Relaxed),
+            drop_entries: self.store.list_drops()?.len(),
+            unauthorized_evicted: self.unauthorized_evicted.load(Ordering::Relaxed),
+            api_guard: self.api_guard_state(),
+            refusals_dropped: self.refusals_dropped.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        if let Some(k) = self.kernel() {
+            out.kernel = Some(k.stats()?);
+            out.maps = Some(k.fill_levels());
+            out.interfaces = k
+                .attached
+                .iter()
+                .map(|(i, m)| (i.clone(), m.to_string()))
+                .collect();
+        }
+        Ok(out)
+    }
+
+    pub fn blocking(&self) -> Result<api::Blocking, DaemonError> {
+        Ok(api::Blocking {
+            state: self.store.blocking()?,
+            always_allow: self
+                .config
+                .blocking
+                .always_allow
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+            learning_days: self.config.blocking.learning_days,
+            smtp_ports: self.config.kernel.smtp_ports.clone(),
+        })
+    }
+}
