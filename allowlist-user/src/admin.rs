@@ -16,7 +16,8 @@ use crate::{
     api::{self, ErrorBody, ErrorDetail},
     daemon::{Daemon, DaemonError},
     daemon::{DenyOutcome, KeyView, NewKey},
-    store::{ApiBlocking, AuthorizedRecord, BlockingState, SmtpBlocking, UnauthorizedRecord},
+    policy::{ApiMode, SmtpMode},
+    store::{AuthorizedRecord, BlockingState, UnauthorizedRecord},
 };
 
 /// Who is calling, from the socket's peer credentials (for the audit log).
@@ -281,9 +282,9 @@ async fn set_api(
 ) -> ApiResult<BlockingState> {
     let r = body(b)?;
     let mode = match r.mode.as_str() {
-        "learning" => ApiBlocking::Learning,
-        "active" | "activate" => ApiBlocking::Active,
-        "inactive" | "deactivate" => ApiBlocking::Inactive,
+        "learning" => ApiMode::Learning,
+        "active" | "activate" => ApiMode::Active,
+        "inactive" | "deactivate" => ApiMode::Inactive,
         m => {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
@@ -304,8 +305,8 @@ async fn set_smtp(
 ) -> ApiResult<BlockingState> {
     let r = body(b)?;
     let mode = match r.mode.as_str() {
-        "active" | "activate" => SmtpBlocking::Active,
-        "inactive" | "deactivate" => SmtpBlocking::Inactive,
+        "active" | "activate" => SmtpMode::Active,
+        "inactive" | "deactivate" => SmtpMode::Inactive,
         m => {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,

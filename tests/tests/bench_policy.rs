@@ -16,12 +16,9 @@ use std::{
 use allowlist::{
     config::Config,
     daemon::{Clock, Daemon},
-    policy::{KeyStatus, Scope, hash_secret},
+    policy::{ApiMode, KeyStatus, Scope, SmtpMode, hash_secret},
     state::State,
-    store::{
-        AllowRecord, ApiBlocking, AuthorizedRecord, BlockingState, KeyRecord, SmtpBlocking,
-        SqliteStore,
-    },
+    store::{AllowRecord, AuthorizedRecord, BlockingState, KeyRecord, SqliteStore},
 };
 use allowlist_tests::{bench::Rng, kernel_tests_enabled, proc::Setup};
 use ipnet::{IpNet, Ipv4Net};
@@ -97,9 +94,9 @@ fn state(n: usize, rng: &mut Rng) -> State {
         authorized,
         denied: Default::default(),
         blocking: BlockingState {
-            api: ApiBlocking::Active,
+            api: ApiMode::Active,
             api_since: 0,
-            smtp: SmtpBlocking::Inactive,
+            smtp: SmtpMode::Inactive,
             smtp_since: 0,
         },
     }

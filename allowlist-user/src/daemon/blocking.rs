@@ -8,7 +8,8 @@ use ipnet::IpNet;
 use crate::{
     daemon::{Daemon, DaemonError},
     policy::PrefixSet,
-    store::{ApiBlocking, BlockingState, SmtpBlocking},
+    policy::{ApiMode, SmtpMode},
+    store::BlockingState,
 };
 
 impl Daemon {
@@ -16,11 +17,11 @@ impl Daemon {
     /// that called successfully within `learning_days` needs `force`.
     pub async fn set_api_blocking(
         &self,
-        mode: ApiBlocking,
+        mode: ApiMode,
         force: bool,
         actor: &str,
     ) -> Result<BlockingState, DaemonError> {
-        if mode == ApiBlocking::Active && !force {
+        if mode == ApiMode::Active && !force {
             let cut = self.activation_impact()?;
             if !cut.is_empty() {
                 let list: Vec<String> = cut
@@ -49,12 +50,11 @@ impl Daemon {
 
     pub async fn set_smtp_blocking(
         &self,
-        mode: SmtpBlocking,
+        mode: SmtpMode,
         force: bool,
         actor: &str,
     ) -> Result<BlockingState, DaemonError> {
-        if mode == SmtpBlocking::Active && !force && self.with_state(|st| st.authorized.is_empty())
-        {
+        if mode == SmtpMode::Active && !force && self.with_state(|st| st.authorized.is_empty()) {
             return Err(DaemonError::Invalid(
                 "the authorized list is empty, so activating SMTP blocking would cut all SMTP traffic at once; \
                  authorize your senders first (`allowlistctl ips authorize CIDR`), or pass --force"
@@ -124,7 +124,7 @@ impl Daemon {
     /// turns active by itself (it cannot cut anything: every caller of that
     /// period was learned). Returns whether it switched.
     pub async fn auto_activate(&self) -> Result<bool, DaemonError> {
-        if self.with_state(|st| st.blocking.api) != ApiBlocking::Learning {
+        if self.with_state(|st| st.blocking.api) != ApiMode::Learning {
             return Ok(false);
         }
         let last = self.store.last_learned_at()?;
@@ -133,7 +133,7 @@ impl Daemon {
             return Ok(false);
         }
         self.set_blocking_mode("api", "active".into(), "allowlistd", |b| {
-            b.api = ApiBlocking::Active
+            b.api = ApiMode::Active
         })
         .await?;
         tracing::warn!(

@@ -10,8 +10,8 @@ use ipnet::IpNet;
 use crate::{
     daemon::{Daemon, DaemonError},
     kernel::KeySpec,
+    policy::SmtpMode,
     policy::{self, ApiMode, KeyPolicy, KeyStatus, PrefixSet, Snapshot},
-    store::{ApiBlocking, SmtpBlocking},
 };
 
 use super::State;
@@ -68,11 +68,7 @@ impl Daemon {
         let account_list: Vec<IpNet> = state.authorized.keys().copied().collect();
         Snapshot {
             keys,
-            api: Some(match state.blocking.api {
-                ApiBlocking::Learning => ApiMode::Learning,
-                ApiBlocking::Active => ApiMode::Active,
-                ApiBlocking::Inactive => ApiMode::Inactive,
-            }),
+            api: Some(state.blocking.api),
             account: PrefixSet::new(account_list.iter().copied()),
             account_list,
             always_allow: PrefixSet::new(self.config.blocking.always_allow.iter().copied()),
@@ -104,14 +100,14 @@ impl Daemon {
             .collect();
         k.sync_keys(&specs)?;
         let mut ports = Vec::new();
-        if state.blocking.api == ApiBlocking::Active && self.api_guard_wanted() {
+        if state.blocking.api == ApiMode::Active && self.api_guard_wanted() {
             ports.push((
                 allowlist_common::PROTO_TCP,
                 self.config.proxy.listen.port(),
                 allowlist_common::SERVICE_API,
             ));
         }
-        if state.blocking.smtp == SmtpBlocking::Active {
+        if state.blocking.smtp == SmtpMode::Active {
             for p in &self.config.kernel.smtp_ports {
                 ports.push((
                     allowlist_common::PROTO_TCP,

@@ -6,7 +6,7 @@ use std::{net::IpAddr, sync::atomic::Ordering};
 use crate::{
     daemon::{Daemon, DaemonError},
     flood::ApiGuardMode,
-    store::ApiBlocking,
+    policy::ApiMode,
 };
 
 impl Daemon {
@@ -23,7 +23,7 @@ impl Daemon {
     /// What `stats` says about the API guard.
     pub fn api_guard_state(&self) -> crate::api::ApiGuardState {
         let mode = self.config.kernel.api_guard;
-        let active = self.with_state(|st| st.blocking.api == ApiBlocking::Active);
+        let active = self.with_state(|st| st.blocking.api == ApiMode::Active);
         let (armed, reason) = match (self.kernel().is_some(), active, mode) {
             (false, _, _) => (false, "kernel enforcement is off".to_string()),
             (_, false, _) => (false, "API blocking is not active".to_string()),

@@ -7,8 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     daemon::{Daemon, DaemonError},
+    policy::ApiMode,
     policy::{self, parse_allow_entry},
-    store::{ApiBlocking, AuthorizedRecord, UnauthorizedRecord},
+    store::{AuthorizedRecord, UnauthorizedRecord},
 };
 
 use super::KeyView;
@@ -110,7 +111,7 @@ impl Daemon {
     /// Called off the request path (the proxy queues it).
     pub async fn learn(&self, net: IpNet, key_id: &str) -> Result<bool, DaemonError> {
         let known = self.with_state(|st| {
-            st.blocking.api != ApiBlocking::Learning
+            st.blocking.api != ApiMode::Learning
                 || st
                     .authorized
                     .keys()

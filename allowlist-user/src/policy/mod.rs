@@ -540,13 +540,22 @@ impl KeyPolicy {
     }
 }
 
-/// API blocking mode, as the policy sees it.
+/// API blocking mode (the store keeps it, the policy decides by it: one
+/// type).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ApiMode {
     Learning,
     Active,
     Inactive,
+}
+
+/// SMTP blocking mode: no learning; the kernel enforces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpMode {
+    Inactive,
+    Active,
 }
 
 /// Why a request got its answer (the usage log's reason code).

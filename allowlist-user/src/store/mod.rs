@@ -14,7 +14,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{KeyStatus, RateLimit, Scope};
+use crate::policy::{ApiMode, KeyStatus, RateLimit, Scope, SmtpMode};
 
 /// Current time in Unix seconds.
 pub fn unix_now() -> i64 {
@@ -103,28 +103,13 @@ pub struct DropRecord {
     pub created_by: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ApiBlocking {
-    Learning,
-    Active,
-    Inactive,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SmtpBlocking {
-    Inactive,
-    Active,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockingState {
-    pub api: ApiBlocking,
+    pub api: ApiMode,
     /// Unix seconds when the API mode last changed (installation time at
     /// first).
     pub api_since: i64,
-    pub smtp: SmtpBlocking,
+    pub smtp: SmtpMode,
     pub smtp_since: i64,
 }
 

@@ -895,10 +895,7 @@ mod tests {
             ]
         );
         let b = s.blocking().unwrap();
-        assert_eq!(
-            (b.api, b.smtp),
-            (ApiBlocking::Learning, SmtpBlocking::Inactive)
-        );
+        assert_eq!((b.api, b.smtp), (ApiMode::Learning, SmtpMode::Inactive));
     }
 
     #[test]
