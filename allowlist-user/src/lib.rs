@@ -1,9 +1,13 @@
 //! allowlist: per-key network allowlists for API edges, enforced in the
 //! proxy and in the kernel (eBPF).
 //!
-//! Modules, one per concern: `config`, `store` (persistence), `kernel`
-//! (eBPF loading, pinning, map sync, events), `admin` (HTTP admin API),
-//! `api` (its wire types), `daemon` (the state the admin API acts on).
+//! Rooms, top to bottom (ARCHITECTURE.md; a module uses only those below
+//! it): `admin` (the admin API), `proxy` (the edge), `daemon` (every
+//! operation, through one change protocol), `api` (wire types), `live`,
+//! `defense`, `state`, `config`, `store` (persistence), `kernel` (eBPF
+//! load, pin, map sync), `policy` (pure decisions), `flood`, and `sys`,
+//! the one module allowed `unsafe`.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod api;
@@ -13,8 +17,8 @@ pub mod defense;
 pub mod flood;
 pub mod kernel;
 pub mod live;
-
 pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod store;
+pub mod sys;

@@ -43,7 +43,7 @@ pub fn sweep_leftovers() {
             }
         }
     }
-    if let Some(mount) = allowlist::kernel::sys::cgroup2_mount()
+    if let Some(mount) = allowlist::sys::cgroup2_mount()
         && let Ok(dir) = std::fs::read_dir(&mount)
     {
         let own = format!("allowlistd-{PREFIX}{}", std::process::id() % 10000);

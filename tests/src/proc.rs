@@ -179,10 +179,8 @@ impl Drop for Setup {
             let _ = std::fs::remove_dir_all(&self.bpffs);
         }
         // The daemon's cgroup (empty once its daemon has stopped).
-        if let (Some(mount), Some(name)) = (
-            allowlist::kernel::sys::cgroup2_mount(),
-            self.bpffs.file_name(),
-        ) {
+        if let (Some(mount), Some(name)) = (allowlist::sys::cgroup2_mount(), self.bpffs.file_name())
+        {
             let _ = std::fs::remove_dir(
                 mount.join(allowlist::kernel::cgroup_name(&name.to_string_lossy())),
             );

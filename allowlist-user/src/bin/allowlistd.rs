@@ -1,4 +1,5 @@
 //! allowlistd: the daemon.
+#![forbid(unsafe_code)]
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 

@@ -14,7 +14,7 @@ impl Daemon {
         let Some(mut k) = self.kernel() else {
             return Ok(());
         };
-        let (wall, mono) = (wall_now_ms(), kernel::sys::monotonic_ns());
+        let (wall, mono) = (wall_now_ms(), crate::sys::monotonic_ns());
         let always = &self.config.blocking.always_allow;
         let specs: Vec<DropSpec> = records
             .iter()

@@ -4,8 +4,6 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use tokio::io::unix::AsyncFd;
-
 use crate::{
     api,
     kernel::{self},
@@ -35,7 +33,7 @@ impl Daemon {
                 },
             ),
         };
-        let age_ns = kernel::sys::monotonic_ns().saturating_sub(ev.ts_ns);
+        let age_ns = crate::sys::monotonic_ns().saturating_sub(ev.ts_ns);
         let at = wall_now_ms() as f64 / 1000.0 - age_ns as f64 / 1e9;
         // A source the guard dropped is an unauthorized caller like one the
         // proxy refused: the owner must see it (written in batches).
@@ -85,11 +83,7 @@ impl Daemon {
     /// Drains in batches; the kernel already limits each source to one
     /// event a second.
     pub async fn read_events(self: Arc<Self>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
-        // SAFETY: the RingBuf owns its map fd for as long as the AsyncFd
-        // owns the RingBuf, and always reports that same fd.
-        let mut fd = match unsafe {
-            AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
-        } {
+        let mut fd = match crate::sys::async_fd(ring, tokio::io::Interest::READABLE) {
             Ok(fd) => fd,
             Err(e) => {
                 tracing::error!(error = %e, "cannot poll the kernel event ring buffer; kernel drops will not be reported");

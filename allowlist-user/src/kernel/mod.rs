@@ -22,7 +22,6 @@ pub mod policy_maps;
 
 pub use policy_maps::KeySpec;
 use policy_maps::{ExecError, GuardRecord, KeyRecord, PolicyMaps, PolicyOp, TooMany};
-pub mod sys;
 
 use std::{
     collections::BTreeMap,
@@ -50,6 +49,8 @@ use aya::{
     },
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::sys;
 use serde::Serialize;
 
 pub use droplist::{DropList, DropListError, DropMaps, DropSpec};
@@ -463,8 +464,7 @@ pub fn preflight(bpffs: &Path) -> Result<(), KernelError> {
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(KernelError::NoBtf);
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 && !has_caps() {
+    if sys::euid() != 0 && !has_caps() {
         return Err(KernelError::NotPrivileged {
             what: "loading eBPF programs",
         });
@@ -913,11 +913,6 @@ pub enum ConnClientKind {
     Forwarded,
 }
 
-fn pod_bytes<T: Copy>(v: &T) -> &[u8] {
-    // SAFETY: callers pass repr(C) plain data without padding bytes.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-}
-
 impl ConnTable {
     pub fn pair(&self, cookie: u64, kid: u32, client: ConnClientKind) {
         use std::os::fd::AsFd;
@@ -951,7 +946,7 @@ impl ConnTable {
             && let Err(e) = sys::map_update(
                 self.clients.fd().as_fd(),
                 &cookie.to_ne_bytes(),
-                pod_bytes(&c),
+                sys::pod_bytes(&c),
             )
         {
             tracing::warn!(error = %e, "naming a connection's client in the kernel");
@@ -964,7 +959,7 @@ impl ConnTable {
         if let Err(e) = sys::map_update(
             self.map.fd().as_fd(),
             &cookie.to_ne_bytes(),
-            pod_bytes(&value),
+            sys::pod_bytes(&value),
         ) {
             tracing::warn!(error = %e, "pairing a connection with its key in the kernel");
         }
@@ -1084,11 +1079,7 @@ pub fn cgroup_name(bpffs_name: &str) -> String {
 
 /// Decodes one ring-buffer record.
 pub fn decode_event(bytes: &[u8]) -> Option<DropEvent> {
-    if bytes.len() < std::mem::size_of::<DropEvent>() {
-        return None;
-    }
-    // SAFETY: length checked; DropEvent is plain old data.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
+    sys::read_pod(bytes)
 }
 
 /// The source address of an event.

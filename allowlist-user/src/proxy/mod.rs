@@ -754,10 +754,7 @@ pub async fn serve(
                         .build()
                     {
                         Ok(rt) => rt.block_on(async move {
-                            // SAFETY: a std TcpListener owns its fd for as long
-                            // as the AsyncFd owns the listener.
-                            match unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }
-                            {
+                            match crate::sys::async_fd(l, Interest::READABLE) {
                                 Ok(l) => worker(shared, i, l, shutdown).await,
                                 Err(e) => tracing::error!(error = %e, "edge worker listener"),
                             }
@@ -927,18 +924,17 @@ async fn worker(
             // takes it within BALANCE_DEFER (all busy), this one does.
             tokio::time::sleep(BALANCE_DEFER).await;
         }
-        let (stream, peer) =
-            match ready.try_io(|l| crate::kernel::sys::accept_nonblocking(l.as_raw_fd())) {
-                Ok(Ok(x)) => x,
-                // Another worker took it (readiness is now cleared).
-                Err(_would_block) => continue,
-                Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "accept");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+        let (stream, peer) = match ready.try_io(|l| crate::sys::accept_nonblocking(l.as_raw_fd())) {
+            Ok(Ok(x)) => x,
+            // Another worker took it (readiness is now cleared).
+            Err(_would_block) => continue,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         drop(ready);
         shared.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
@@ -985,7 +981,7 @@ async fn worker(
                 }
             }
             let fd = stream.as_raw_fd();
-            let cookie = crate::kernel::sys::socket_cookie(fd).ok();
+            let cookie = crate::sys::socket_cookie(fd).ok();
             let tls =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, shared.acceptor.accept(stream))
                     .await
@@ -1039,7 +1035,7 @@ async fn worker(
             };
             if cut {
                 // `conn` still owns the socket: make its close an RST.
-                crate::kernel::sys::abortive_close(live.fd);
+                crate::sys::abortive_close(live.fd);
             }
             drop(conn);
             // The kernel forgets the socket's CONNS entry itself when it

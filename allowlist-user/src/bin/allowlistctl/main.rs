@@ -2,6 +2,7 @@
 //!
 //! Exit status: 0 on success, 1 when the daemon refused the request (or
 //! could not be reached), 2 on usage errors.
+#![forbid(unsafe_code)]
 
 mod blocking;
 mod client;

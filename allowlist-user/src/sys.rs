@@ -1,6 +1,9 @@
-//! Small pieces of system plumbing the kernel module needs: bpffs, the
-//! monotonic clock the eBPF side uses, mmap of array maps, and the few
-//! socket calls the edge makes outside std and tokio.
+//! The one module allowed `unsafe`: system calls and raw memory the rest
+//! of the crate needs as safe functions — bpffs, the monotonic clock the
+//! eBPF side uses, mmap of array maps, bpf map updates, the few socket
+//! calls the edge makes outside std and tokio, registering owned fds with
+//! tokio, and plain-data byte views of the kernel's shared types.
+#![allow(unsafe_code)]
 
 use std::{
     ffi::CString,
@@ -292,6 +295,39 @@ pub fn accept_nonblocking(
         }
     };
     Ok((stream, peer))
+}
+
+/// Registers a value that owns its fd with tokio's reactor.
+pub fn async_fd<T: AsRawFd>(
+    inner: T,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<T>> {
+    // SAFETY: `inner` owns its fd and reports that same fd for as long as
+    // the AsyncFd owns `inner` (a listener, a ring buffer map).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(inner, interest) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// The effective uid of this process.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// The bytes of a plain-data kernel type (a map key or value).
+pub fn pod_bytes<T: aya::Pod>(v: &T) -> &[u8] {
+    // SAFETY: aya::Pod types are repr(C) plain data without padding.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// A plain-data kernel type read from the front of `bytes` (a ring buffer
+/// record), if it is long enough.
+pub fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; any bit pattern is a valid aya::Pod value.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 #[cfg(test)]
