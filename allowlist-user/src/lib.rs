@@ -14,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod defense;
+pub mod edge_host;
 pub mod flood;
 pub mod kernel;
 pub mod live;

@@ -176,8 +176,12 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stats = Arc::new(proxy::EdgeStats::default());
+    let (effects_tx, effects_rx) = allowlist::edge_host::effects_channel();
+    let effects = tokio::spawn(daemon.clone().apply_effects(effects_rx));
     let edge = tokio::spawn(proxy::serve(
         daemon.clone(),
+        config.proxy.clone(),
+        effects_tx,
         edge_listener,
         tls,
         edge_stats.clone(),
@@ -317,8 +321,11 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     )
     .with_graceful_shutdown(shutdown)
     .await?;
-    // Let the edge drain its in-flight requests (bounded inside serve).
+    // Let the edge drain its in-flight requests (bounded inside serve);
+    // its workers' senders are then gone, so the effects task flushes what
+    // it holds and ends.
     let _ = edge.await;
+    let _ = effects.await;
     sweeper.abort();
     housekeeping.abort();
     guard_drops.abort();

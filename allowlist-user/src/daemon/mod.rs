@@ -4,6 +4,7 @@
 mod blocking;
 mod change;
 mod drops;
+mod effects;
 mod events;
 mod guard;
 mod keys;

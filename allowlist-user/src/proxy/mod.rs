@@ -13,7 +13,7 @@
 use std::{
     convert::Infallible,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::fd::AsRawFd,
     path::Path,
     sync::{
@@ -35,7 +35,6 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
-use ipnet::IpNet;
 use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
@@ -57,9 +56,9 @@ mod upstream;
 pub use client_addr::{ForwardedError, forwarded_for, parse_hop, parse_proxy_header};
 
 use crate::{
-    daemon::Daemon,
+    config::ProxyConfig,
+    edge_host::{EdgeHost, SideEffect},
     policy::{self, Decision, PrefixSet, RateInfo, Reason, normalize, normalize_path},
-    store::UnauthorizedRecord,
 };
 use crate::{kernel::ConnClientKind, live::Activity};
 use client_addr::read_proxy_header;
@@ -86,12 +85,7 @@ const REFUSED_BODY_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCOUNT: &str = "default";
 /// Side effects a worker holds before it drops more.
 const QUEUE: usize = 65_536;
-/// Batches of side effects in flight to the background task.
-const BATCHES: usize = 1024;
 const EFFECT_BATCH_DELAY: Duration = Duration::from_millis(5);
-/// Distinct refused sources held between two writes of the unauthorized
-/// list (every 250 ms).
-const MAX_PENDING_REFUSALS: usize = 4096;
 /// How long a worker with more connections than the others leaves a new
 /// connection to them before taking it itself.
 const BALANCE_DEFER: Duration = Duration::from_millis(1);
@@ -242,25 +236,6 @@ pub fn tls_config(certs: Arc<CertStore>) -> Result<Arc<ServerConfig>, ProxyError
 }
 
 pub use crate::live::LiveConn;
-
-/// What the request path hands to the background task.
-#[derive(Debug)]
-enum SideEffect {
-    Learn {
-        net: IpNet,
-        key_id: String,
-    },
-    Success {
-        addr: IpAddr,
-        key_id: String,
-        at_ms: i64,
-    },
-    Refused {
-        addr: IpAddr,
-        key_id: String,
-        at: i64,
-    },
-}
 
 /// Counters of the edge.
 #[derive(Debug, Default)]
@@ -443,10 +418,10 @@ impl Edge {
             }
         };
         let path = normal.as_deref().unwrap_or_else(|| req.uri().path());
-        let now_ms = self.shared.daemon.clock.now_ms();
+        let now_ms = self.shared.host.now_ms();
         let (d, bearer): (Decision, bool) = {
             let cred = credential(req.headers());
-            let snap = self.shared.daemon.policy.load();
+            let snap = self.shared.host.snapshot();
             let d = snap.decide(
                 cred.map(|c| c.0),
                 req.method().as_str(),
@@ -494,10 +469,10 @@ impl Edge {
             && conn.set_key(&k.id, k.kid)
         {
             new_key = true;
-            if let (Some(table), Some(cookie)) = (&self.shared.daemon.conns, conn.cookie) {
+            if let Some(cookie) = conn.cookie {
                 // From now on the kernel checks every packet of this
                 // connection against this key's policy.
-                table.pair(cookie, k.kid, conn.binding);
+                self.shared.host.pair(cookie, k.kid, conn.binding);
             }
         }
         if let Some(net) = d.learn {
@@ -589,102 +564,6 @@ impl Edge {
     }
 }
 
-/// Applies side effects in batches: learning, recent successes (for the
-/// impact of activating blocking) and the unauthorized list.
-async fn side_effects(daemon: Arc<Daemon>, mut rx: mpsc::Receiver<Vec<SideEffect>>) {
-    let mut refused: std::collections::HashMap<(IpAddr, String), UnauthorizedRecord> =
-        Default::default();
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        let batch = tokio::select! {
-            b = rx.recv() => match b {
-                None => break,
-                Some(b) => b,
-            },
-            _ = tick.tick() => {
-                let sources = flush_refused(&daemon, &mut refused);
-                daemon.note_refusals(&sources).await;
-                continue;
-            }
-        };
-        for e in batch {
-            match e {
-                SideEffect::Learn { net, key_id } => {
-                    if let Err(err) = daemon.learn(net, &key_id).await {
-                        tracing::warn!(error = %err, %net, "learning an address");
-                    }
-                }
-                SideEffect::Success {
-                    addr,
-                    key_id,
-                    at_ms,
-                } => daemon.record_success(addr, &key_id, at_ms),
-                SideEffect::Refused { addr, key_id, at } => {
-                    // Bounded: a spray of distinct sources between two
-                    // writes is counted, not held.
-                    if refused.len() >= MAX_PENDING_REFUSALS
-                        && !refused.contains_key(&(addr, key_id.clone()))
-                    {
-                        daemon.refusals_dropped.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let r = refused.entry((addr, key_id.clone())).or_insert_with(|| {
-                        UnauthorizedRecord {
-                            addr,
-                            service: "api".into(),
-                            key_id,
-                            port: 0,
-                            first_seen: at,
-                            last_seen: at,
-                            attempts: 0,
-                            status: "refused".into(),
-                        }
-                    });
-                    r.last_seen = at;
-                    r.attempts += 1;
-                }
-            }
-        }
-    }
-    let refused_sources = flush_refused(&daemon, &mut refused);
-    daemon.note_refusals(&refused_sources).await;
-}
-
-/// Writes the refusals gathered since the last write; returns each source
-/// with its refusals, for promotion.
-fn flush_refused(
-    daemon: &Daemon,
-    refused: &mut std::collections::HashMap<(IpAddr, String), UnauthorizedRecord>,
-) -> Vec<(IpAddr, u64)> {
-    if refused.is_empty() {
-        return Vec::new();
-    }
-    let batch: Vec<UnauthorizedRecord> = refused.drain().map(|(_, v)| v).collect();
-    let mut sources: std::collections::HashMap<IpAddr, u64> = Default::default();
-    for r in &batch {
-        *sources.entry(r.addr).or_default() += r.attempts.max(0) as u64;
-    }
-    // One line per write, not per source: a spray must not flood the log.
-    let attempts: i64 = batch.iter().map(|r| r.attempts).sum();
-    if let [one] = &batch[..] {
-        tracing::info!(source = %one.addr, key = %one.key_id, attempts, "refused: IP_NOT_ALLOWED");
-    } else {
-        tracing::info!(sources = batch.len(), attempts, "refused: IP_NOT_ALLOWED");
-    }
-    match daemon
-        .store
-        .record_unauthorized(&batch, daemon.config.blocking.unauthorized_max)
-    {
-        Ok(evicted) => {
-            daemon
-                .unauthorized_evicted
-                .fetch_add(evicted, Ordering::Relaxed);
-        }
-        Err(e) => tracing::warn!(error = %e, "recording refused sources"),
-    }
-    sources.into_iter().collect()
-}
-
 /// Binds the edge listener. It is returned unregistered: each edge worker
 /// registers its own duplicate with its own runtime.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
@@ -717,17 +596,21 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
 /// (Per-worker SO_REUSEPORT sockets were tried: they spare the wake-up of
 /// the worker that loses the accept race, but hashing pins connections to
 /// a busy worker while the other idles, and p99 doubled.)
+///
+/// The edge knows the application only through `host` (the policy
+/// snapshot, the clock, kernel pairing, the live-connection table) and
+/// hands side effects over `effects`, in batches; when every worker has
+/// stopped, that sender is dropped, so the consumer flushes and ends.
 pub async fn serve(
-    daemon: Arc<Daemon>,
+    host: Arc<dyn EdgeHost>,
+    cfg: ProxyConfig,
+    effects: mpsc::Sender<Vec<SideEffect>>,
     listener: std::net::TcpListener,
     tls: Arc<ServerConfig>,
     stats: Arc<EdgeStats>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let cfg = &daemon.config.proxy;
-    let (tx, rx) = mpsc::channel(BATCHES);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let effects = tokio::spawn(side_effects(daemon.clone(), rx));
     let shared = Arc::new(Shared {
         trusted: PrefixSet::new(cfg.trusted_proxies.iter().copied()),
         upstream: Upstream::parse(&cfg.upstream),
@@ -737,9 +620,10 @@ pub async fn serve(
         preserve_host: cfg.preserve_host,
         first_request: Duration::from_secs(cfg.header_timeout_secs),
         idle: Duration::from_secs(cfg.idle_timeout_secs),
-        daemon,
-        effects: tx,
+        host,
+        effects,
         stats,
+        cfg,
     });
     let mut done = Vec::with_capacity(workers);
     for i in 0..workers {
@@ -773,9 +657,6 @@ pub async fn serve(
     for d in done {
         let _ = d.await;
     }
-    // Every worker has let go of its sender: the side-effect task flushes
-    // what it holds and ends.
-    let _ = effects.await;
 }
 
 /// Where requests go: the scheme and authority of `[proxy] upstream`
@@ -825,7 +706,8 @@ impl Upstream {
 
 /// What every edge worker shares.
 struct Shared {
-    daemon: Arc<Daemon>,
+    host: Arc<dyn EdgeHost>,
+    cfg: ProxyConfig,
     upstream: Upstream,
     trusted: PrefixSet,
     acceptor: TlsAcceptor,
@@ -882,7 +764,7 @@ async fn worker(
     listener: AsyncFd<std::net::TcpListener>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let cfg = &shared.daemon.config.proxy;
+    let cfg = &shared.cfg;
     let edge = Arc::new(Edge {
         pool: upstream::Pool::new(shared.upstream.addr.clone()),
         shared: shared.clone(),
@@ -1007,12 +889,7 @@ async fn worker(
                 },
             });
             let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-            shared
-                .daemon
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, live.clone());
+            shared.host.register(id, live.clone());
             let conn_edge = edge.clone();
             let conn_live = live.clone();
             let service = hyper::service::service_fn(move |req| {
@@ -1040,12 +917,7 @@ async fn worker(
             drop(conn);
             // The kernel forgets the socket's CONNS entry itself when it
             // closes (conn_ops), which spares a syscall per connection here.
-            shared
-                .daemon
-                .live
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            shared.host.unregister(id);
         });
     }
     drop(listener);

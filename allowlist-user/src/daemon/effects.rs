@@ -1,0 +1,153 @@
+//! What the edge's requests leave behind, applied off the request path in
+//! batches: learning, recent successes (for the impact of activating
+//! blocking), the unauthorized list and promotion of repeat offenders.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::sync::mpsc;
+
+use super::Daemon;
+use crate::{
+    edge_host::{EdgeHost, SideEffect},
+    kernel::ConnClientKind,
+    live::LiveConn,
+    policy::Snapshot,
+    store::UnauthorizedRecord,
+};
+
+/// Distinct refused sources held between two writes of the unauthorized
+/// list (every 250 ms).
+const MAX_PENDING_REFUSALS: usize = 4096;
+
+impl EdgeHost for Daemon {
+    fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.policy.load()
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    fn pair(&self, cookie: u64, kid: u32, client: ConnClientKind) {
+        if let Some(table) = &self.conns {
+            table.pair(cookie, kid, client);
+        }
+    }
+
+    fn register(&self, id: u64, conn: Arc<LiveConn>) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, conn);
+    }
+
+    fn unregister(&self, id: u64) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+}
+
+impl Daemon {
+    /// Applies side effects in batches: learning, recent successes (for the
+    /// impact of activating blocking) and the unauthorized list.
+    pub async fn apply_effects(self: Arc<Self>, mut rx: mpsc::Receiver<Vec<SideEffect>>) {
+        let daemon = self;
+        let mut refused: std::collections::HashMap<(IpAddr, String), UnauthorizedRecord> =
+            Default::default();
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            let batch = tokio::select! {
+                b = rx.recv() => match b {
+                    None => break,
+                    Some(b) => b,
+                },
+                _ = tick.tick() => {
+                    let sources = flush_refused(&daemon, &mut refused);
+                    daemon.note_refusals(&sources).await;
+                    continue;
+                }
+            };
+            for e in batch {
+                match e {
+                    SideEffect::Learn { net, key_id } => {
+                        if let Err(err) = daemon.learn(net, &key_id).await {
+                            tracing::warn!(error = %err, %net, "learning an address");
+                        }
+                    }
+                    SideEffect::Success {
+                        addr,
+                        key_id,
+                        at_ms,
+                    } => daemon.record_success(addr, &key_id, at_ms),
+                    SideEffect::Refused { addr, key_id, at } => {
+                        // Bounded: a spray of distinct sources between two
+                        // writes is counted, not held.
+                        if refused.len() >= MAX_PENDING_REFUSALS
+                            && !refused.contains_key(&(addr, key_id.clone()))
+                        {
+                            daemon.refusals_dropped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        let r = refused.entry((addr, key_id.clone())).or_insert_with(|| {
+                            UnauthorizedRecord {
+                                addr,
+                                service: "api".into(),
+                                key_id,
+                                port: 0,
+                                first_seen: at,
+                                last_seen: at,
+                                attempts: 0,
+                                status: "refused".into(),
+                            }
+                        });
+                        r.last_seen = at;
+                        r.attempts += 1;
+                    }
+                }
+            }
+        }
+        let refused_sources = flush_refused(&daemon, &mut refused);
+        daemon.note_refusals(&refused_sources).await;
+    }
+}
+
+/// Writes the refusals gathered since the last write; returns each source
+/// with its refusals, for promotion.
+fn flush_refused(
+    daemon: &Daemon,
+    refused: &mut std::collections::HashMap<(IpAddr, String), UnauthorizedRecord>,
+) -> Vec<(IpAddr, u64)> {
+    if refused.is_empty() {
+        return Vec::new();
+    }
+    let batch: Vec<UnauthorizedRecord> = refused.drain().map(|(_, v)| v).collect();
+    let mut sources: std::collections::HashMap<IpAddr, u64> = Default::default();
+    for r in &batch {
+        *sources.entry(r.addr).or_default() += r.attempts.max(0) as u64;
+    }
+    // One line per write, not per source: a spray must not flood the log.
+    let attempts: i64 = batch.iter().map(|r| r.attempts).sum();
+    if let [one] = &batch[..] {
+        tracing::info!(source = %one.addr, key = %one.key_id, attempts, "refused: IP_NOT_ALLOWED");
+    } else {
+        tracing::info!(sources = batch.len(), attempts, "refused: IP_NOT_ALLOWED");
+    }
+    match daemon
+        .store
+        .record_unauthorized(&batch, daemon.config.blocking.unauthorized_max)
+    {
+        Ok(evicted) => {
+            daemon
+                .unauthorized_evicted
+                .fetch_add(evicted, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "recording refused sources"),
+    }
+    sources.into_iter().collect()
+}
