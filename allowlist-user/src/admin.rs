@@ -94,6 +94,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/blocking", get(blocking))
         .route("/v1/events", get(events))
+        .route("/v1/audit", get(audit))
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}", get(show_key))
         .route("/v1/keys/{id}/revoke", post(revoke_key))
@@ -161,6 +162,15 @@ fn body<T>(b: Body<T>) -> Result<T, ApiError> {
 }
 
 use axum::extract::Path as UrlPath;
+
+async fn audit(
+    State(d): State<Arc<Daemon>>,
+    q: Result<axum::extract::Query<api::AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<api::Audit> {
+    let axum::extract::Query(q) =
+        q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()))?;
+    Ok(Json(d.audit(&q)?))
+}
 
 async fn list_keys(State(d): State<Arc<Daemon>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "keys": d.list_keys() }))

@@ -80,6 +80,27 @@ pub struct SetMode {
     pub force: bool,
 }
 
+/// `GET /v1/audit?since=&actor=&limit=`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Unix seconds, an RFC 3339 time (`2026-11-30T09:00:00Z`) or a
+    /// duration back from now (`24h`, `7d`).
+    #[serde(default)]
+    pub since: Option<String>,
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// At most this many entries (default 100, at most 10000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// The audit log, newest first.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Audit {
+    pub entries: Vec<crate::store::AuditEntry>,
+}
+
 /// A body that carries nothing (`POST /v1/keys/{id}/revoke`).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

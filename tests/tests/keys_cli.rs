@@ -338,3 +338,70 @@ fn admin_request_bodies_with_unknown_fields_are_refused() {
     let (status, body) = post("/v1/keys", r#"{"name":"x","scopes":["read"]}"#);
     assert_eq!(status, "201", "{body}");
 }
+
+#[test]
+fn the_audit_log_says_who_changed_what_newest_first() {
+    let setup = Setup::new(false, "");
+    let _d = setup.start(None, &["--no-kernel"]);
+    setup.ctl_json(&["keys", "create", "--name", "a"]);
+    setup.ctl_json(&["ips", "authorize", "198.51.100.0/24", "--label", "office"]);
+    setup.ctl_json(&["blocking", "api", "activate", "--force"]);
+    let v = setup.ctl_json(&["audit"]);
+    let actions: Vec<&str> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["blocking.set", "ips.authorize", "key.create"]);
+    // SAFETY: geteuid has no preconditions.
+    let me = format!("uid:{}", unsafe { libc::geteuid() });
+    assert!(
+        v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["actor"] == me.as_str())
+    );
+    assert!(
+        v["entries"][1]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("198.51.100.0/24")
+    );
+    assert_eq!(
+        setup.ctl_json(&["audit", "--limit", "1"])["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        setup.ctl_json(&["audit", "--since", "1h"])["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        setup.ctl_json(&["audit", "--since", "2099-01-01T00:00:00Z"])["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        setup.ctl_json(&["audit", "--actor", "learning"])["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // Text output names the action; a bad --since is refused with what to write.
+    let out = setup.ctl(&["audit"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ips.authorize"));
+    setup.refused(
+        &["audit", "--since", "whenever"],
+        "a duration back from now like 24h",
+    );
+}

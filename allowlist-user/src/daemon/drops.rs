@@ -162,6 +162,18 @@ mod tests {
     }
 
     #[test]
+    fn since_parsing() {
+        assert_eq!(parse_since("1700000000", 0), Ok(1_700_000_000));
+        assert_eq!(parse_since("24h", 100_000), Ok(100_000 - 86_400));
+        assert_eq!(parse_since("2026-11-30T00:00:00Z", 0), Ok(1_795_996_800));
+        assert!(
+            parse_since("yesterday-ish", 0)
+                .unwrap_err()
+                .contains("--since")
+        );
+    }
+
+    #[test]
     fn ttl_parsing() {
         assert_eq!(parse_ttl("90s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_ttl("1h30m").unwrap(), Duration::from_secs(5400));

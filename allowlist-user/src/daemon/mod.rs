@@ -152,6 +152,26 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
 }
 
 /// Parses a TTL like "90s", "10m", "24h", "7d", "1h30m".
+/// `--since`: Unix seconds, an RFC 3339 time, or a duration back from
+/// `now` (`24h`).
+pub fn parse_since(t: &str, now: i64) -> Result<i64, String> {
+    if let Ok(secs) = t.parse::<i64>() {
+        return Ok(secs);
+    }
+    if let Ok(at) = humantime::parse_rfc3339_weak(t) {
+        return at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .map_err(|_| format!("{t:?} is before 1970"));
+    }
+    match humantime::parse_duration(t) {
+        Ok(d) => Ok(now - d.as_secs() as i64),
+        Err(_) => Err(format!(
+            "--since {t:?}: give Unix seconds, a time like 2026-11-30T09:00:00Z, or a duration back from now like 24h"
+        )),
+    }
+}
+
 pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim()).map_err(|e| {
         format!("TTL {s:?} is not a duration ({e}); write it like 90s, 10m, 24h or 7d")
@@ -270,6 +290,26 @@ impl Daemon {
                 .collect();
         }
         Ok(out)
+    }
+
+    /// The audit log, newest first: who changed what, when.
+    pub fn audit(&self, q: &api::AuditQuery) -> Result<api::Audit, DaemonError> {
+        let since = match q.since.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) => Some(parse_since(t, unix_now()).map_err(DaemonError::Invalid)?),
+        };
+        let limit = q.limit.unwrap_or(100);
+        if !(1..=10_000).contains(&limit) {
+            return Err(DaemonError::Invalid(format!(
+                "limit {limit} is out of range 1..=10000"
+            )));
+        }
+        let entries = self.store.audit_log(&crate::store::AuditQuery {
+            since,
+            actor: q.actor.clone().filter(|a| !a.is_empty()),
+            limit,
+        })?;
+        Ok(api::Audit { entries })
     }
 
     pub fn blocking(&self) -> Result<api::Blocking, DaemonError> {

@@ -121,6 +121,16 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// Which audit entries to read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Unix seconds: entries at or after.
+    pub since: Option<i64>,
+    /// Exactly this actor (`uid:0`, `learning`, `promotion` ...).
+    pub actor: Option<String>,
+    pub limit: usize,
+}
+
 /// One entry of a key's own allowlist.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllowRecord {
@@ -240,7 +250,8 @@ pub trait Store: Send + Sync {
     /// Deletes entries whose expiry is at or before `now`, returning them.
     fn remove_expired_drops(&self, now: i64) -> Result<Vec<DropRecord>, StoreError>;
     fn blocking(&self) -> Result<BlockingState, StoreError>;
-    fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Audit entries, newest first, filtered by `q`.
+    fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 mod migrations;

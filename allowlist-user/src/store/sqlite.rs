@@ -812,20 +812,27 @@ impl Store for SqliteStore {
         })
     }
 
-    fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+    fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare_cached("SELECT at, actor, action, detail FROM audit ORDER BY id DESC LIMIT ?1")
+            .prepare_cached(
+                "SELECT at, actor, action, detail FROM audit
+                 WHERE at >= ?1 AND (?2 IS NULL OR actor = ?2)
+                 ORDER BY id DESC LIMIT ?3",
+            )
             .map_err(self.err("reading the audit log"))?;
         let rows = stmt
-            .query_map([limit as i64], |r| {
-                Ok(AuditEntry {
-                    at: r.get(0)?,
-                    actor: r.get(1)?,
-                    action: r.get(2)?,
-                    detail: r.get(3)?,
-                })
-            })
+            .query_map(
+                params![q.since.unwrap_or(i64::MIN), q.actor, q.limit as i64],
+                |r| {
+                    Ok(AuditEntry {
+                        at: r.get(0)?,
+                        actor: r.get(1)?,
+                        action: r.get(2)?,
+                        detail: r.get(3)?,
+                    })
+                },
+            )
             .map_err(self.err("reading the audit log"))?;
         rows.collect::<Result<_, _>>()
             .map_err(self.err("reading the audit log"))
@@ -882,7 +889,12 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        let audit = s.audit_log(10).unwrap();
+        let audit = s
+            .audit_log(&AuditQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
         let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
         assert_eq!(
             actions,

@@ -4,6 +4,7 @@
 //! could not be reached), 2 on usage errors.
 #![forbid(unsafe_code)]
 
+mod audit;
 mod blocking;
 mod client;
 mod drop;
@@ -51,6 +52,8 @@ enum Command {
     Blocking(blocking::BlockingCmd),
     /// Recent kernel drop events (at most one per source per second).
     Events,
+    /// The audit log: who changed what, newest first.
+    Audit(audit::AuditArgs),
 }
 
 /// What a command prints: JSON for `--json`, text otherwise.
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
             Command::Stats => stats::run(&client).await,
             Command::Blocking(cmd) => blocking::run(&client, cmd).await,
             Command::Events => stats::events(&client).await,
+            Command::Audit(args) => audit::run(&client, args).await,
         }
     });
     match result {
