@@ -26,6 +26,42 @@ pub struct Peer {
     pub uid: Option<u32>,
 }
 
+/// Who may use the admin socket: root, the daemon's own user (a
+/// development run without root), and members of `[admin] group`.
+#[derive(Clone, Copy, Debug)]
+pub struct Operators {
+    pub group: Option<u32>,
+}
+
+impl Operators {
+    pub fn admits(&self, uid: u32) -> bool {
+        uid == 0
+            || uid == crate::sys::euid()
+            || self
+                .group
+                .is_some_and(|gid| crate::sys::user_in_group(uid, gid))
+    }
+}
+
+/// Refuses callers that are not operators, whatever the socket's mode
+/// let through (defense in depth: the mode is the first check).
+async fn operators_only(
+    State(ops): State<Operators>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match peer.uid {
+        Some(uid) if ops.admits(uid) => next.run(req).await,
+        _ => ApiError(
+            StatusCode::FORBIDDEN,
+            "permission_denied",
+            "the admin socket is for operators: root and members of [admin] group".into(),
+        )
+        .into_response(),
+    }
+}
+
 impl Peer {
     pub fn actor(&self) -> String {
         match self.uid {
@@ -84,6 +120,15 @@ impl From<DaemonError> for ApiError {
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
 pub fn router(daemon: Arc<Daemon>) -> Router {
+    let ops = Operators {
+        group: Some(daemon.config.admin.group.as_str())
+            .filter(|g| !g.is_empty())
+            .and_then(crate::sys::group_gid),
+    };
+    routes(daemon).layer(axum::middleware::from_fn_with_state(ops, operators_only))
+}
+
+fn routes(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/live", get(|| async { "ok\n" }))
         .route("/ready", get(|| async { "ready\n" }))
@@ -339,9 +384,19 @@ async fn impact(State(d): State<Arc<Daemon>>) -> Result<Json<serde_json::Value>,
     Ok(Json(serde_json::json!({ "would_refuse": cut })))
 }
 
-/// Binds the admin socket with mode 0600, replacing a stale socket file but
+/// Binds the admin socket with mode 0600 (0660 for `group`), replacing a stale socket file but
 /// refusing to steal one a running daemon still answers on.
-pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+pub async fn bind(path: &Path, group: &str) -> io::Result<UnixListener> {
+    let gid = if group.is_empty() {
+        None
+    } else {
+        Some(crate::sys::group_gid(group).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("[admin] group {group:?} does not exist"),
+            )
+        })?)
+    };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -369,7 +424,15 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
     let staged = private.join("admin.sock");
     let bound = (|| {
         let listener = UnixListener::bind(&staged)?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        // 0600, or 0660 owned by the operators' group.
+        let mode = match gid {
+            Some(gid) => {
+                std::os::unix::fs::chown(&staged, None, Some(gid))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
         std::fs::rename(&staged, path)?;
         Ok::<_, io::Error>(listener)
     })();

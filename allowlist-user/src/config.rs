@@ -74,14 +74,18 @@ impl Default for ProxyConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Unix socket of the admin API (created with mode 0600).
+    /// Unix socket of the admin API (mode 0600; 0660 with `group`).
     pub socket: PathBuf,
+    /// A group whose members may use the socket as operators, besides
+    /// root; empty = root only.
+    pub group: String,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             socket: "/run/allowlist/admin.sock".into(),
+            group: String::new(),
         }
     }
 }
@@ -363,6 +367,15 @@ impl Config {
             return Err(invalid(
                 "[proxy] cert/key",
                 "set both cert and key, or neither (a self-signed pair is generated)".into(),
+            ));
+        }
+        if !self.admin.group.is_empty() && crate::sys::group_gid(&self.admin.group).is_none() {
+            return Err(invalid(
+                "[admin] group",
+                format!(
+                    "no group named {:?} on this host; create it (groupadd) or leave group empty for root only",
+                    self.admin.group
+                ),
             ));
         }
         if self.admin.socket.as_os_str().is_empty() {

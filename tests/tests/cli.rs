@@ -163,3 +163,97 @@ fn admin_socket_is_private() {
         & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+/// A system group and two users made for one test, removed on drop.
+struct Accounts {
+    group: String,
+    users: Vec<String>,
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for u in &self.users {
+            let _ = Command::new("userdel").arg(u).output();
+        }
+        let _ = Command::new("groupdel").arg(&self.group).output();
+    }
+}
+
+#[test]
+fn operators_are_root_and_members_of_the_admin_group() {
+    // Making users and a group needs root, as the kernel tests do.
+    if !allowlist_tests::kernel_tests_enabled("operators_are_root_and_members_of_the_admin_group") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let tag = std::process::id() % 100_000;
+    let acc = Accounts {
+        group: format!("altops{tag}"),
+        users: vec![format!("altop{tag}"), format!("altno{tag}")],
+    };
+    let run = |args: &[&str]| {
+        let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    run(&["groupadd", "--system", &acc.group]);
+    for u in &acc.users {
+        run(&[
+            "useradd",
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            u,
+        ]);
+    }
+    run(&["gpasswd", "-a", &acc.users[0], &acc.group]);
+
+    let setup = Setup::new(false, "");
+    // Others must reach the socket's folder to try it at all.
+    std::fs::set_permissions(setup.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    let text = text.replace(
+        "[admin]\n",
+        &format!("[admin]\ngroup = \"{}\"\n", acc.group),
+    );
+    std::fs::write(&setup.config, text).unwrap();
+    let _d = setup.start(None, &["--no-kernel"]);
+    let meta = std::fs::metadata(setup.socket()).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+    let as_user = |user: &str| {
+        Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(bin("allowlistctl"))
+            .arg("--socket")
+            .arg(setup.socket())
+            .args(["--json", "keys", "list"])
+            .output()
+            .unwrap()
+    };
+    let member = as_user(&acc.users[0]);
+    assert!(
+        member.status.success(),
+        "a group member is an operator: {}",
+        stderr(&member)
+    );
+    let other = as_user(&acc.users[1]);
+    assert_eq!(other.status.code(), Some(1), "{}", stderr(&other));
+    assert!(
+        stderr(&other).to_lowercase().contains("permission denied"),
+        "{}",
+        stderr(&other)
+    );
+
+    // --check-config names a group that does not exist.
+    let bad = setup.dir.path().join("bad.toml");
+    std::fs::write(&bad, "[admin]\ngroup = \"no-such-group-here\"\n").unwrap();
+    let out = Command::new(bin("allowlistd"))
+        .arg("--config")
+        .arg(&bad)
+        .arg("--check-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("[admin] group"), "{}", stderr(&out));
+}

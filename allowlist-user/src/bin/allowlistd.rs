@@ -187,7 +187,7 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
         edge_stats.clone(),
         stop_rx.clone(),
     ));
-    let listener = admin::bind(&config.admin.socket)
+    let listener = admin::bind(&config.admin.socket, &config.admin.group)
         .await
         .with_context(|| format!("admin socket {}", config.admin.socket.display()))?;
     tracing::info!(socket = %config.admin.socket.display(), "admin API listening");
