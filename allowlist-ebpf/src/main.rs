@@ -232,10 +232,23 @@ struct L4 {
     opens: bool,
 }
 
+/// The L4 header at `off`, read no further than `end` — the end of the IP
+/// payload by its own length field, not the end of the frame: a runt frame
+/// is padded to 60 bytes, and a TCP header cut short by a tiny first
+/// fragment must not have its flags read from that padding.
 #[inline(always)]
-fn parse_l4(ctx: &XdpContext, proto: u8, off: usize, var: bool) -> Result<Option<L4>, ()> {
+fn parse_l4(
+    ctx: &XdpContext,
+    proto: u8,
+    off: usize,
+    end: usize,
+    var: bool,
+) -> Result<Option<L4>, ()> {
     match proto {
         PROTO_TCP => {
+            if off + 14 > end {
+                return Err(());
+            }
             let dport = u16::from_be(rd::<u16>(ctx, off + 2, var)?);
             let flags: u8 = rd(ctx, off + 13, var)?;
             Ok(Some(L4 {
@@ -245,6 +258,9 @@ fn parse_l4(ctx: &XdpContext, proto: u8, off: usize, var: bool) -> Result<Option
             }))
         }
         PROTO_UDP => {
+            if off + 4 > end {
+                return Err(());
+            }
             let dport = u16::from_be(rd::<u16>(ctx, off + 2, var)?);
             Ok(Some(L4 {
                 proto,
@@ -267,9 +283,12 @@ fn truncated_l4(
     family: u8,
     proto: u8,
     off: usize,
+    end: usize,
     var: bool,
 ) -> u32 {
-    if let Ok(dport) = rd::<u16>(ctx, off + 2, var) {
+    if off + 4 <= end
+        && let Ok(dport) = rd::<u16>(ctx, off + 2, var)
+    {
         let l4 = L4 {
             proto,
             dport: u16::from_be(dport),
@@ -347,6 +366,11 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
     if ihl < 20 {
         return Err(());
     }
+    let tot_len = u16::from_be(read::<u16>(ctx, off + 2)?) as usize;
+    if tot_len < ihl {
+        return Err(());
+    }
+    let ip_end = off + tot_len;
     let frag = u16::from_be(read::<u16>(ctx, off + 6)?);
     let l4proto: u8 = read(ctx, off + 9)?;
     let saddr_be: u32 = read(ctx, off + 12)?;
@@ -354,14 +378,14 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
 
     if let Some(reason) = drop4(saddr) {
         // Only a first fragment carries the L4 header the event reports.
-        let l4_at = (frag & 0x1fff == 0).then_some((l4proto, off + ihl, false));
+        let l4_at = (frag & 0x1fff == 0).then_some((l4proto, off + ihl, ip_end, false));
         return Ok(drop_list(ctx, mapped4(saddr_be), 4, reason, l4_at));
     }
     // Only a first fragment carries the L4 header.
     if frag & 0x1fff != 0 {
         return Ok(pass());
     }
-    let l4 = match parse_l4(ctx, l4proto, off + ihl, false) {
+    let l4 = match parse_l4(ctx, l4proto, off + ihl, ip_end, false) {
         Ok(Some(l4)) => l4,
         Ok(None) => return Ok(pass()),
         // A TCP/UDP header cut short: a tiny first fragment, say.
@@ -372,6 +396,7 @@ fn ipv4(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
                 4,
                 l4proto,
                 off + ihl,
+                ip_end,
                 false,
             ));
         }
@@ -490,6 +515,14 @@ fn walk_ipv6(ctx: &XdpContext, first: u8, start: usize) -> Upper {
 }
 
 fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
+    let payload = u16::from_be(read::<u16>(ctx, off + 4)?) as usize;
+    // 0 is a jumbogram (its length is in a hop-by-hop option): bounded by
+    // the frame alone.
+    let ip_end = if payload == 0 {
+        usize::MAX
+    } else {
+        off + 40 + payload
+    };
     let first: u8 = read(ctx, off + 6)?;
     let saddr: [u8; 16] = read(ctx, off + 8)?;
     let upper = walk_ipv6(ctx, first, off + 40);
@@ -507,7 +540,7 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
         saddr[8], saddr[9], saddr[10], saddr[11], saddr[12], saddr[13], saddr[14], saddr[15],
     ]);
     if let Some(reason) = drop6(hi, lo) {
-        let l4_at = (upper.kind == UPPER_AT).then_some((upper.proto, upper.off, upper.var));
+        let l4_at = (upper.kind == UPPER_AT).then_some((upper.proto, upper.off, ip_end, upper.var));
         return Ok(drop_list(ctx, saddr, 6, reason, l4_at));
     }
     match upper.kind {
@@ -516,10 +549,10 @@ fn ipv6(ctx: &XdpContext, off: usize) -> Result<u32, ()> {
         _ => return Ok(unclassified(ctx, saddr, 6)),
     }
     let (proto, at, var) = (upper.proto, upper.off, upper.var);
-    let l4 = match parse_l4(ctx, proto, at, var) {
+    let l4 = match parse_l4(ctx, proto, at, ip_end, var) {
         Ok(Some(l4)) => l4,
         Ok(None) => return Ok(pass()),
-        Err(()) => return Ok(truncated_l4(ctx, saddr, 6, proto, at, var)),
+        Err(()) => return Ok(truncated_l4(ctx, saddr, 6, proto, at, ip_end, var)),
     };
     if l4.opens
         && let Some(service) = guarded(&l4)
@@ -680,11 +713,12 @@ fn drop_list(
     saddr: [u8; 16],
     family: u8,
     reason: u32,
-    l4_at: Option<(u8, usize, bool)>,
+    l4_at: Option<(u8, usize, usize, bool)>,
 ) -> u32 {
     count(C_DROP_LIST_BASE + reason.min(REASON_MAX));
     if may_report(&saddr) {
-        let l4 = l4_at.and_then(|(proto, off, var)| parse_l4(ctx, proto, off, var).ok().flatten());
+        let l4 = l4_at
+            .and_then(|(proto, off, end, var)| parse_l4(ctx, proto, off, end, var).ok().flatten());
         send_event(ctx, saddr, family, VERDICT_DROP_LIST, reason, l4.as_ref());
     }
     XDP_DROP
@@ -762,33 +796,36 @@ fn may_report(saddr: &[u8; 16]) -> bool {
             return false;
         }
     }
-    let mut allowed = true;
-    let mut last_event = now;
-    if let Some(last) = EVENT_LAST.get_ptr_mut(saddr) {
-        // SAFETY: a racing writer on another CPU can at worst let one extra
-        // event through; the value is a plain u64.
-        unsafe {
-            if now.wrapping_sub(*last) < EVENT_INTERVAL_NS {
-                allowed = false;
-                last_event = *last;
-            } else {
-                *last = now;
+    // The per-source limit first, then the total budget; the source's time
+    // is recorded only for an event actually sent, so a source the budget
+    // turned away is not also silenced for the next second.
+    let last = EVENT_LAST.get_ptr_mut(saddr);
+    // SAFETY: a racing writer on another CPU can at worst let one extra
+    // event through; the value is a plain u64.
+    let last_event = last.map(|l| unsafe { *l });
+    let allowed =
+        last_event.is_none_or(|t| now.wrapping_sub(t) >= EVENT_INTERVAL_NS) && within_budget(now);
+    if allowed {
+        match last {
+            // SAFETY: as above.
+            Some(l) => unsafe { *l = now },
+            None => {
+                let _ = EVENT_LAST.insert(saddr, now, 0);
             }
         }
-    } else {
-        let _ = EVENT_LAST.insert(saddr, now, 0);
     }
     if let Some(c) = cache {
         // SAFETY: this CPU's own slot.
         unsafe {
             *c = EventCacheSlot {
                 addr: w,
-                last_ns: last_event,
+                last_ns: if allowed {
+                    now
+                } else {
+                    last_event.unwrap_or(0)
+                },
             }
         };
-    }
-    if allowed && !within_budget(now) {
-        allowed = false;
     }
     if !allowed {
         count(C_EVENTS_RATE_LIMITED);

@@ -32,8 +32,9 @@ pub struct Defense {
     pending: Mutex<HashMap<(IpAddr, String, u16), UnauthorizedRecord>>,
     /// Source -> (start of its window, refusals in it), Unix seconds.
     failing: Mutex<HashMap<IpAddr, (i64, u64)>>,
-    /// Source -> expiry of its last promotion, in seconds.
-    promoted: Mutex<HashMap<IpAddr, u64>>,
+    /// Source -> (duration of its last promotion in seconds, when that
+    /// promotion expires, Unix seconds).
+    promoted: Mutex<HashMap<IpAddr, (u64, i64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,8 +86,12 @@ impl Defense {
 
     /// Counts refusals of each source in `refused` (source, attempts) at
     /// `now`; returns the sources that crossed `after` refusals within
-    /// `window` seconds, each with the expiry (seconds) of its promotion:
-    /// `ttl` the first time, twice the previous one after that.
+    /// `window` seconds, each with the duration (seconds) its promotion
+    /// should have: `ttl` the first time, twice the previous one when it
+    /// comes back after that one expired. A source whose promotion is
+    /// still in force is not promoted again (behind a balancer XDP sees
+    /// the balancer, so its refusals keep coming). Nothing is remembered
+    /// as promoted until [`Defense::promoted`] says it was.
     pub fn failures(
         &self,
         refused: &[(IpAddr, u64)],
@@ -105,6 +110,7 @@ impl Defense {
                 failing.clear();
             }
         }
+        let promoted = lock(&self.promoted);
         let mut out = Vec::new();
         for &(source, n) in refused {
             let source = source_unit(source);
@@ -115,15 +121,29 @@ impl Defense {
             e.1 += n;
             if e.1 >= u64::from(after) {
                 failing.remove(&source);
-                let mut promoted = lock(&self.promoted);
-                let secs = promoted
-                    .get(&source)
-                    .map_or(ttl, |prev| (prev * 2).min(MAX_PROMOTION_SECS));
-                promoted.insert(source, secs);
+                let secs = match promoted.get(&source) {
+                    Some((_, until)) if now < *until => continue,
+                    Some((prev, _)) => (prev * 2).min(MAX_PROMOTION_SECS),
+                    None => ttl,
+                };
                 out.push((source, secs));
             }
         }
         out
+    }
+
+    /// Records that `source` was put on the drop list for `secs` at `now`.
+    pub fn promoted(&self, source: IpAddr, secs: u64, now: i64) {
+        let mut promoted = lock(&self.promoted);
+        if promoted.len() >= MAX_TRACKED {
+            // Forget those whose doubling no longer matters: expired longer
+            // ago than any promotion lasts.
+            promoted.retain(|_, (_, until)| now - *until < MAX_PROMOTION_SECS as i64);
+            if promoted.len() >= MAX_TRACKED {
+                promoted.clear();
+            }
+        }
+        promoted.insert(source_unit(source), (secs, now + secs as i64));
     }
 }
 
@@ -135,18 +155,34 @@ mod tests {
     fn repeat_offenders_are_promoted_with_doubling_expiries() {
         let d = Defense::default();
         let a: IpAddr = "203.0.113.9".parse().unwrap();
-        assert!(d.failures(&[(a, 60)], 0, 100, 60, 600).is_empty());
+        let promote = |at: i64, n: u64| {
+            let out = d.failures(&[(a, n)], at, 100, 60, 600);
+            for (s, secs) in &out {
+                d.promoted(*s, *secs, at);
+            }
+            out
+        };
+        assert!(promote(0, 60).is_empty());
         // Outside the window the count starts over.
-        assert!(d.failures(&[(a, 60)], 61, 100, 60, 600).is_empty());
-        assert_eq!(d.failures(&[(a, 40)], 62, 100, 60, 600), [(a, 600)]);
-        assert_eq!(d.failures(&[(a, 100)], 2000, 100, 60, 600), [(a, 1200)]);
-        assert_eq!(d.failures(&[(a, 100)], 4000, 100, 60, 600), [(a, 2400)]);
+        assert!(promote(61, 60).is_empty());
+        assert_eq!(promote(62, 40), [(a, 600)]);
+        // Still in force (until 662): not promoted again, not doubled.
+        assert!(promote(100, 500).is_empty());
+        assert!(promote(600, 500).is_empty());
+        // Back after it expired: twice as long, then twice again.
+        assert_eq!(promote(2000, 100), [(a, 1200)]);
+        assert_eq!(promote(4000, 100), [(a, 2400)]);
+        // A promotion that did not happen (refused drop entry) is not
+        // remembered: the next one is not doubled for it.
+        let b: IpAddr = "198.51.100.9".parse().unwrap();
+        assert_eq!(d.failures(&[(b, 100)], 0, 100, 60, 600), [(b, 600)]);
+        assert_eq!(d.failures(&[(b, 100)], 10, 100, 60, 600), [(b, 600)]);
         // IPv6 per /64.
-        let b: IpAddr = "2001:db8:5:5::1".parse().unwrap();
-        let c: IpAddr = "2001:db8:5:5::2".parse().unwrap();
-        assert!(d.failures(&[(b, 50)], 0, 100, 60, 600).is_empty());
+        let c: IpAddr = "2001:db8:5:5::1".parse().unwrap();
+        let e: IpAddr = "2001:db8:5:5::2".parse().unwrap();
+        assert!(d.failures(&[(c, 50)], 0, 100, 60, 600).is_empty());
         assert_eq!(
-            d.failures(&[(c, 50)], 1, 100, 60, 600),
+            d.failures(&[(e, 50)], 1, 100, 60, 600),
             [("2001:db8:5:5::".parse().unwrap(), 600)]
         );
         assert!(

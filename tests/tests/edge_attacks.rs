@@ -138,6 +138,21 @@ fn forwarded_for_never_falls_back_to_the_proxy_and_upstream_hears_the_truth() {
         assert_eq!(seen["x-forwarded-for"], client, "{seen}");
         assert_eq!(seen["x-real-ip"], client, "{seen}");
     }
+    // A PROXY v2 LOCAL header names no client: X-Forwarded-For, which
+    // behind an L4 balancer is the client's own header, does not stand in.
+    let script = format!(
+        r#"
+import socket, ssl
+s = socket.socket(); s.settimeout(5); s.bind(("{TRUSTED}", 0)); s.connect(("{SERVER_V4}", {EDGE}))
+s.sendall(b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00, 0x00, 0x00]))
+ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+t = ctx.wrap_socket(s)
+t.sendall(b"GET / HTTP/1.1\r\nhost: x\r\napi-key: {k}\r\nx-forwarded-for: 203.0.113.7\r\nconnection: close\r\n\r\n")
+print(t.recv(100).split(b"\r\n")[0].decode())
+"#
+    );
+    assert_eq!(python(&c.name, 10, &script), "HTTP/1.1 400 Bad Request");
+
     // Learning learned the clients' networks, never the balancer's.
     assert!(wait_for(Duration::from_secs(3), || {
         let v = setup.ctl_json(&["ips", "list"]);
@@ -237,6 +252,7 @@ fn scope_is_decided_on_the_normalized_path_that_is_forwarded() {
         "/emails%2f..%2fadmin",
         "/emails%5C..%5Cadmin",
         "/emails/..\\admin",
+        "/emails/..;/admin",
         "/emails/../../admin",
         "/emails/%00",
     ] {

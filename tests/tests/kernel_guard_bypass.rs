@@ -115,6 +115,26 @@ fn fragmented_and_extension_header_syns_do_not_pass_the_guard() {
                 "{src} whole SYN, MF"
             );
         }
+        // A runt frame is padded to 60 bytes on the wire: the flags must
+        // not be read from the padding past the IP packet's own length.
+        for (src, want) in [(OUTSIDE4, XDP_DROP), (INSIDE4, XDP_PASS)] {
+            let mut runt = v4_fragment(src, &syn(port), 8, MF);
+            runt.resize(60, 0);
+            assert_eq!(
+                run(&runt),
+                want,
+                "{src} padded tiny first fragment to {port}"
+            );
+        }
+        for (src, want) in [(OUTSIDE6, XDP_DROP), (INSIDE6, XDP_PASS)] {
+            let mut runt = v6_chain(src, &[44], 6, &syn(port)[..2]);
+            runt.resize(runt.len().max(60) + 8, 0);
+            assert_eq!(
+                run(&runt),
+                want,
+                "{src} padded IPv6 first fragment to {port}"
+            );
+        }
         // Later fragments carry no TCP header; without their first they
         // reassemble into nothing.
         assert_eq!(

@@ -258,6 +258,9 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
                 use std::sync::atomic::Ordering;
                 let mut detector = FloodDetector::new(threshold, calm);
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                // After a stall, no burst of ticks a millisecond apart (a
+                // rate over a millisecond would be a thousandfold).
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut last = (
                     stats.accepted.load(Ordering::Relaxed),
                     listen_pressure().unwrap_or(0),
@@ -274,10 +277,18 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
                         accepted: now.0.saturating_sub(last.0),
                         overflowed: now.1.saturating_sub(last.1),
                     };
-                    if let Some((armed, why)) = detector.observe(reading, now.2 - last.2)
+                    let elapsed = now.2 - last.2;
+                    if elapsed < Duration::from_millis(500) {
+                        // Too short to rate: its counts go into the next.
+                        continue;
+                    }
+                    if let Some((armed, why)) = detector.observe(reading, elapsed)
                         && let Err(e) = d.set_api_guard(armed, why).await
                     {
-                        tracing::warn!(error = %e, "arming the API guard");
+                        tracing::warn!(error = %e, "arming the API guard; will try again");
+                        // Start over unarmed: the next flooded second
+                        // tries again.
+                        detector = FloodDetector::new(threshold, calm);
                     }
                     last = now;
                 }

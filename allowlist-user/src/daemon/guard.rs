@@ -53,13 +53,19 @@ impl Daemon {
     /// Arms or disarms the API guard (`auto` mode) and writes the guard
     /// ports to the kernel when that changes.
     pub async fn set_api_guard(&self, armed: bool, why: String) -> Result<(), DaemonError> {
+        let _guard = self.changes.lock().await;
+        let before = self.defense.reason();
         if !self.defense.set_api_armed(armed, why.clone()) {
             return Ok(());
         }
-        tracing::info!(armed, reason = %why, "API guard");
-        let _guard = self.changes.lock().await;
         let snap = self.policy.load();
-        self.with_state(|st| self.sync_policy_kernel(st, &snap))
+        if let Err(e) = self.with_state(|st| self.sync_policy_kernel(st, &snap)) {
+            // The kernel did not take it: say what is really in force.
+            self.defense.set_api_armed(!armed, before);
+            return Err(e);
+        }
+        tracing::info!(armed, reason = %why, "API guard");
+        Ok(())
     }
 
     /// Writes the guard drops gathered from kernel events to the
@@ -107,7 +113,8 @@ impl Daemon {
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(%cidr, ttl_secs = secs, "promoted a source that keeps failing to the drop list")
+                    self.defense.promoted(source, secs, now);
+                    tracing::info!(%cidr, ttl_secs = secs, "promoted a source that keeps failing to the drop list");
                 }
                 Err(e) => tracing::warn!(%cidr, error = %e, "promoting a source to the drop list"),
             }

@@ -231,10 +231,17 @@ pub fn plan_guard(
     let mut now: BTreeMap<u16, u32> = old.ports.clone();
     for (port, old_v) in &old.ports {
         let new_v = new.ports.get(port).copied().unwrap_or(0);
-        let both = [PROTO_TCP, PROTO_UDP].into_iter().fold(0, |acc, proto| {
-            let (o, n) = (guard_service(*old_v, proto), guard_service(new_v, proto));
-            with_guard_service(acc, proto, if o == n { o } else { 0 })
-        });
+        let both = if *port == ARMED_SLOT {
+            // A mask: the services armed before and after stay armed
+            // throughout (never 0 in between, which would let
+            // unclassifiable packets through for them).
+            old_v & new_v
+        } else {
+            [PROTO_TCP, PROTO_UDP].into_iter().fold(0, |acc, proto| {
+                let (o, n) = (guard_service(*old_v, proto), guard_service(new_v, proto));
+                with_guard_service(acc, proto, if o == n { o } else { 0 })
+            })
+        };
         if both != *old_v {
             ops.push((
                 PolicyOp::GuardPort(*port, both),
@@ -454,6 +461,24 @@ mod tests {
             execute(&mut ok, &ng.ops).unwrap();
             prop_assert_eq!(&model, &model_of(&nk.record, &ng.record));
         }
+    }
+
+    #[test]
+    fn the_armed_mask_never_drops_a_service_armed_before_and_after() {
+        let union = vec![(2u32, vec!["198.51.100.0/24".parse().unwrap()])];
+        let smtp = plan_guard(&GuardRecord::default(), &union, &[(6, 25, 2)], 100).unwrap();
+        assert_eq!(smtp.record.ports[&ARMED_SLOT], 1 << 2);
+        let both = plan_guard(&smtp.record, &union, &[(6, 25, 2), (6, 8443, 1)], 100).unwrap();
+        for (op, _) in &both.ops {
+            if let PolicyOp::GuardPort(ARMED_SLOT, v) = op {
+                assert!(
+                    v & (1 << 2) != 0,
+                    "SMTP unarmed in between: {both:?}",
+                    both = both.ops
+                );
+            }
+        }
+        assert_eq!(both.record.ports[&ARMED_SLOT], (1 << 2) | (1 << 1));
     }
 
     #[test]

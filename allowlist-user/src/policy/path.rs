@@ -27,6 +27,9 @@ pub enum PathError {
     ControlByte,
     /// `..` above the root.
     AboveRoot,
+    /// A dot segment with parameters (`..;x`): some servers strip the
+    /// parameters and climb.
+    DotSegmentParams,
 }
 
 impl PathError {
@@ -40,6 +43,9 @@ impl PathError {
             PathError::Backslash => "The request path has a \\; separate path segments with /",
             PathError::ControlByte => "The request path has an encoded control character",
             PathError::AboveRoot => "The request path climbs above the root with ..",
+            PathError::DotSegmentParams => {
+                "The request path has a dot segment with parameters (like ..;); remove them"
+            }
         }
     }
 }
@@ -71,7 +77,7 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, PathError> {
     for (i, &b) in bytes.iter().enumerate() {
         match b {
             b'\\' => return Err(PathError::Backslash),
-            b'%' => plain = false,
+            b'%' | b';' => plain = false,
             b'/' if prev == b'/' => plain = false,
             b'.' if prev == b'/' => {
                 // "/." or "/.." followed by "/" or the end is a dot segment.
@@ -126,6 +132,13 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, PathError> {
         || decoded == "/";
     let mut out: Vec<&str> = Vec::new();
     for seg in decoded.split('/').skip(1) {
+        // Servers that take `;params` off a segment (Tomcat, Spring) would
+        // read `..;x` as `..`: refuse what would climb for them.
+        let core = seg.split(';').next().unwrap_or(seg);
+        let core = core.split("%3B").next().unwrap_or(core);
+        if core.len() < seg.len() && (core == "." || core == "..") {
+            return Err(PathError::DotSegmentParams);
+        }
         match seg {
             "" | "." => {}
             ".." => {
@@ -206,6 +219,17 @@ mod tests {
         assert_eq!(n("/a%2"), Err(PathError::BadEscape));
         assert_eq!(n("/a%00"), Err(PathError::ControlByte));
         assert_eq!(n("a"), Err(PathError::NotAbsolute));
+        // Found in review: Tomcat reads `..;` as `..`.
+        assert_eq!(n("/emails/..;/admin"), Err(PathError::DotSegmentParams));
+        assert_eq!(
+            n("/emails/..;jsessionid=1/admin"),
+            Err(PathError::DotSegmentParams)
+        );
+        assert_eq!(n("/emails/%2e%2e;/admin"), Err(PathError::DotSegmentParams));
+        assert_eq!(n("/emails/..%3b/admin"), Err(PathError::DotSegmentParams));
+        assert_eq!(n("/emails/.;/x"), Err(PathError::DotSegmentParams));
+        // Parameters on an ordinary segment are the upstream's business.
+        assert_eq!(n("/emails;v=1/x").unwrap(), "/emails;v=1/x");
     }
 
     proptest::proptest! {

@@ -23,6 +23,8 @@ pub enum ForwardedError {
     Missing,
     /// The hop that names the client cannot be parsed.
     BadHop(String),
+    /// The PROXY header named no client (v1 `UNKNOWN`, v2 `LOCAL`).
+    ProxyNoClient,
 }
 
 impl ForwardedError {
@@ -30,6 +32,9 @@ impl ForwardedError {
         match self {
             ForwardedError::Missing => "The request came through a trusted proxy that named no \
                                         client address (no PROXY header, no X-Forwarded-For)"
+                .to_string(),
+            ForwardedError::ProxyNoClient => "The request came through a trusted proxy whose \
+                                              PROXY header named no client address"
                 .to_string(),
             ForwardedError::BadHop(hop) => {
                 let shown: String = hop.chars().take(64).collect();
@@ -67,11 +72,29 @@ pub fn parse_hop(hop: &str) -> Option<IpAddr> {
 /// order, elements separated by commas): the rightmost hop that is not a
 /// trusted proxy; when every hop is a trusted proxy, the leftmost.
 pub fn forwarded_for(h: &HeaderMap, trusted: &PrefixSet) -> Result<IpAddr, ForwardedError> {
+    forwarded_chain(h, trusted).map(|(client, _)| client)
+}
+
+/// The client, and the verified chain for the upstream: the client and
+/// the trusted hops right of it, left to right (`203.0.113.7, 10.1.2.3`).
+/// What is left of the client is never parsed and never passed on.
+pub fn forwarded_chain(
+    h: &HeaderMap,
+    trusted: &PrefixSet,
+) -> Result<(IpAddr, String), ForwardedError> {
     let mut values = h.get_all("x-forwarded-for").iter().rev().peekable();
     if values.peek().is_none() {
         return Err(ForwardedError::Missing);
     }
-    let mut leftmost = None;
+    // The trusted hops walked, right to left.
+    let mut walked: Vec<IpAddr> = Vec::new();
+    let chain = |client: IpAddr, walked: &[IpAddr]| {
+        std::iter::once(client)
+            .chain(walked.iter().rev().copied())
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     for v in values {
         // A header that is not visible ASCII cannot name an address; what
         // it says matters only if we get this far left.
@@ -84,19 +107,33 @@ pub fn forwarded_for(h: &HeaderMap, trusted: &PrefixSet) -> Result<IpAddr, Forwa
             }
             let addr = normalize(parse_hop(hop).ok_or_else(|| ForwardedError::BadHop(hop.into()))?);
             if trusted.longest_match(addr).is_none() {
-                return Ok(addr);
+                return Ok((addr, chain(addr, &walked)));
             }
-            leftmost = Some(addr);
+            walked.push(addr);
         }
     }
-    leftmost.ok_or(ForwardedError::Missing)
+    // Every hop a trusted proxy: the leftmost is the client.
+    let client = walked.pop().ok_or(ForwardedError::Missing)?;
+    Ok((client, chain(client, &walked)))
+}
+
+/// What a trusted peer's connection starts with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyHeader {
+    /// No PROXY header: the stream starts with TLS (clients come per
+    /// request in X-Forwarded-For).
+    Absent,
+    /// The client the header names.
+    Client(IpAddr),
+    /// A header that names no client (v1 `UNKNOWN`, v2 `LOCAL`, a unix or
+    /// unspecified address family). Behind an L4 balancer the HTTP headers
+    /// are the client's own, so X-Forwarded-For must not stand in for it.
+    NoClient,
 }
 
 /// Reads a PROXY protocol v1 or v2 header from a trusted peer, consuming
-/// exactly its bytes. `Ok(None)`: no header (the stream starts with TLS),
-/// or a header that names no client (v1 `UNKNOWN`, v2 `LOCAL`: the
-/// balancer's own health checks).
-pub async fn read_proxy_header(stream: &mut TcpStream) -> io::Result<Option<IpAddr>> {
+/// exactly its bytes.
+pub async fn read_proxy_header(stream: &mut TcpStream) -> io::Result<ProxyHeader> {
     const V2_SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
     let mut buf = [0u8; 536];
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
@@ -107,7 +144,7 @@ pub async fn read_proxy_header(stream: &mut TcpStream) -> io::Result<Option<IpAd
         }
         // A TLS record starts with 0x16: no PROXY header.
         if buf[0] == 0x16 {
-            return Ok(None);
+            return Ok(ProxyHeader::Absent);
         }
         let need = if buf[..n].starts_with(b"PROXY ") {
             buf[..n]
@@ -116,6 +153,9 @@ pub async fn read_proxy_header(stream: &mut TcpStream) -> io::Result<Option<IpAd
                 .map(|p| p + 2)
         } else if n >= 16 && buf[..12] == *V2_SIG {
             Some(16 + u16::from_be_bytes([buf[14], buf[15]]) as usize)
+        } else if (12..16).contains(&n) && buf[..12] == *V2_SIG {
+            // The signature, but not yet the length: wait for it.
+            None
         } else if n >= 12
             || !(V2_SIG.starts_with(&buf[..n]) || b"PROXY ".starts_with(&buf[..n.min(6)]))
         {
@@ -132,7 +172,10 @@ pub async fn read_proxy_header(stream: &mut TcpStream) -> io::Result<Option<IpAd
     };
     let mut header = vec![0u8; n];
     stream.read_exact(&mut header).await?;
-    parse_proxy_header(&header).map_err(|e| bad(&e))
+    Ok(match parse_proxy_header(&header).map_err(|e| bad(&e))? {
+        Some(a) => ProxyHeader::Client(a),
+        None => ProxyHeader::NoClient,
+    })
 }
 
 /// Parses one complete PROXY v1 or v2 header.
@@ -213,6 +256,28 @@ mod tests {
         assert_eq!(xff(&["2001:db8::1"]), Ok(ip("2001:db8::1")));
         assert_eq!(xff(&["::ffff:203.0.113.7"]), Ok(ip("203.0.113.7")));
         assert_eq!(xff(&["  203.0.113.7  ,,"]), Ok(ip("203.0.113.7")));
+    }
+
+    #[test]
+    fn the_verified_chain_is_the_client_and_the_trusted_hops_right_of_it() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("6.6.6.6, 203.0.113.7"),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static(" 10.1.2.3"));
+        let (client, chain) = forwarded_chain(&h, &trusted()).unwrap();
+        assert_eq!(client, ip("203.0.113.7"));
+        assert_eq!(chain, "203.0.113.7, 10.1.2.3");
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.9.9.9, 10.1.2.3"),
+        );
+        assert_eq!(
+            forwarded_chain(&h, &trusted()).unwrap().1,
+            "10.9.9.9, 10.1.2.3"
+        );
     }
 
     #[test]

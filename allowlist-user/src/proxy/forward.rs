@@ -58,6 +58,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Who called, as the upstream is told.
 pub struct Caller<'a> {
     pub client: IpAddr,
+    /// Behind trusted proxies: the verified X-Forwarded-For chain (the
+    /// client, then the trusted hops); else the client alone is sent.
+    pub chain: Option<&'a str>,
     pub key_id: &'a str,
     pub account: &'a str,
 }
@@ -74,7 +77,11 @@ pub fn upstream_headers(h: &mut HeaderMap, caller: &Caller<'_>, bearer: bool) {
     }
     let client = HeaderValue::from_str(&caller.client.to_string())
         .expect("an IP address is a valid header value");
-    h.insert(X_FORWARDED_FOR, client.clone());
+    let chain = caller
+        .chain
+        .and_then(|c| HeaderValue::from_str(c).ok())
+        .unwrap_or_else(|| client.clone());
+    h.insert(X_FORWARDED_FOR, chain);
     h.insert(X_REAL_IP, client);
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     if let Ok(v) = HeaderValue::from_str(caller.key_id) {
@@ -118,6 +125,7 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("7.7.7.7"));
         let caller = Caller {
             client: "203.0.113.7".parse().unwrap(),
+            chain: None,
             key_id: "00aa",
             account: "default",
         };

@@ -53,7 +53,20 @@ mod forward;
 mod idle;
 mod upstream;
 
-pub use client_addr::{ForwardedError, forwarded_for, parse_hop, parse_proxy_header};
+pub use client_addr::{
+    ForwardedError, forwarded_chain, forwarded_for, parse_hop, parse_proxy_header,
+};
+
+/// Where a connection's client address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientSource {
+    /// The TCP peer, or the client its PROXY header named.
+    Peer,
+    /// Per request, X-Forwarded-For from a trusted proxy.
+    Forwarded,
+    /// A PROXY header that named no client: every request is refused.
+    Missing,
+}
 
 use crate::{
     config::ProxyConfig,
@@ -61,7 +74,7 @@ use crate::{
     policy::{self, Decision, PrefixSet, RateInfo, Reason, normalize, normalize_path},
 };
 use crate::{kernel::ConnClientKind, live::Activity};
-use client_addr::read_proxy_header;
+use client_addr::{ProxyHeader, read_proxy_header};
 use forward::{API_KEY, Caller, strip_hop_by_hop, upstream_headers};
 use idle::Tracked;
 
@@ -373,10 +386,10 @@ impl Edge {
         self: &Arc<Self>,
         req: Request<Incoming>,
         conn: &LiveConn,
-        via_xff: bool,
+        source: ClientSource,
     ) -> Result<Response<Body>, Infallible> {
         let active = conn.activity.start();
-        let resp = self.respond(req, conn, via_xff).await;
+        let resp = self.respond(req, conn, source).await;
         Ok(resp.map(|inner| Tracked {
             inner,
             active: Some(active),
@@ -394,20 +407,28 @@ impl Edge {
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         conn: &LiveConn,
-        via_xff: bool,
+        source: ClientSource,
     ) -> Response<Inner> {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let client = if via_xff {
-            match forwarded_for(req.headers(), &self.shared.trusted) {
-                Ok(a) => a,
+        let via_xff = source == ClientSource::Forwarded;
+        let (client, chain) = match source {
+            ClientSource::Peer => (conn.client, None),
+            ClientSource::Forwarded => match forwarded_chain(req.headers(), &self.shared.trusted) {
+                Ok((a, chain)) => (a, Some(chain)),
                 Err(e) => {
                     tracing::debug!(peer = %conn.client, error = ?e, "no usable client address");
                     let resp = json_error(StatusCode::BAD_REQUEST, "bad_request", &e.message());
                     return self.refuse(req, resp).await;
                 }
+            },
+            ClientSource::Missing => {
+                let resp = json_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &ForwardedError::ProxyNoClient.message(),
+                );
+                return self.refuse(req, resp).await;
             }
-        } else {
-            conn.client
         };
         // Scope is decided on the path the upstream will act on.
         let normal = match normalize_path(req.uri().path()) {
@@ -526,6 +547,7 @@ impl Edge {
             h,
             &Caller {
                 client,
+                chain: chain.as_deref(),
                 key_id: &key_id,
                 account: ACCOUNT,
             },
@@ -848,13 +870,14 @@ async fn worker(
             let trusted = shared.trusted.longest_match(peer_ip).is_some();
             // From a trusted proxy the client is named by its PROXY header,
             // or else per request by X-Forwarded-For; never the proxy itself.
-            let mut use_xff = false;
+            let mut source = ClientSource::Peer;
             if trusted {
                 match tokio::time::timeout(PROXY_HEADER_TIMEOUT, read_proxy_header(&mut stream))
                     .await
                 {
-                    Ok(Ok(Some(a))) => client_ip = normalize(a),
-                    Ok(Ok(None)) => use_xff = true,
+                    Ok(Ok(ProxyHeader::Client(a))) => client_ip = normalize(a),
+                    Ok(Ok(ProxyHeader::Absent)) => source = ClientSource::Forwarded,
+                    Ok(Ok(ProxyHeader::NoClient)) => source = ClientSource::Missing,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "bad PROXY header");
                         return;
@@ -880,7 +903,7 @@ async fn worker(
                 kill: tokio::sync::Notify::new(),
                 activity: Activity::new(),
                 forwarded: Default::default(),
-                binding: if use_xff {
+                binding: if source == ClientSource::Forwarded {
                     ConnClientKind::Forwarded
                 } else if client_ip != peer_ip {
                     ConnClientKind::Proxy(client_ip)
@@ -897,7 +920,7 @@ async fn worker(
                 let live = conn_live.clone();
                 // Boxed: the request's future is large, and hyper moves it
                 // into place per request; a pointer is cheaper to move.
-                Box::pin(async move { edge.handle(req, &live, use_xff).await })
+                Box::pin(async move { edge.handle(req, &live, source).await })
             });
             let conn = builder
                 .serve_connection(TokioIo::new(tls), service)
