@@ -107,21 +107,39 @@ impl Daemon {
     pub async fn remove_drop(&self, cidr: &str, actor: &str) -> Result<api::DropView, DaemonError> {
         let cidr = parse_cidr(cidr).map_err(DaemonError::Invalid)?;
         let _guard = self.changes.lock().await;
-        let Some(prev) = self.store.remove_drop(&cidr, actor)? else {
+        let old = self.store.list_drops()?;
+        if !old.iter().any(|r| r.cidr == cidr) {
             return Err(DaemonError::NotFound(format!(
                 "{cidr} is not on the drop list; `allowlistctl drop list` shows what is"
             )));
-        };
-        let all = self.store.list_drops()?;
+        }
+        let all: Vec<DropRecord> = old.iter().filter(|r| r.cidr != cidr).cloned().collect();
+        // The same order as every change: kernel, then store, and the
+        // kernel put back if the store fails.
         self.sync_kernel(&all)?;
+        let prev = match self.store.remove_drop(&cidr, actor) {
+            Ok(Some(prev)) => prev,
+            Ok(None) => {
+                return Err(DaemonError::NotFound(format!(
+                    "{cidr} is not on the drop list"
+                )));
+            }
+            Err(e) => {
+                if let Err(k) = self.sync_kernel(&old) {
+                    tracing::error!(error = %k, "restoring the kernel drop list after a store failure");
+                }
+                return Err(e.into());
+            }
+        };
         tracing::info!(%cidr, actor, "drop list: removed");
         Ok(view(prev))
     }
 
-    /// Deletes expired entries from the store and the maps. The kernel
-    /// already ignores them at their expiry; this reclaims the space.
     pub async fn sweep(&self) -> Result<usize, DaemonError> {
         let _guard = self.changes.lock().await;
+        // One indexed DELETE when nothing expired (the common second). The
+        // kernel checks expiries itself, so entries it still holds after a
+        // failed sync below are never enforced.
         let expired = self.store.remove_expired_drops(unix_now())?;
         if !expired.is_empty() {
             let all = self.store.list_drops()?;
