@@ -63,20 +63,9 @@ impl Defense {
         if p.len() >= MAX_TRACKED && !p.contains_key(&(addr, service.to_string(), port)) {
             return;
         }
-        let r = p
-            .entry((addr, service.to_string(), port))
-            .or_insert_with(|| UnauthorizedRecord {
-                addr,
-                service: service.into(),
-                key_id: String::new(),
-                port,
-                first_seen: at,
-                last_seen: at,
-                attempts: 0,
-                status: "refused".into(),
-            });
-        r.last_seen = at;
-        r.attempts += 1;
+        p.entry((addr, service.to_string(), port))
+            .or_insert_with(|| UnauthorizedRecord::refused(addr, service, String::new(), port, at))
+            .hit(at);
     }
 
     /// The guard drops to write now.

@@ -94,20 +94,12 @@ impl Daemon {
                             daemon.refusals_dropped.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        let r = refused.entry((addr, key_id.clone())).or_insert_with(|| {
-                            UnauthorizedRecord {
-                                addr,
-                                service: "api".into(),
-                                key_id,
-                                port: 0,
-                                first_seen: at,
-                                last_seen: at,
-                                attempts: 0,
-                                status: "refused".into(),
-                            }
-                        });
-                        r.last_seen = at;
-                        r.attempts += 1;
+                        refused
+                            .entry((addr, key_id.clone()))
+                            .or_insert_with(|| {
+                                UnauthorizedRecord::refused(addr, "api", key_id, 0, at)
+                            })
+                            .hit(at);
                     }
                 }
             }

@@ -185,16 +185,8 @@ impl Daemon {
         // In force at once, in the snapshot, through the one change path;
         // a denial of an address never refused gets its own row, so it
         // persists like any other.
-        let placeholder = UnauthorizedRecord {
-            addr,
-            service: "api".into(),
-            key_id: String::new(),
-            port: 0,
-            first_seen: self.clock.now_ms() / 1000,
-            last_seen: self.clock.now_ms() / 1000,
-            attempts: 0,
-            status: "refused".into(),
-        };
+        let placeholder =
+            UnauthorizedRecord::refused(addr, "api", String::new(), 0, self.clock.now_ms() / 1000);
         let n = self
             .change(
                 |st| {

@@ -191,6 +191,35 @@ pub struct UnauthorizedRecord {
     pub status: String,
 }
 
+impl UnauthorizedRecord {
+    /// A source refused for the first time at `at` (no attempt counted
+    /// yet: see [`UnauthorizedRecord::hit`]).
+    pub fn refused(
+        addr: std::net::IpAddr,
+        service: &str,
+        key_id: String,
+        port: u16,
+        at: i64,
+    ) -> Self {
+        UnauthorizedRecord {
+            addr,
+            service: service.into(),
+            key_id,
+            port,
+            first_seen: at,
+            last_seen: at,
+            attempts: 0,
+            status: "refused".into(),
+        }
+    }
+
+    /// One more refusal at `at`.
+    pub fn hit(&mut self, at: i64) {
+        self.last_seen = self.last_seen.max(at);
+        self.attempts += 1;
+    }
+}
+
 /// The store interface; a PostgreSQL implementation can sit beside the
 /// SQLite one without touching callers.
 pub trait Store: Send + Sync {
