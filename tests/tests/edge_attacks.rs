@@ -25,6 +25,33 @@ fn edge_setup(extra_proxy: &str) -> Setup {
     s
 }
 
+/// A client and a server namespace, an echoing upstream and a daemon (no
+/// kernel) with the edge in front of it; the client has `addrs`.
+struct Env {
+    pair: Pair,
+    setup: Setup,
+    _up: Upstream,
+    _d: allowlist_tests::proc::Daemon,
+}
+
+impl Env {
+    fn start(addrs: &[&str], extra_proxy: &str) -> Env {
+        let pair = Pair::new();
+        for a in addrs {
+            pair.client_addr(a);
+        }
+        let up = Upstream::start(&pair.server, UP);
+        let setup = edge_setup(extra_proxy);
+        let d = setup.start(Some(&pair.server), &["--no-kernel"]);
+        Env {
+            pair,
+            setup,
+            _up: up,
+            _d: d,
+        }
+    }
+}
+
 fn url(path: &str) -> String {
     format!("https://{SERVER_V4}:{EDGE}{path}")
 }
@@ -84,15 +111,10 @@ fn forwarded_for_never_falls_back_to_the_proxy_and_upstream_hears_the_truth() {
     ) {
         return;
     }
-    let pair = Pair::new();
-    for a in ["198.51.100.50", TRUSTED] {
-        pair.client_addr(a);
-    }
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = edge_setup("");
-    let _d = setup.start(Some(&pair.server), &["--no-kernel"]);
+    let env = Env::start(&["198.51.100.50", TRUSTED], "");
+    let (pair, setup) = (&env.pair, &env.setup);
     let c = &pair.client;
-    let (kid, k) = key(&setup, &[]);
+    let (kid, k) = key(setup, &[]);
     let h = format!("api-key: {k}");
 
     // From the trusted balancer: an unparsable needed hop, or no client at
@@ -219,12 +241,9 @@ fn scope_is_decided_on_the_normalized_path_that_is_forwarded() {
     ) {
         return;
     }
-    let pair = Pair::new();
-    pair.client_addr("198.51.100.50");
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = edge_setup("");
-    let _d = setup.start(Some(&pair.server), &["--no-kernel"]);
-    let (_, send) = key(&setup, &["--scope", "send"]);
+    let env = Env::start(&["198.51.100.50"], "");
+    let (pair, setup) = (&env.pair, &env.setup);
+    let (_, send) = key(setup, &["--scope", "send"]);
     let post = |path: &str| {
         curl(
             &pair.client,
@@ -278,21 +297,16 @@ fn a_401_tells_nothing_and_denied_addresses_stay_denied() {
     ) {
         return;
     }
-    let pair = Pair::new();
-    for a in ["198.51.100.50", "198.51.100.51", "198.51.100.52"] {
-        pair.client_addr(a);
-    }
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = edge_setup("");
-    let _d = setup.start(Some(&pair.server), &["--no-kernel"]);
+    let env = Env::start(&["198.51.100.50", "198.51.100.51", "198.51.100.52"], "");
+    let (pair, setup) = (&env.pair, &env.setup);
     let c = &pair.client;
     let get = |src: &str, k: &str| curl(c, src, &url("/"), &["-H", &format!("api-key: {k}")]);
 
     // Wrong secrets of a live, a rate-limited, a revoked and an unknown key:
     // one body, no rate headers.
-    let (_, live) = key(&setup, &[]);
-    let (_, limited) = key(&setup, &["--rate", "5/minute"]);
-    let (revoked_id, revoked) = key(&setup, &[]);
+    let (_, live) = key(setup, &[]);
+    let (_, limited) = key(setup, &["--rate", "5/minute"]);
+    let (revoked_id, revoked) = key(setup, &[]);
     setup.ctl_json(&["keys", "revoke", &revoked_id]);
     let wrong = |k: &str| {
         format!(
@@ -325,7 +339,7 @@ fn a_401_tells_nothing_and_denied_addresses_stay_denied() {
 
     // Deny: inside a learned /24, a denied address stays refused; a later
     // learned range does not re-admit it; an explicit authorization does.
-    let (_, narrow) = key(&setup, &["--allow", "198.51.100.50"]);
+    let (_, narrow) = key(setup, &["--allow", "198.51.100.50"]);
     assert_eq!(get("198.51.100.50", &live).status, 200);
     assert!(wait_for(Duration::from_secs(3), || {
         setup.ctl_json(&["ips", "list"])["authorized"]
@@ -385,13 +399,10 @@ fn refusals_with_a_body_reach_every_http2_client() {
     if !allowlist_tests::kernel_tests_enabled("refusals_with_a_body_reach_every_http2_client") {
         return;
     }
-    let pair = Pair::new();
-    pair.client_addr("198.51.100.50");
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = edge_setup("");
-    let _d = setup.start(Some(&pair.server), &["--no-kernel"]);
+    let env = Env::start(&["198.51.100.50"], "");
+    let (pair, setup) = (&env.pair, &env.setup);
     let c = &pair.client;
-    let (_, read) = key(&setup, &["--scope", "read"]);
+    let (_, read) = key(setup, &["--scope", "read"]);
     let h = format!("api-key: {read}");
     // curl 7.88 loses the status about half the time when the stream ends
     // before its body is sent: 40 tries catch that with near certainty.
@@ -454,13 +465,13 @@ fn idle_connections_are_closed_and_cannot_exhaust_the_edge() {
     ) {
         return;
     }
-    let pair = Pair::new();
-    pair.client_addr("198.51.100.50");
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = edge_setup("header_timeout_secs = 2\nidle_timeout_secs = 3\nmax_connections = 20");
-    let _d = setup.start(Some(&pair.server), &["--no-kernel"]);
+    let env = Env::start(
+        &["198.51.100.50"],
+        "header_timeout_secs = 2\nidle_timeout_secs = 3\nmax_connections = 20",
+    );
+    let (pair, setup) = (&env.pair, &env.setup);
     let c = &pair.client;
-    let (_, k) = key(&setup, &[]);
+    let (_, k) = key(setup, &[]);
 
     // 20 connections (the cap) that finish TLS and then send nothing, half
     // HTTP/1.1, half HTTP/2 with the preface and SETTINGS; then one that
@@ -543,13 +554,10 @@ fn http2_rapid_reset_and_continuation_floods_are_bounded() {
     ) {
         return;
     }
-    let pair = Pair::new();
-    pair.client_addr("198.51.100.50");
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = edge_setup("");
-    let _d = setup.start(Some(&pair.server), &["--no-kernel"]);
+    let env = Env::start(&["198.51.100.50"], "");
+    let (pair, setup) = (&env.pair, &env.setup);
     let c = &pair.client;
-    let (_, k) = key(&setup, &[]);
+    let (_, k) = key(setup, &[]);
     // Raw frames: rapid reset opens and cancels 5000 streams; the
     // CONTINUATION flood sends a header block that never ends. Each prints
     // what ended the connection and how many bytes it sent first.
