@@ -477,3 +477,33 @@ pub fn curl(ns: &Netns, src: &str, url: &str, args: &[&str]) -> Reply {
         body: body.to_string(),
     }
 }
+
+/// Runs a script with Debian's `/usr/bin/python3` (which has Debian's
+/// httpx, h2, hyperframe and scapy) in `ns`, bounded to `secs`; returns
+/// its trimmed stdout, with the exit status and stderr appended when it
+/// failed.
+pub fn python(ns: &Netns, secs: u32, script: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "timeout",
+            &secs.to_string(),
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("ip netns exec python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() {
+        stdout
+    } else {
+        format!(
+            "{stdout} [exit {:?}: {}]",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}

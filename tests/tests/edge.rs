@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use allowlist_tests::{
-    net::{Pair, SERVER_V4, SERVER_V4_B, Upstream, curl, wait_for},
+    net::{Pair, SERVER_V4, SERVER_V4_B, Upstream, curl, python, wait_for},
     proc::Setup,
 };
 
@@ -514,25 +514,8 @@ with httpx.Client(transport=t, timeout=10) as cl:
 "#,
         u = url(SERVER_V4, "")
     );
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.client.name,
-            "timeout",
-            "30",
-            "/usr/bin/python3",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "ok ok ok ok ok ok",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = python(&pair.client, 30, &script);
+    assert_eq!(out, "ok ok ok ok ok ok");
     let reused = accepted.load(Ordering::Relaxed);
     assert_eq!(
         reused, 1,

@@ -7,15 +7,13 @@
 use std::time::Duration;
 
 use allowlist_tests::{
-    net::{Pair, Reply, SERVER_V4, Upstream, curl, wait_for},
+    net::{Pair, Reply, SERVER_V4, Upstream, curl, python, wait_for},
     proc::Setup,
 };
 
 const EDGE: u16 = 8443;
 const UP: u16 = 8080;
 const TRUSTED: &str = "198.51.100.70";
-/// Debian's interpreter, which has Debian's python3-httpx and python3-h2.
-const PY: &str = "/usr/bin/python3";
 
 fn edge_setup(extra_proxy: &str) -> Setup {
     let s = Setup::new(false, "");
@@ -72,36 +70,6 @@ fn code(r: &Reply) -> (u16, String) {
         .and_then(|v| v["error"]["code"].as_str().map(str::to_string))
         .unwrap_or_default();
     (r.status, c)
-}
-
-/// Runs a Python script with Debian's interpreter in `ns`, bounded.
-fn python(ns: &str, secs: u32, script: &str) -> String {
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "timeout",
-            &secs.to_string(),
-            PY,
-            "-c",
-            script,
-        ])
-        .output()
-        .expect("python3");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout).trim(),
-        if out.status.success() {
-            String::new()
-        } else {
-            format!(
-                " [exit {:?}: {}]",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        }
-    )
 }
 
 #[test]
@@ -173,7 +141,7 @@ t.sendall(b"GET / HTTP/1.1\r\nhost: x\r\napi-key: {k}\r\nx-forwarded-for: 203.0.
 print(t.recv(100).split(b"\r\n")[0].decode())
 "#
     );
-    assert_eq!(python(&c.name, 10, &script), "HTTP/1.1 400 Bad Request");
+    assert_eq!(python(c, 10, &script), "HTTP/1.1 400 Bad Request");
 
     // Learning learned the clients' networks, never the balancer's.
     assert!(wait_for(Duration::from_secs(3), || {
@@ -455,7 +423,7 @@ print(ok)
 "#,
         u = url("/emails")
     );
-    assert_eq!(python(&c.name, 60, &script), "20");
+    assert_eq!(python(c, 60, &script), "20");
 }
 
 #[test]
@@ -523,7 +491,7 @@ except Exception:
 print(full, len(times), round(max(times), 1), first, round(time.time() - t0, 1))
 "#
     );
-    let out = python(&c.name, 60, &script);
+    let out = python(c, 60, &script);
     let f: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(f.len(), 7, "{out}");
     assert_eq!(f[0], "closed", "the 21st connection over the cap: {out}");
@@ -619,7 +587,7 @@ except Exception:
 print(outcome(t, sent))
 "#
     );
-    let out = python(&c.name, 90, &script);
+    let out = python(c, 90, &script);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
     for (what, line, most) in [
@@ -679,7 +647,7 @@ print(sorted(codes))
 "#,
         u = url("/")
     );
-    assert_eq!(python(&pair.client.name, 120, &script), "[403]");
+    assert_eq!(python(&pair.client, 120, &script), "[403]");
     let listed = || {
         setup.ctl_json(&["ips", "unauthorized"])["unauthorized"]
             .as_array()
@@ -708,7 +676,7 @@ print("done")
 "#,
         u = url("/")
     );
-    assert_eq!(python(&pair.client.name, 60, &script), "done");
+    assert_eq!(python(&pair.client, 60, &script), "done");
     assert!(
         wait_for(Duration::from_secs(3), || {
             listed().iter().any(|u| {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use allowlist_tests::{
     kernel_tests_enabled,
-    net::{Connect, Pair, SERVER_IF, SERVER_V4, Server, Upstream, connect, curl, wait_for},
+    net::{Connect, Pair, SERVER_IF, SERVER_V4, Server, Upstream, connect, curl, python, wait_for},
     proc::Setup,
 };
 
@@ -69,20 +69,7 @@ print(sorted(codes))
 "#,
         u = url()
     );
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &pair.client.name,
-            "timeout",
-            "30",
-            "/usr/bin/python3",
-            "-c",
-            &script,
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    python(&pair.client, 30, &script)
 }
 
 #[test]
