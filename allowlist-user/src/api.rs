@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::{FillLevels, KernelStats};
-use crate::store::{BlockingState, DropRecord};
+use crate::policy::{KeyStatus, Role, Scope};
+use crate::store::{
+    AccountRecord, AllowRecord, AuthorizedRecord, BlockingState, DropRecord, UnauthorizedRecord,
+};
 
 /// `{"error":{"code":"...","message":"..."}}`
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -152,8 +155,19 @@ pub struct ApiGuardState {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Blocking {
+    pub account: String,
     #[serde(flatten)]
     pub state: BlockingState,
+    /// The modes in force, when an organization enforces blocking.
+    pub api_in_force: crate::policy::ApiMode,
+    pub smtp_in_force: crate::policy::SmtpMode,
+    /// The organization enforcing blocking on this account, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforced_by: Option<String>,
+    /// When learning: days until blocking activates by itself if no new
+    /// address is learned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activates_in_days: Option<i64>,
     /// `[blocking] always_allow`: never blocked or dropped.
     pub always_allow: Vec<String>,
     pub learning_days: u32,
@@ -174,4 +188,195 @@ pub struct KernelEvent {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Events {
     pub events: Vec<KernelEvent>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// `CIDR` or `CIDR=LABEL`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub rate: Option<String>,
+}
+
+/// A key as the admin API shows it (never the secret, except `key` once).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyView {
+    pub id: String,
+    pub account: String,
+    pub name: String,
+    pub description: String,
+    pub scopes: Vec<Scope>,
+    pub status: KeyStatus,
+    pub rate: Option<String>,
+    pub allow: Vec<AllowRecord>,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub requests_today: i64,
+    /// Unix seconds when the previous secret stops working, while rotating.
+    pub previous_secret_expires_at: Option<i64>,
+    /// The plaintext key: only in the answer to `create` and `rotate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyList {
+    pub keys: Vec<KeyView>,
+}
+
+/// An authorized-list entry as an account sees it: its own, or one its
+/// organization shares (removable only there).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuthorizedView {
+    #[serde(flatten)]
+    pub entry: AuthorizedRecord,
+    /// The organization that shares this entry, when it is not the
+    /// account's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_by: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuthorizedList {
+    pub authorized: Vec<AuthorizedView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UnauthorizedList {
+    pub unauthorized: Vec<UnauthorizedRecord>,
+}
+
+/// `POST /v1/ips`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Authorize {
+    pub cidr: String,
+    #[serde(default)]
+    pub label: Option<String>,
+    /// An organization's entry, in force in every sub-account.
+    #[serde(default)]
+    pub share: bool,
+}
+
+/// What `ips deny` did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DenyOutcome {
+    pub addr: std::net::IpAddr,
+    /// Unauthorized-list entries marked denied.
+    pub entries: usize,
+    /// The drop-list entry made with `--drop`.
+    pub dropped: Option<crate::api::DropView>,
+    /// Keys rotated with `--rotate-key` (with their new plaintext key).
+    pub rotated: Vec<KeyView>,
+}
+
+/// One source activating blocking would cut.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImpactEntry {
+    pub addr: std::net::IpAddr,
+    pub key_id: String,
+}
+
+/// `GET /v1/blocking/impact`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Impact {
+    pub would_refuse: Vec<ImpactEntry>,
+}
+
+/// `POST /v1/accounts`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAccount {
+    pub name: String,
+    /// The organization it belongs to.
+    #[serde(default)]
+    pub parent: Option<String>,
+    #[serde(default)]
+    pub emails: Vec<String>,
+}
+
+/// `POST /v1/accounts/{name}/enforce`: an organization enforces (or
+/// stops enforcing) blocking on its sub-accounts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enforce {
+    pub enforce: bool,
+}
+
+/// `DELETE /v1/accounts/{name}?force=`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    #[serde(default)]
+    pub force: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccountView {
+    #[serde(flatten)]
+    pub record: AccountRecord,
+    /// The modes in force (an enforcing organization lifts them).
+    pub api_in_force: crate::policy::ApiMode,
+    pub smtp_in_force: crate::policy::SmtpMode,
+    pub keys: usize,
+    pub active_keys: usize,
+    pub authorized: usize,
+    pub sub_accounts: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccountList {
+    pub accounts: Vec<AccountView>,
+}
+
+/// What removing an account did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AccountRemoved {
+    pub name: String,
+    /// Keys revoked with it (their live connections were cut).
+    pub keys_revoked: Vec<String>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// An operator token (installation-wide); otherwise `role` for the
+    /// account the request names.
+    #[serde(default)]
+    pub operator: bool,
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Like "30d"; none = until revoked.
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+/// A token as the admin API shows it (the secret only once, at creation).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub name: String,
+    pub account: Option<String>,
+    pub role: Role,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenView>,
 }

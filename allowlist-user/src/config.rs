@@ -79,6 +79,14 @@ pub struct AdminConfig {
     /// A group whose members may use the socket as operators, besides
     /// root; empty = root only.
     pub group: String,
+    /// The admin API (and web console) over TLS with bearer tokens, e.g.
+    /// "127.0.0.1:9443"; empty = off.
+    pub listen: String,
+    /// Certificate and key (PEM) of the admin listener; empty = a
+    /// self-signed pair generated at start (clients then need `--ca` with
+    /// the certificate written next to the store, or `--insecure`).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -86,7 +94,23 @@ impl Default for AdminConfig {
         AdminConfig {
             socket: "/run/allowlist/admin.sock".into(),
             group: String::new(),
+            listen: String::new(),
+            cert: None,
+            key: None,
         }
+    }
+}
+
+impl AdminConfig {
+    /// The TCP listener's address, if one is configured.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let l = self.listen.trim();
+        if l.is_empty() {
+            return Ok(None);
+        }
+        l.parse()
+            .map(Some)
+            .map_err(|_| format!("{l:?} is not an address:port; write it like \"127.0.0.1:9443\""))
     }
 }
 
@@ -168,6 +192,9 @@ pub struct BlockingConfig {
     /// Entries the unauthorized list keeps per service; the least recent
     /// are evicted (and counted in `stats`) beyond it.
     pub unauthorized_max: usize,
+    /// The account whose SMTP mode and authorized list the kernel enforces
+    /// on the SMTP ports.
+    pub smtp_account: String,
 }
 
 impl Default for BlockingConfig {
@@ -176,6 +203,7 @@ impl Default for BlockingConfig {
             learning_days: 30,
             always_allow: Vec::new(),
             unauthorized_max: 10_000,
+            smtp_account: crate::policy::DEFAULT_ACCOUNT.into(),
         }
     }
 }
@@ -320,6 +348,17 @@ impl Config {
             return Err(invalid(
                 "[proxy] header_timeout_secs",
                 format!("{} is out of range 1..=300", self.proxy.header_timeout_secs),
+            ));
+        }
+        crate::policy::check_account_name(&self.blocking.smtp_account)
+            .map_err(|m| invalid("[blocking] smtp_account", m))?;
+        self.admin
+            .listen_addr()
+            .map_err(|m| invalid("[admin] listen", m))?;
+        if self.admin.cert.is_some() != self.admin.key.is_some() {
+            return Err(invalid(
+                "[admin] cert",
+                "give both cert and key, or neither for a generated self-signed pair".into(),
             ));
         }
         if !(1..=10_000_000).contains(&self.blocking.unauthorized_max) {

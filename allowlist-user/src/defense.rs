@@ -57,14 +57,16 @@ impl Defense {
     }
 
     /// A source the XDP guard dropped (from a ring-buffer event).
-    pub fn guard_drop(&self, source: IpAddr, service: &str, port: u16, at: i64) {
+    pub fn guard_drop(&self, account: &str, source: IpAddr, service: &str, port: u16, at: i64) {
         let addr = source_unit(source);
         let mut p = lock(&self.pending);
         if p.len() >= MAX_TRACKED && !p.contains_key(&(addr, service.to_string(), port)) {
             return;
         }
         p.entry((addr, service.to_string(), port))
-            .or_insert_with(|| UnauthorizedRecord::refused(addr, service, String::new(), port, at))
+            .or_insert_with(|| {
+                UnauthorizedRecord::refused(account, addr, service, String::new(), port, at)
+            })
             .hit(at);
     }
 
@@ -184,9 +186,9 @@ mod tests {
     fn guard_drops_are_summed_per_source_and_port() {
         let d = Defense::default();
         let a: IpAddr = "198.51.100.9".parse().unwrap();
-        d.guard_drop(a, "smtp", 25, 10);
-        d.guard_drop(a, "smtp", 25, 12);
-        d.guard_drop(a, "api", 8443, 12);
+        d.guard_drop("default", a, "smtp", 25, 10);
+        d.guard_drop("default", a, "smtp", 25, 12);
+        d.guard_drop("default", a, "api", 8443, 12);
         let mut v = d.take_guard_drops();
         v.sort_by_key(|r| r.port);
         assert_eq!(v.len(), 2);

@@ -14,7 +14,11 @@ use crate::{kernel::ConnClientKind, live::LiveConn, policy::Snapshot};
 #[derive(Debug)]
 pub enum SideEffect {
     /// Learning mode: authorize this network (the caller's /24 or /64).
-    Learn { net: IpNet, key_id: String },
+    Learn {
+        account: String,
+        net: IpNet,
+        key_id: String,
+    },
     /// A successful call (for the impact of activating blocking).
     Success {
         addr: IpAddr,
@@ -23,6 +27,7 @@ pub enum SideEffect {
     },
     /// A refusal for the source address (for the unauthorized list).
     Refused {
+        account: String,
         addr: IpAddr,
         key_id: String,
         at: i64,

@@ -295,6 +295,14 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
             })
         });
 
+    let admin_tls = match config
+        .admin
+        .listen_addr()
+        .map_err(|m| anyhow::anyhow!("[admin] listen: {m}"))?
+    {
+        Some(addr) => Some(admin::serve_tls(daemon.clone(), addr, stop_rx.clone()).await?),
+        None => None,
+    };
     let app = admin::router(daemon.clone());
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -336,6 +344,9 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     // its workers' senders are then gone, so the effects task flushes what
     // it holds and ends.
     let _ = edge.await;
+    if let Some(t) = admin_tls {
+        let _ = t.await;
+    }
     let _ = effects.await;
     sweeper.abort();
     housekeeping.abort();

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::{
-    daemon::{Daemon, DaemonError},
+    daemon::{Daemon, DaemonError, no_account},
     policy::PrefixSet,
     policy::{ApiMode, SmtpMode},
     store::BlockingState,
@@ -17,12 +17,14 @@ impl Daemon {
     /// that called successfully within `learning_days` needs `force`.
     pub async fn set_api_blocking(
         &self,
+        account: &str,
         mode: ApiMode,
         force: bool,
         actor: &str,
     ) -> Result<BlockingState, DaemonError> {
+        self.check_not_enforced(account, "api", mode != ApiMode::Active)?;
         if mode == ApiMode::Active && !force {
-            let cut = self.activation_impact()?;
+            let cut = self.activation_impact(account)?;
             if !cut.is_empty() {
                 let list: Vec<String> = cut
                     .iter()
@@ -40,6 +42,7 @@ impl Daemon {
             }
         }
         self.set_blocking_mode(
+            account,
             "api",
             serde_json::to_value(mode).unwrap_or_default(),
             actor,
@@ -50,11 +53,23 @@ impl Daemon {
 
     pub async fn set_smtp_blocking(
         &self,
+        account: &str,
         mode: SmtpMode,
         force: bool,
         actor: &str,
     ) -> Result<BlockingState, DaemonError> {
-        if mode == SmtpMode::Active && !force && self.with_state(|st| st.authorized.is_empty()) {
+        self.check_not_enforced(account, "smtp", mode != SmtpMode::Active)?;
+        let empty = self.with_state(|st| {
+            st.account(account)
+                .map(|a| {
+                    a.authorized.is_empty()
+                        && st
+                            .parent_of(account)
+                            .is_none_or(|o| o.shared().next().is_none())
+                })
+                .ok_or_else(|| no_account(account))
+        })?;
+        if mode == SmtpMode::Active && !force && empty {
             return Err(DaemonError::Invalid(
                 "the authorized list is empty, so activating SMTP blocking would cut all SMTP traffic at once; \
                  authorize your senders first (`allowlistctl ips authorize CIDR`), or pass --force"
@@ -62,6 +77,7 @@ impl Daemon {
             ));
         }
         self.set_blocking_mode(
+            account,
             "smtp",
             serde_json::to_value(mode).unwrap_or_default(),
             actor,
@@ -70,8 +86,37 @@ impl Daemon {
         .await
     }
 
+    /// A sub-account whose organization enforces blocking (and has it
+    /// active) cannot lower its own.
+    fn check_not_enforced(
+        &self,
+        account: &str,
+        service: &str,
+        lowering: bool,
+    ) -> Result<(), DaemonError> {
+        self.with_state(|st| {
+            st.account(account).ok_or_else(|| no_account(account))?;
+            let Some(org) = st.parent_of(account) else {
+                return Ok(());
+            };
+            let active = match service {
+                "api" => org.record.blocking.api == ApiMode::Active,
+                _ => org.record.blocking.smtp == SmtpMode::Active,
+            };
+            if lowering && org.record.enforce_blocking && active {
+                return Err(DaemonError::Invalid(format!(
+                    "{service} blocking of {account} is enforced by its organization {}; \
+                     it stays active while the organization enforces it",
+                    org.record.name
+                )));
+            }
+            Ok(())
+        })
+    }
+
     async fn set_blocking_mode(
         &self,
+        account: &str,
         service: &'static str,
         mode: serde_json::Value,
         actor: &str,
@@ -81,24 +126,45 @@ impl Daemon {
         let mode = mode.as_str().unwrap_or_default().to_string();
         self.change(
             |st| {
-                set(&mut st.blocking);
+                let b = &mut st
+                    .account_mut(account)
+                    .ok_or_else(|| no_account(account))?
+                    .record
+                    .blocking;
+                set(b);
                 match service {
-                    "api" => st.blocking.api_since = now,
-                    _ => st.blocking.smtp_since = now,
+                    "api" => b.api_since = now,
+                    _ => b.smtp_since = now,
                 }
                 Ok(())
             },
-            |_| Ok(self.store.set_blocking(service, &mode, actor, now)?),
+            |_| {
+                Ok(self
+                    .store
+                    .set_blocking(account, service, &mode, actor, now)?)
+            },
         )
         .await?;
-        tracing::info!(service, %mode, actor, "blocking mode changed");
-        Ok(self.with_state(|st| st.blocking.clone()))
+        tracing::info!(account, service, %mode, actor, "blocking mode changed");
+        self.with_state(|st| {
+            st.account(account)
+                .map(|a| a.record.blocking.clone())
+                .ok_or_else(|| no_account(account))
+        })
     }
 
     /// Sources that called successfully within the learning window and
     /// that the authorized list (with `always_allow`) would now refuse.
-    pub fn activation_impact(&self) -> Result<Vec<(IpAddr, String)>, DaemonError> {
-        let authorized: Vec<IpNet> = self.with_state(|st| st.authorized.keys().copied().collect());
+    pub fn activation_impact(&self, account: &str) -> Result<Vec<(IpAddr, String)>, DaemonError> {
+        let (authorized, keys): (Vec<IpNet>, std::collections::HashSet<String>) =
+            self.with_state(|st| {
+                let a = st.account(account).ok_or_else(|| no_account(account))?;
+                let mut list: Vec<IpNet> = a.authorized.keys().copied().collect();
+                if let Some(org) = st.parent_of(account) {
+                    list.extend(org.shared().map(|e| e.cidr));
+                }
+                Ok::<_, DaemonError>((list, a.keys.keys().cloned().collect()))
+            })?;
         let since_ms =
             self.clock.now_ms() - i64::from(self.config.blocking.learning_days) * 86_400_000;
         let recent = self
@@ -112,7 +178,7 @@ impl Daemon {
         );
         let mut out: Vec<(IpAddr, String)> = recent
             .iter()
-            .filter(|(_, at)| **at >= since_ms)
+            .filter(|((_, key), at)| **at >= since_ms && keys.contains(key))
             .filter(|((addr, _), _)| account.longest_match(*addr).is_none())
             .map(|((addr, key), _)| (*addr, key.clone()))
             .collect();
@@ -123,23 +189,34 @@ impl Daemon {
     /// After `learning_days` without a newly learned address, API blocking
     /// turns active by itself (it cannot cut anything: every caller of that
     /// period was learned). Returns whether it switched.
-    pub async fn auto_activate(&self) -> Result<bool, DaemonError> {
-        if self.with_state(|st| st.blocking.api) != ApiMode::Learning {
-            return Ok(false);
-        }
-        let last = self.store.last_learned_at()?;
+    /// Each account's clock runs on its own. Returns the accounts that
+    /// switched.
+    pub async fn auto_activate(&self) -> Result<Vec<String>, DaemonError> {
         let quiet = i64::from(self.config.blocking.learning_days) * 86_400;
-        if self.clock.now_ms() / 1000 - last < quiet {
-            return Ok(false);
+        let now = self.clock.now_ms() / 1000;
+        let due: Vec<String> = self.with_state(|st| {
+            st.accounts
+                .values()
+                .filter(|a| {
+                    a.record.blocking.api == ApiMode::Learning
+                        && now - a.record.last_learned_at.max(a.record.blocking.api_since) >= quiet
+                })
+                .map(|a| a.record.name.clone())
+                .collect()
+        });
+        let mut switched = Vec::new();
+        for account in due {
+            self.set_blocking_mode(&account, "api", "active".into(), "allowlistd", |b| {
+                b.api = ApiMode::Active
+            })
+            .await?;
+            tracing::warn!(
+                account,
+                days = self.config.blocking.learning_days,
+                "API blocking switched to active by itself: no new address was learned in the quiet period"
+            );
+            switched.push(account);
         }
-        self.set_blocking_mode("api", "active".into(), "allowlistd", |b| {
-            b.api = ApiMode::Active
-        })
-        .await?;
-        tracing::warn!(
-            days = self.config.blocking.learning_days,
-            "API blocking switched to active by itself: no new address was learned in the quiet period"
-        );
-        Ok(true)
+        Ok(switched)
     }
 }

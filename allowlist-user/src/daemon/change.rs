@@ -3,56 +3,98 @@
 //! recheck live connections. A failure at any step puts the earlier ones
 //! back.
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::Instant,
+};
 
 use ipnet::IpNet;
 
 use crate::{
     daemon::{Daemon, DaemonError},
     kernel::KeySpec,
-    policy::SmtpMode,
-    policy::{self, ApiMode, KeyPolicy, KeyStatus, PrefixSet, Snapshot},
+    policy::{
+        self, AccountPolicy, ApiMode, KeyPolicy, KeyStatus, PrefixSet, SmtpMode, Snapshot,
+        source_unit,
+    },
+    state::AccountState,
 };
 
 use super::State;
 
 impl Daemon {
     pub(crate) fn load_state(&self) -> Result<State, DaemonError> {
-        Ok(State {
-            keys: self
-                .store
-                .list_keys()?
-                .into_iter()
-                .map(|k| (k.id.clone(), k))
-                .collect(),
-            authorized: self
-                .store
-                .list_authorized()?
-                .into_iter()
-                .map(|a| (a.cidr, a))
-                .collect(),
-            blocking: self.store.blocking()?,
-            denied: self
-                .store
-                .list_unauthorized()?
-                .into_iter()
-                .filter(|u| u.status == "denied")
-                .map(|u| u.addr)
-                .collect(),
-        })
+        let mut accounts: BTreeMap<String, AccountState> = self
+            .store
+            .list_accounts()?
+            .into_iter()
+            .map(|a| (a.name.clone(), AccountState::new(a)))
+            .collect();
+        let mut next_kid = 0;
+        for k in self.store.list_keys()? {
+            next_kid = next_kid.max(k.kid);
+            if let Some(a) = accounts.get_mut(&k.account) {
+                a.keys.insert(k.id.clone(), k);
+            }
+        }
+        for (account, rec) in self.store.list_authorized()? {
+            if let Some(a) = accounts.get_mut(&account) {
+                a.authorized.insert(rec.cidr, rec);
+            }
+        }
+        for u in self.store.list_unauthorized(None)? {
+            if u.status == "denied"
+                && let Some(a) = accounts.get_mut(&u.account)
+            {
+                a.denied.insert(u.addr);
+            }
+        }
+        let mut state = State {
+            next_kid: next_kid + 1,
+            ..State::default()
+        };
+        for (_, a) in accounts {
+            state.insert_account(a);
+        }
+        Ok(state)
     }
 
-    /// Builds the policy snapshot of `state`.
-    pub fn snapshot_of(&self, state: &State) -> Snapshot {
+    /// The modes in force for `account`: an organization that enforces
+    /// blocking lifts its sub-accounts' modes to its own active ones.
+    pub(crate) fn modes_in_force(state: &State, account: &AccountState) -> (ApiMode, SmtpMode) {
+        let b = &account.record.blocking;
+        match state.parent_of(&account.record.name) {
+            Some(org) if org.record.enforce_blocking => (
+                if org.record.blocking.api == ApiMode::Active {
+                    ApiMode::Active
+                } else {
+                    b.api
+                },
+                if org.record.blocking.smtp == SmtpMode::Active {
+                    SmtpMode::Active
+                } else {
+                    b.smtp
+                },
+            ),
+            _ => (b.api, b.smtp),
+        }
+    }
+
+    /// Builds one account's piece of the snapshot.
+    fn account_policy(&self, state: &State, account: &AccountState) -> AccountPolicy {
+        let parent = state.parent_of(&account.record.name);
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        let mut keys = HashMap::with_capacity(state.keys.len());
-        for k in state.keys.values() {
-            let runtime = runtimes.entry(k.id.clone()).or_default().clone();
-            keys.insert(
-                policy::id_key(&k.id),
+        let keys: Vec<Arc<KeyPolicy>> = account
+            .keys
+            .values()
+            .map(|k| {
+                let runtime = runtimes.entry(k.id.clone()).or_default().clone();
                 Arc::new(KeyPolicy {
                     id: k.id.clone(),
                     kid: k.kid,
+                    account: account.record.idx,
                     name: k.name.clone(),
                     status: k.status,
                     scopes: policy::ScopeSet::of(&k.scopes),
@@ -61,53 +103,151 @@ impl Daemon {
                     allow: k.allow.iter().map(|a| a.cidr).collect(),
                     rate: k.rate,
                     runtime,
-                }),
-            );
+                })
+            })
+            .collect();
+        drop(runtimes);
+        let mut list: Vec<IpNet> = account.authorized.keys().copied().collect();
+        if let Some(org) = parent {
+            list.extend(org.shared().map(|a| a.cidr));
+            list.sort_by_key(|n| (n.addr(), n.prefix_len()));
+            list.dedup();
         }
-        runtimes.retain(|id, _| state.keys.contains_key(id));
-        let account_list: Vec<IpNet> = state.authorized.keys().copied().collect();
-        Snapshot {
+        AccountPolicy::new(
+            account.record.name.clone(),
+            account.record.idx,
+            (account.rev, parent.map_or(0, |p| p.rev)),
+            Self::modes_in_force(state, account),
+            list,
+            account.denied.iter().copied().collect(),
             keys,
-            api: Some(state.blocking.api),
-            account: PrefixSet::new(account_list.iter().copied()),
-            account_list,
+        )
+    }
+
+    /// The installation-wide part of a snapshot.
+    fn snapshot_base(&self) -> Snapshot {
+        Snapshot {
             always_allow: PrefixSet::new(self.config.blocking.always_allow.iter().copied()),
             always_allow_list: self.config.blocking.always_allow.clone(),
-            denied: state.denied.iter().copied().collect(),
             trusted_list: self.config.proxy.trusted_proxies.clone(),
-            routes: policy::RouteScopes::default(),
+            smtp_account: self.config.blocking.smtp_account.clone(),
+            ..Snapshot::default()
         }
     }
 
-    /// Writes what `snap` and `state` mean for the kernel: per-key
-    /// allowlists and, for services whose blocking is active, the guard.
-    pub(crate) fn sync_policy_kernel(
-        &self,
-        state: &State,
-        snap: &Snapshot,
-    ) -> Result<(), DaemonError> {
+    /// Builds the policy snapshot of `state` from scratch.
+    pub fn snapshot_of(&self, state: &State) -> Snapshot {
+        let pieces = state
+            .accounts
+            .values()
+            .map(|a| Arc::new(self.account_policy(state, a)))
+            .collect();
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        runtimes.retain(|id, _| state.accounts.values().any(|a| a.keys.contains_key(id)));
+        drop(runtimes);
+        Snapshot::build(self.snapshot_base(), pieces)
+    }
+
+    /// The snapshot of `state`, reusing every piece of `prev` whose account
+    /// (and organization) did not change: a change to one account rebuilds
+    /// that account's piece and the key shards its keys fall in.
+    pub fn snapshot_after(&self, prev: &Snapshot, state: &State) -> Snapshot {
+        let mut changed = Vec::new();
+        let mut live: std::collections::HashSet<u32> = Default::default();
+        for a in state.accounts.values() {
+            live.insert(a.record.idx);
+            let parent_rev = state.parent_of(&a.record.name).map_or(0, |p| p.rev);
+            let same = prev
+                .accounts
+                .get(&a.record.idx)
+                .is_some_and(|p| p.rev == a.rev && p.parent_rev == parent_rev);
+            if !same {
+                changed.push(Arc::new(self.account_policy(state, a)));
+            }
+        }
+        let removed: Vec<u32> = prev
+            .accounts
+            .keys()
+            .filter(|idx| !live.contains(idx))
+            .copied()
+            .collect();
+        // Runtimes of keys that left a rebuilt or removed account.
+        let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+        for idx in changed.iter().map(|a| a.idx).chain(removed.iter().copied()) {
+            if let Some(old) = prev.accounts.get(&idx) {
+                for k in &old.keys {
+                    if !state
+                        .accounts
+                        .values()
+                        .filter(|a| a.record.idx == idx)
+                        .any(|a| a.keys.contains_key(&k.id))
+                    {
+                        runtimes.remove(&k.id);
+                    }
+                }
+            }
+        }
+        drop(runtimes);
+        prev.with_accounts(changed, &removed)
+    }
+
+    /// What the kernel's account tries hold for `account`: its list in
+    /// force and `always_allow` (admit), and its denied sources (refuse)
+    /// except where `always_allow` covers them, which wins.
+    fn account_spec(&self, account: &AccountPolicy) -> AccountSpec {
+        let always = PrefixSet::new(self.config.blocking.always_allow.iter().copied());
+        let mut entries: HashMap<IpNet, bool> = HashMap::new();
+        for n in account
+            .list_entries
+            .iter()
+            .chain(self.config.blocking.always_allow.iter())
+        {
+            entries.insert(*n, true);
+        }
+        for addr in &account.denied {
+            if always.longest_match(*addr).is_some() {
+                continue;
+            }
+            entries.insert(unit_net(*addr), false);
+        }
+        AccountSpec {
+            idx: account.idx,
+            api_active: account.api == ApiMode::Active,
+            entries: entries.into_iter().collect(),
+        }
+    }
+
+    /// Writes what `snap` means for the kernel: per-key allowlists and
+    /// states, per-account lists and modes, and, for services whose
+    /// blocking is active, the guard.
+    pub(crate) fn sync_policy_kernel(&self, snap: &Snapshot) -> Result<(), DaemonError> {
         let Some(mut k) = self.kernel() else {
             return Ok(());
         };
-        let specs: Vec<KeySpec> = state
-            .keys
-            .values()
+        let specs: Vec<KeySpec> = snap
+            .keys()
             .map(|key| KeySpec {
                 kid: key.kid,
                 revoked: key.status == KeyStatus::Revoked,
-                allow: key.allow.iter().map(|a| a.cidr).collect(),
+                allow: key.allow.clone(),
             })
             .collect();
+        let accounts: Vec<AccountSpec> = snap
+            .accounts
+            .values()
+            .map(|a| self.account_spec(a))
+            .collect();
+        let _ = &accounts;
         k.sync_keys(&specs)?;
         let mut ports = Vec::new();
-        if state.blocking.api == ApiMode::Active && self.api_guard_wanted() {
+        if snap.api_blocking_active() && self.api_guard_wanted() {
             ports.push((
                 allowlist_common::PROTO_TCP,
                 self.config.proxy.listen.port(),
                 allowlist_common::SERVICE_API,
             ));
         }
-        if state.blocking.smtp == SmtpMode::Active {
+        if snap.smtp().is_some_and(|a| a.smtp == SmtpMode::Active) {
             for p in &self.config.kernel.smtp_ports {
                 ports.push((
                     allowlist_common::PROTO_TCP,
@@ -137,16 +277,13 @@ impl Daemon {
         // which is where a rollback reads it.
         let mut new = self.with_state(State::clone);
         edit(&mut new)?;
-        let snap = self.snapshot_of(&new);
-        if let Err(e) = self.sync_policy_kernel(&new, &snap) {
+        let old_snap = self.policy.load_full();
+        let snap = self.snapshot_after(&old_snap, &new);
+        if let Err(e) = self.sync_policy_kernel(&snap) {
             // Each map family undoes its own failed write; one family may
             // have landed before another failed, so put the old policy
             // back whole.
-            let restored = self.with_state(|old| {
-                let old_snap = self.snapshot_of(old);
-                self.sync_policy_kernel(old, &old_snap)
-            });
-            if let Err(k) = restored {
+            if let Err(k) = self.sync_policy_kernel(&old_snap) {
                 tracing::error!(error = %k, "restoring the kernel maps after a failed change");
             }
             return Err(e);
@@ -154,11 +291,7 @@ impl Daemon {
         let out = match persist(&new) {
             Ok(out) => out,
             Err(e) => {
-                let restored = self.with_state(|old| {
-                    let old_snap = self.snapshot_of(old);
-                    self.sync_policy_kernel(old, &old_snap)
-                });
-                if let Err(k) = restored {
+                if let Err(k) = self.sync_policy_kernel(&old_snap) {
                     tracing::error!(error = %k, "restoring the kernel maps after a store failure");
                 }
                 return Err(e);
@@ -208,9 +341,10 @@ impl Daemon {
 
     /// Loads the store into memory, the snapshot and the kernel (at start).
     pub fn init_policy(&self) -> Result<(), DaemonError> {
+        self.load_tokens()?;
         let state = self.load_state()?;
         let snap = self.snapshot_of(&state);
-        self.sync_policy_kernel(&state, &snap)?;
+        self.sync_policy_kernel(&snap)?;
         self.policy.store(Arc::new(snap));
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
         Ok(())
@@ -221,4 +355,19 @@ impl Daemon {
     pub(crate) fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         f(&self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
+}
+
+/// The kernel entry of a denied source: an IPv4 address, or an IPv6 /64.
+fn unit_net(addr: IpAddr) -> IpNet {
+    match source_unit(addr) {
+        IpAddr::V4(a) => IpNet::from(IpAddr::V4(a)),
+        IpAddr::V6(a) => IpNet::new(IpAddr::V6(a), policy::LEARN_V6_PREFIX).expect("valid"),
+    }
+}
+
+/// MERGE-PENDING: replaced by `crate::kernel::AccountSpec`.
+pub(crate) struct AccountSpec {
+    pub idx: u32,
+    pub api_active: bool,
+    pub entries: Vec<(IpNet, bool)>,
 }

@@ -75,8 +75,12 @@ impl Daemon {
             };
             for e in batch {
                 match e {
-                    SideEffect::Learn { net, key_id } => {
-                        if let Err(err) = daemon.learn(net, &key_id).await {
+                    SideEffect::Learn {
+                        account,
+                        net,
+                        key_id,
+                    } => {
+                        if let Err(err) = daemon.learn(&account, net, &key_id).await {
                             tracing::warn!(error = %err, %net, "learning an address");
                         }
                     }
@@ -85,7 +89,12 @@ impl Daemon {
                         key_id,
                         at_ms,
                     } => daemon.record_success(addr, &key_id, at_ms),
-                    SideEffect::Refused { addr, key_id, at } => {
+                    SideEffect::Refused {
+                        account,
+                        addr,
+                        key_id,
+                        at,
+                    } => {
                         // Bounded: a spray of distinct sources between two
                         // writes is counted, not held.
                         if refused.len() >= MAX_PENDING_REFUSALS
@@ -97,7 +106,7 @@ impl Daemon {
                         refused
                             .entry((addr, key_id.clone()))
                             .or_insert_with(|| {
-                                UnauthorizedRecord::refused(addr, "api", key_id, 0, at)
+                                UnauthorizedRecord::refused(&account, addr, "api", key_id, 0, at)
                             })
                             .hit(at);
                     }

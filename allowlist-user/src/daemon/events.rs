@@ -38,7 +38,16 @@ impl Daemon {
         // A source the guard dropped is an unauthorized caller like one the
         // proxy refused: the owner must see it (written in batches).
         if ev.verdict != allowlist_common::VERDICT_DROP_LIST {
-            self.defense.guard_drop(source, reason, ev.dport, at as i64);
+            // SMTP ports belong to `[blocking] smtp_account`; an API guard
+            // drop saw no key, so no account: it is the installation's
+            // (`default`).
+            let account = if reason == "smtp" {
+                self.config.blocking.smtp_account.as_str()
+            } else {
+                crate::policy::DEFAULT_ACCOUNT
+            };
+            self.defense
+                .guard_drop(account, source, reason, ev.dport, at as i64);
         }
         // One INFO line per source would let a spoofed-source flood write
         // the log: the first event of each 10 s window is logged, the rest

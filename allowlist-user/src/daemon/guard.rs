@@ -6,7 +6,6 @@ use std::{net::IpAddr, sync::atomic::Ordering};
 use crate::{
     daemon::{Daemon, DaemonError},
     flood::ApiGuardMode,
-    policy::ApiMode,
 };
 
 impl Daemon {
@@ -23,7 +22,7 @@ impl Daemon {
     /// What `stats` says about the API guard.
     pub fn api_guard_state(&self) -> crate::api::ApiGuardState {
         let mode = self.config.kernel.api_guard;
-        let active = self.with_state(|st| st.blocking.api == ApiMode::Active);
+        let active = self.policy.load().api_blocking_active();
         let (armed, reason) = match (self.kernel().is_some(), active, mode) {
             (false, _, _) => (false, "kernel enforcement is off".to_string()),
             (_, false, _) => (false, "API blocking is not active".to_string()),
@@ -59,7 +58,7 @@ impl Daemon {
             return Ok(());
         }
         let snap = self.policy.load();
-        if let Err(e) = self.with_state(|st| self.sync_policy_kernel(st, &snap)) {
+        if let Err(e) = self.sync_policy_kernel(&snap) {
             // The kernel did not take it: say what is really in force.
             self.defense.set_api_armed(!armed, before);
             return Err(e);

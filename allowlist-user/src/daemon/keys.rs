@@ -3,9 +3,9 @@
 use std::sync::atomic::Ordering;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
 use crate::{
+    api::{KeyView, NewKey},
     daemon::{Daemon, DaemonError, parse_ttl},
     policy::{self, KeyRuntime, KeyStatus, RateLimit, Scope, check_allowlist, parse_allow_entry},
     store::{AllowRecord, KeyRecord},
@@ -16,41 +16,6 @@ use super::State;
 /// Default grace period of a rotation, and its bounds.
 pub const DEFAULT_GRACE_SECS: i64 = 24 * 3600;
 pub const MAX_GRACE_SECS: i64 = 48 * 3600;
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NewKey {
-    pub name: String,
-    #[serde(default)]
-    pub description: String,
-    #[serde(default)]
-    pub scopes: Vec<String>,
-    /// `CIDR` or `CIDR=LABEL`.
-    #[serde(default)]
-    pub allow: Vec<String>,
-    #[serde(default)]
-    pub rate: Option<String>,
-}
-
-/// A key as the admin API shows it (never the secret, except `key` once).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct KeyView {
-    pub id: String,
-    pub name: String,
-    pub description: String,
-    pub scopes: Vec<Scope>,
-    pub status: KeyStatus,
-    pub rate: Option<String>,
-    pub allow: Vec<AllowRecord>,
-    pub created_at: i64,
-    pub last_used_at: Option<i64>,
-    pub requests_today: i64,
-    /// Unix seconds when the previous secret stops working, while rotating.
-    pub previous_secret_expires_at: Option<i64>,
-    /// The plaintext key: only in the answer to `create` and `rotate`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-}
 
 fn key_view(k: &KeyRecord, runtime: Option<&KeyRuntime>, today: i64) -> KeyView {
     let mut last_used_ms = k.last_used_ms;
@@ -68,6 +33,7 @@ fn key_view(k: &KeyRecord, runtime: Option<&KeyRuntime>, today: i64) -> KeyView 
     }
     KeyView {
         id: k.id.clone(),
+        account: k.account.clone(),
         name: k.name.clone(),
         description: k.description.clone(),
         scopes: k.scopes.clone(),
@@ -82,7 +48,7 @@ fn key_view(k: &KeyRecord, runtime: Option<&KeyRuntime>, today: i64) -> KeyView 
     }
 }
 
-fn random_hex(bytes: usize) -> Result<String, DaemonError> {
+pub(super) fn random_hex(bytes: usize) -> Result<String, DaemonError> {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf)
         .map_err(|e| DaemonError::Invalid(format!("no randomness available: {e}")))?;
@@ -114,12 +80,20 @@ fn check_key_allow(allow: &[AllowRecord]) -> Result<(), DaemonError> {
 }
 
 impl Daemon {
-    fn find_key(&self, state: &State, id: &str) -> Result<KeyRecord, DaemonError> {
-        state.keys.get(id).cloned().ok_or_else(|| {
-            DaemonError::NotFound(format!(
-                "no key with id {id:?}; `allowlistctl keys list` shows the ids"
-            ))
-        })
+    /// Key `id` of `account`. Another account's key is "no key", exactly
+    /// like one that does not exist.
+    fn find_key(&self, state: &State, account: &str, id: &str) -> Result<KeyRecord, DaemonError> {
+        state
+            .account(account)
+            .ok_or_else(|| super::no_account(account))?
+            .keys
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                DaemonError::NotFound(format!(
+                    "no key with id {id:?}; `allowlistctl keys list` shows the ids"
+                ))
+            })
     }
 
     pub(super) fn today(&self) -> i64 {
@@ -131,7 +105,12 @@ impl Daemon {
         key_view(k, runtimes.get(&k.id).map(|r| r.as_ref()), self.today())
     }
 
-    pub async fn create_key(&self, req: NewKey, actor: &str) -> Result<KeyView, DaemonError> {
+    pub async fn create_key(
+        &self,
+        account: &str,
+        req: NewKey,
+        actor: &str,
+    ) -> Result<KeyView, DaemonError> {
         let name = req.name.trim().to_string();
         if name.is_empty() || name.len() > 100 {
             return Err(DaemonError::Invalid(
@@ -162,11 +141,16 @@ impl Daemon {
             .map(RateLimit::parse)
             .transpose()
             .map_err(DaemonError::Invalid)?;
-        let (id, secret) = new_key_material()?;
+        let (mut id, secret) = new_key_material()?;
+        // Ids are unique across accounts; 64 random bits rarely collide.
+        while self.policy.load().key(&id).is_some() {
+            id = random_hex(8)?;
+        }
         let now = self.clock.now_ms();
         let mut record = KeyRecord {
             kid: 0,
             id: id.clone(),
+            account: account.to_string(),
             name,
             description: req.description,
             scopes,
@@ -183,11 +167,21 @@ impl Daemon {
         let created = self
             .change(
                 |st| {
-                    record.kid = st.keys.values().map(|k| k.kid).max().unwrap_or(0) + 1;
-                    st.keys.insert(id.clone(), record.clone());
+                    record.kid = st.next_kid;
+                    let a = st
+                        .account_mut(account)
+                        .ok_or_else(|| super::no_account(account))?;
+                    a.keys.insert(id.clone(), record.clone());
+                    st.next_kid += 1;
                     Ok(())
                 },
-                |st| Ok(self.store.create_key(&st.keys[&id], actor)?),
+                |st| {
+                    let stored = &st
+                        .account(account)
+                        .ok_or_else(|| super::no_account(account))?
+                        .keys[&id];
+                    Ok(self.store.create_key(stored, actor)?)
+                },
             )
             .await?;
         tracing::info!(key = %created.id, name = %created.name, actor, "key created");
@@ -196,56 +190,73 @@ impl Daemon {
         Ok(view)
     }
 
-    pub fn list_keys(&self) -> Vec<KeyView> {
-        self.with_state(|st| st.keys.values().map(|k| self.view(k)).collect())
+    pub fn list_keys(&self, account: &str) -> Result<Vec<KeyView>, DaemonError> {
+        self.with_state(|st| {
+            let a = st
+                .account(account)
+                .ok_or_else(|| super::no_account(account))?;
+            Ok(a.keys.values().map(|k| self.view(k)).collect())
+        })
     }
 
-    pub fn show_key(&self, id: &str) -> Result<KeyView, DaemonError> {
-        self.with_state(|st| Ok(self.view(&self.find_key(st, id)?)))
+    pub fn show_key(&self, account: &str, id: &str) -> Result<KeyView, DaemonError> {
+        self.with_state(|st| Ok(self.view(&self.find_key(st, account, id)?)))
     }
 
     /// Runs `edit` on one key and commits it with `action` in the audit log.
     async fn edit_key(
         &self,
+        account: &str,
         id: &str,
         action: &str,
         detail: serde_json::Value,
         actor: &str,
         edit: impl FnOnce(&mut KeyRecord) -> Result<(), DaemonError>,
     ) -> Result<KeyRecord, DaemonError> {
-        let current = self.with_state(|st| self.find_key(st, id))?;
+        let current = self.with_state(|st| self.find_key(st, account, id))?;
         let mut edited = current.clone();
         edit(&mut edited)?;
         let id = id.to_string();
         let rec = edited.clone();
         self.change(
             |st| {
-                st.keys.insert(id.clone(), rec);
+                st.account_mut(account)
+                    .ok_or_else(|| super::no_account(account))?
+                    .keys
+                    .insert(id.clone(), rec);
                 Ok(())
             },
-            |st| {
-                Ok(self
-                    .store
-                    .update_key(&st.keys[&id], action, detail, actor)?)
-            },
+            |_| Ok(self.store.update_key(&edited, action, detail, actor)?),
         )
         .await?;
         Ok(edited)
     }
 
-    pub async fn revoke_key(&self, id: &str, actor: &str) -> Result<KeyView, DaemonError> {
+    pub async fn revoke_key(
+        &self,
+        account: &str,
+        id: &str,
+        actor: &str,
+    ) -> Result<KeyView, DaemonError> {
         let k = self
-            .edit_key(id, "key.revoke", serde_json::json!({}), actor, |k| {
-                if k.status == KeyStatus::Revoked {
-                    return Err(DaemonError::Invalid(format!(
-                        "key {} is already revoked",
-                        k.id
-                    )));
-                }
-                k.status = KeyStatus::Revoked;
-                k.previous = None;
-                Ok(())
-            })
+            .edit_key(
+                account,
+                id,
+                "key.revoke",
+                serde_json::json!({}),
+                actor,
+                |k| {
+                    if k.status == KeyStatus::Revoked {
+                        return Err(DaemonError::Invalid(format!(
+                            "key {} is already revoked",
+                            k.id
+                        )));
+                    }
+                    k.status = KeyStatus::Revoked;
+                    k.previous = None;
+                    Ok(())
+                },
+            )
             .await?;
         tracing::info!(key = %k.id, actor, "key revoked");
         Ok(self.view(&k))
@@ -253,6 +264,7 @@ impl Daemon {
 
     pub async fn rotate_key(
         &self,
+        account: &str,
         id: &str,
         grace: Option<&str>,
         actor: &str,
@@ -274,6 +286,7 @@ impl Daemon {
         let now = self.clock.now_ms();
         let k = self
             .edit_key(
+                account,
                 id,
                 "key.rotate",
                 serde_json::json!({ "grace_secs": grace_secs }),
@@ -305,6 +318,7 @@ impl Daemon {
 
     pub async fn key_allow(
         &self,
+        account: &str,
         id: &str,
         cidr: &str,
         label: Option<String>,
@@ -317,7 +331,7 @@ impl Daemon {
         };
         let detail = serde_json::json!({ "cidr": entry.cidr.to_string(), "label": entry.label });
         let k = self
-            .edit_key(id, "key.allow", detail, actor, |k| {
+            .edit_key(account, id, "key.allow", detail, actor, |k| {
                 if k.allow.iter().any(|a| a.cidr == entry.cidr) {
                     return Err(DaemonError::Invalid(format!(
                         "{} is already in key {}'s allowlist",
@@ -333,6 +347,7 @@ impl Daemon {
 
     pub async fn key_disallow(
         &self,
+        account: &str,
         id: &str,
         cidr: &str,
         actor: &str,
@@ -340,6 +355,7 @@ impl Daemon {
         let net = parse_allow_entry(cidr).map_err(DaemonError::Invalid)?;
         let k = self
             .edit_key(
+                account,
                 id,
                 "key.disallow",
                 serde_json::json!({ "cidr": net.to_string() }),

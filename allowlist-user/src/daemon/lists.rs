@@ -1,70 +1,109 @@
-//! The account's authorized list, the unauthorized list, learning and deny.
+//! An account's authorized list, its unauthorized list, learning and deny.
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
 use crate::{
-    daemon::{Daemon, DaemonError},
+    api::{AuthorizedView, DenyOutcome},
+    daemon::{Daemon, DaemonError, no_account},
     policy::ApiMode,
     policy::{self, parse_allow_entry},
     store::{AuthorizedRecord, UnauthorizedRecord},
 };
 
-use super::KeyView;
+/// What authorizing adds.
+pub struct Authorize<'a> {
+    pub cidr: &'a str,
+    pub label: Option<String>,
+    /// "manual", "learned" or "unauthorized".
+    pub source: &'a str,
+    pub key_id: Option<String>,
+    /// An organization's entry for every sub-account.
+    pub share: bool,
+}
 
 impl Daemon {
-    pub fn list_authorized(&self) -> Vec<AuthorizedRecord> {
-        self.with_state(|st| st.authorized.values().cloned().collect())
+    pub fn list_authorized(&self, account: &str) -> Result<Vec<AuthorizedView>, DaemonError> {
+        self.with_state(|st| {
+            let a = st.account(account).ok_or_else(|| no_account(account))?;
+            let mut out: Vec<AuthorizedView> = a
+                .authorized
+                .values()
+                .map(|e| AuthorizedView {
+                    entry: e.clone(),
+                    shared_by: None,
+                })
+                .collect();
+            if let Some(org) = st.parent_of(account) {
+                out.extend(org.shared().map(|e| AuthorizedView {
+                    entry: e.clone(),
+                    shared_by: Some(org.record.name.clone()),
+                }));
+            }
+            Ok(out)
+        })
     }
 
     pub async fn authorize(
         &self,
-        cidr: &str,
-        label: Option<String>,
-        source: &str,
-        key_id: Option<String>,
+        account: &str,
+        req: Authorize<'_>,
         actor: &str,
     ) -> Result<AuthorizedRecord, DaemonError> {
-        let net = parse_allow_entry(cidr).map_err(DaemonError::Invalid)?;
+        let net = parse_allow_entry(req.cidr).map_err(DaemonError::Invalid)?;
+        if req.share && self.with_state(|st| st.parent_of(account).is_some()) {
+            return Err(DaemonError::Invalid(format!(
+                "--share is for organizations; {account} is a sub-account (organizations are one level deep)"
+            )));
+        }
         let rec = AuthorizedRecord {
             cidr: net,
-            label: label.unwrap_or_default(),
-            source: source.to_string(),
-            key_id,
+            label: req.label.unwrap_or_default(),
+            source: req.source.to_string(),
+            key_id: req.key_id,
             created_at: self.clock.now_ms() / 1000,
+            created_by: actor.to_string(),
+            shared: req.share,
         };
         let r = rec.clone();
         // An explicit authorization lifts a denial inside it; a learned one
         // never does (a learned /24 must not re-admit a denied address).
-        let explicit = source != "learned";
+        let explicit = req.source != "learned";
         let lifted: Vec<IpAddr> = if explicit {
             self.with_state(|st| {
-                st.denied
-                    .iter()
-                    .filter(|a| net.contains(*a))
-                    .copied()
-                    .collect()
+                st.account(account)
+                    .map(|a| {
+                        a.denied
+                            .iter()
+                            .filter(|d| net.contains(*d))
+                            .copied()
+                            .collect()
+                    })
+                    .unwrap_or_default()
             })
         } else {
             Vec::new()
         };
         self.change(
             |st| {
-                if st.authorized.contains_key(&net) {
+                let a = st.account_mut(account).ok_or_else(|| no_account(account))?;
+                if a.authorized.contains_key(&net) {
                     return Err(DaemonError::Invalid(format!("{net} is already authorized")));
                 }
-                st.authorized.insert(net, r);
-                for a in &lifted {
-                    st.denied.remove(a);
+                if r.source == "learned" {
+                    a.record.last_learned_at = r.created_at;
+                }
+                a.authorized.insert(net, r);
+                for d in &lifted {
+                    a.denied.remove(d);
                 }
                 Ok(())
             },
             |_| {
-                let added = self.store.add_authorized(&rec, actor)?;
-                for a in &lifted {
-                    self.store.set_unauthorized(*a, None, actor)?;
+                let added = self.store.add_authorized(account, &rec, actor)?;
+                for d in &lifted {
+                    self.store.set_unauthorized(account, *d, None, actor)?;
                 }
                 Ok(added)
             },
@@ -72,18 +111,19 @@ impl Daemon {
         .await?;
         // Authorizing a refused address takes it off the unauthorized list.
         if explicit {
-            for u in self.store.list_unauthorized()? {
+            for u in self.store.list_unauthorized(Some(account))? {
                 if net.contains(&u.addr) {
-                    self.store.set_unauthorized(u.addr, None, actor)?;
+                    self.store.set_unauthorized(account, u.addr, None, actor)?;
                 }
             }
         }
-        tracing::info!(cidr = %net, source, actor, "authorized");
+        tracing::info!(account, cidr = %net, source = req.source, actor, "authorized");
         Ok(rec)
     }
 
     pub async fn unauthorize(
         &self,
+        account: &str,
         cidr: &str,
         actor: &str,
     ) -> Result<AuthorizedRecord, DaemonError> {
@@ -91,46 +131,64 @@ impl Daemon {
         let removed = self
             .change(
                 |st| {
-                    st.authorized.remove(&net).map(|_| ()).ok_or_else(|| {
-                        DaemonError::NotFound(format!(
+                    let shared_by = st
+                        .parent_of(account)
+                        .filter(|org| org.shared().any(|e| e.cidr == net))
+                        .map(|org| org.record.name.clone());
+                    let a = st.account_mut(account).ok_or_else(|| no_account(account))?;
+                    if a.authorized.remove(&net).is_some() {
+                        return Ok(());
+                    }
+                    Err(match shared_by {
+                        Some(org) => DaemonError::Invalid(format!(
+                            "{net} is shared by the organization {org}; only {org} can remove it"
+                        )),
+                        None => DaemonError::NotFound(format!(
                             "{net} is not on the authorized list; `allowlistctl ips list` shows it"
-                        ))
+                        )),
                     })
                 },
-                |_| Ok(self.store.remove_authorized(&net, actor)?),
+                |_| Ok(self.store.remove_authorized(account, &net, actor)?),
             )
             .await?;
         removed.ok_or_else(|| DaemonError::NotFound(format!("{net} is not on the authorized list")))
     }
 
-    pub fn list_unauthorized(&self) -> Result<Vec<UnauthorizedRecord>, DaemonError> {
-        Ok(self.store.list_unauthorized()?)
+    pub fn list_unauthorized(&self, account: &str) -> Result<Vec<UnauthorizedRecord>, DaemonError> {
+        if self.with_state(|st| st.account(account).is_none()) {
+            return Err(no_account(account));
+        }
+        Ok(self.store.list_unauthorized(Some(account))?)
     }
 
     /// Learning: authorizes the /24 or /64 of a successful caller, once.
     /// Called off the request path (the proxy queues it).
-    pub async fn learn(&self, net: IpNet, key_id: &str) -> Result<bool, DaemonError> {
+    pub async fn learn(
+        &self,
+        account: &str,
+        net: IpNet,
+        key_id: &str,
+    ) -> Result<bool, DaemonError> {
         let known = self.with_state(|st| {
-            st.blocking.api != ApiMode::Learning
-                || st
-                    .authorized
+            let Some(a) = st.account(account) else {
+                return true;
+            };
+            Self::modes_in_force(st, a).0 != ApiMode::Learning
+                || a.authorized
                     .keys()
-                    .any(|a| a.contains(&net.network()) && a.prefix_len() <= net.prefix_len())
+                    .any(|e| e.contains(&net.network()) && e.prefix_len() <= net.prefix_len())
         });
         if known {
             return Ok(false);
         }
-        let label = format!("learned from key {key_id}");
-        match self
-            .authorize(
-                &net.to_string(),
-                Some(label),
-                "learned",
-                Some(key_id.to_string()),
-                "learning",
-            )
-            .await
-        {
+        let req = Authorize {
+            cidr: &net.to_string(),
+            label: Some(format!("learned from key {key_id}")),
+            source: "learned",
+            key_id: Some(key_id.to_string()),
+            share: false,
+        };
+        match self.authorize(account, req, "learning").await {
             Ok(_) => Ok(true),
             Err(DaemonError::Invalid(m)) if m.contains("already authorized") => Ok(false),
             Err(e) => Err(e),
@@ -138,39 +196,41 @@ impl Daemon {
     }
 }
 
-/// What `ips deny` did.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DenyOutcome {
-    pub addr: IpAddr,
-    /// Unauthorized-list entries marked denied.
-    pub entries: usize,
-    /// The drop-list entry made with `--drop`.
-    pub dropped: Option<crate::api::DropView>,
-    /// Keys rotated with `--rotate-key` (with their new plaintext key).
-    pub rotated: Vec<KeyView>,
+/// What `ips deny` is asked to do.
+pub struct DenyRequest {
+    pub addr: String,
+    /// Also drop it at XDP (installation-wide: operators only, checked by
+    /// the caller).
+    pub drop: bool,
+    pub ttl: Option<String>,
+    pub rotate_key: bool,
 }
 
 impl Daemon {
-    /// Denies a refused address: it stays refused (even inside an authorized
-    /// or learned range) until authorized explicitly; with `drop` it is also
-    /// dropped at XDP (for `ttl`); with `rotate_key` every key it used is
-    /// rotated with no grace, so the old secret stops at once.
+    /// Denies a refused address for `account`: it stays refused (even
+    /// inside an authorized or learned range) until authorized explicitly;
+    /// with `drop` it is also dropped at XDP (for `ttl`); with `rotate_key`
+    /// every key of the account it used is rotated with no grace, so the
+    /// old secret stops at once.
     pub async fn deny(
         &self,
-        addr: &str,
-        drop: bool,
-        ttl: Option<String>,
-        rotate_key: bool,
+        account: &str,
+        req: DenyRequest,
         actor: &str,
     ) -> Result<DenyOutcome, DaemonError> {
+        let DenyRequest {
+            addr,
+            drop,
+            ttl,
+            rotate_key,
+        } = req;
         let addr: IpAddr = addr.trim().parse().map(policy::source_unit).map_err(|_| {
             DaemonError::Invalid(format!(
                 "{addr:?} is not an IP address; `allowlistctl ips unauthorized` lists them"
             ))
         })?;
         let entries: Vec<UnauthorizedRecord> = self
-            .store
-            .list_unauthorized()?
+            .list_unauthorized(account)?
             .into_iter()
             .filter(|u| u.addr == addr)
             .collect();
@@ -185,12 +245,21 @@ impl Daemon {
         // In force at once, in the snapshot, through the one change path;
         // a denial of an address never refused gets its own row, so it
         // persists like any other.
-        let placeholder =
-            UnauthorizedRecord::refused(addr, "api", String::new(), 0, self.clock.now_ms() / 1000);
+        let placeholder = UnauthorizedRecord::refused(
+            account,
+            addr,
+            "api",
+            String::new(),
+            0,
+            self.clock.now_ms() / 1000,
+        );
         let n = self
             .change(
                 |st| {
-                    st.denied.insert(addr);
+                    st.account_mut(account)
+                        .ok_or_else(|| no_account(account))?
+                        .denied
+                        .insert(addr);
                     Ok(())
                 },
                 |_| {
@@ -200,7 +269,9 @@ impl Daemon {
                             self.config.blocking.unauthorized_max,
                         )?;
                     }
-                    Ok(self.store.set_unauthorized(addr, Some("denied"), actor)?)
+                    Ok(self
+                        .store
+                        .set_unauthorized(account, addr, Some("denied"), actor)?)
                 },
             )
             .await?;
@@ -208,7 +279,7 @@ impl Daemon {
             let req = crate::api::AddDrop {
                 cidr: addr.to_string(),
                 ttl,
-                reason: Some("denied from the unauthorized list".into()),
+                reason: Some(format!("denied from {account}'s unauthorized list")),
             };
             Some(
                 self.add_drop_kind(req, crate::store::DropKind::Denied, actor)
@@ -228,10 +299,10 @@ impl Daemon {
             ids.dedup();
             for id in ids {
                 // The secret is presumed stolen: no grace period.
-                rotated.push(self.rotate_key(&id, Some("0"), actor).await?);
+                rotated.push(self.rotate_key(account, &id, Some("0"), actor).await?);
             }
         }
-        tracing::info!(%addr, drop, rotate_key, actor, "denied");
+        tracing::info!(account, %addr, drop, rotate_key, actor, "denied");
         Ok(DenyOutcome {
             addr,
             entries: n,

@@ -1,6 +1,7 @@
 //! The application: the daemon's shared state and every operation the
 //! admin API exposes, one file per domain, all changes through `change`.
 
+mod accounts;
 mod blocking;
 mod change;
 mod drops;
@@ -9,11 +10,13 @@ mod events;
 mod guard;
 mod keys;
 mod lists;
+mod tokens;
 mod usage;
 
 pub use crate::state::State;
-pub use keys::{DEFAULT_GRACE_SECS, KeyView, MAX_GRACE_SECS, NewKey};
-pub use lists::DenyOutcome;
+pub use keys::{DEFAULT_GRACE_SECS, MAX_GRACE_SECS};
+pub use lists::{Authorize, DenyRequest};
+pub use tokens::{Caller, TOKEN_PREFIX};
 
 use std::{
     collections::VecDeque,
@@ -39,6 +42,9 @@ pub enum DaemonError {
     Invalid(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller's role may not do this (403 `permission_denied`).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Capacity(String),
     #[error(transparent)]
@@ -128,8 +134,18 @@ pub struct Daemon {
     pub clock: Clock,
     /// The kernel's connection/key pairing, when the hooks are loaded.
     pub conns: Option<crate::kernel::ConnTable>,
+    /// Admin API tokens by id (hash of the secret only).
+    pub(crate) tokens: Mutex<std::collections::HashMap<String, crate::store::TokenRecord>>,
     /// Live proxy connections that presented a key, for the cut-off.
     pub live: Mutex<std::collections::HashMap<u64, Arc<crate::live::LiveConn>>>,
+}
+
+/// The error for an account that does not exist (or that the caller may
+/// not know of: the same answer).
+pub(crate) fn no_account(name: &str) -> DaemonError {
+    DaemonError::NotFound(format!(
+        "no account named {name:?}; `allowlistctl accounts list` shows them"
+    ))
 }
 
 /// Parses a CIDR or a single address (as /32 or /128), refusing host bits
@@ -224,7 +240,6 @@ impl Daemon {
         kernel: Option<Kernel>,
         clock: Clock,
     ) -> Result<Daemon, DaemonError> {
-        let blocking = store.blocking()?;
         Ok(Daemon {
             config,
             store,
@@ -237,16 +252,12 @@ impl Daemon {
             refusals_dropped: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
             policy: arc_swap::ArcSwap::from_pointee(crate::policy::Snapshot::default()),
-            state: Mutex::new(crate::state::State {
-                keys: Default::default(),
-                authorized: Default::default(),
-                blocking,
-                denied: Default::default(),
-            }),
+            state: Mutex::new(crate::state::State::default()),
             runtimes: Mutex::new(Default::default()),
             recent_successes: Mutex::new(Default::default()),
             clock,
             conns: None,
+            tokens: Mutex::new(Default::default()),
             live: Mutex::new(Default::default()),
         })
     }
@@ -292,8 +303,13 @@ impl Daemon {
         Ok(out)
     }
 
-    /// The audit log, newest first: who changed what, when.
-    pub fn audit(&self, q: &api::AuditQuery) -> Result<api::Audit, DaemonError> {
+    /// The audit log, newest first: who changed what, when; `account`
+    /// `None` is every account's and the installation's (operators).
+    pub fn audit(
+        &self,
+        account: Option<&str>,
+        q: &api::AuditQuery,
+    ) -> Result<api::Audit, DaemonError> {
         let since = match q.since.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(t) => Some(parse_since(t, unix_now()).map_err(DaemonError::Invalid)?),
@@ -307,14 +323,41 @@ impl Daemon {
         let entries = self.store.audit_log(&crate::store::AuditQuery {
             since,
             actor: q.actor.clone().filter(|a| !a.is_empty()),
+            account: account.map(str::to_string),
             limit,
         })?;
         Ok(api::Audit { entries })
     }
 
-    pub fn blocking(&self) -> Result<api::Blocking, DaemonError> {
+    pub fn blocking(&self, account: &str) -> Result<api::Blocking, DaemonError> {
+        let now = self.clock.now_ms() / 1000;
+        let days = i64::from(self.config.blocking.learning_days);
+        let (state, (api_in_force, smtp_in_force), enforced_by, activates_in_days) = self
+            .with_state(|st| {
+                let a = st.account(account).ok_or_else(|| no_account(account))?;
+                let r = &a.record;
+                let enforced_by = st
+                    .parent_of(account)
+                    .filter(|o| o.record.enforce_blocking)
+                    .map(|o| o.record.name.clone());
+                let learning = (r.blocking.api == crate::policy::ApiMode::Learning).then(|| {
+                    let quiet_since = r.last_learned_at.max(r.blocking.api_since);
+                    (days - (now - quiet_since) / 86_400).max(0)
+                });
+                Ok::<_, DaemonError>((
+                    r.blocking.clone(),
+                    Self::modes_in_force(st, a),
+                    enforced_by,
+                    learning,
+                ))
+            })?;
         Ok(api::Blocking {
-            state: self.store.blocking()?,
+            account: account.to_string(),
+            state,
+            api_in_force,
+            smtp_in_force,
+            enforced_by,
+            activates_in_days,
             always_allow: self
                 .config
                 .blocking

@@ -14,16 +14,15 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         // (key id, kid, last used, requests) of every key used since the last flush.
-        let used: Vec<(&String, u32, i64, u64)> = self.with_state(|st| {
-            runtimes
-                .iter()
-                .filter_map(|(id, rt)| {
-                    let kid = st.keys.get(id)?.kid;
-                    let n = rt.requests.swap(0, Ordering::Relaxed);
-                    (n > 0).then(|| (id, kid, rt.last_used_ms.load(Ordering::Relaxed), n))
-                })
-                .collect()
-        });
+        let snap = self.policy.load();
+        let used: Vec<(&String, u32, i64, u64)> = runtimes
+            .iter()
+            .filter_map(|(id, rt)| {
+                let kid = snap.key(id)?.kid;
+                let n = rt.requests.swap(0, Ordering::Relaxed);
+                (n > 0).then(|| (id, kid, rt.last_used_ms.load(Ordering::Relaxed), n))
+            })
+            .collect();
         let usage: Vec<(u32, i64, u64)> = used
             .iter()
             .map(|&(_, kid, last, n)| (kid, last, n))

@@ -322,6 +322,7 @@ impl Edge {
                 Reason::KeyAllowlist | Reason::AccountList | Reason::Denied
             ) {
                 self.effect(SideEffect::Refused {
+                    account: d.account_name().unwrap_or_default().to_string(),
                     addr: policy::source_unit(client),
                     key_id: key_id(),
                     at: now_ms / 1000,
@@ -350,6 +351,7 @@ impl Edge {
         }
         if let Some(net) = d.learn {
             self.effect(SideEffect::Learn {
+                account: d.account_name().unwrap_or_default().to_string(),
                 net,
                 key_id: key_id(),
             });

@@ -14,7 +14,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{ApiMode, KeyStatus, RateLimit, Scope, SmtpMode};
+use crate::policy::{ApiMode, KeyStatus, RateLimit, Role, Scope, SmtpMode};
 
 /// Current time in Unix seconds.
 pub fn unix_now() -> i64 {
@@ -116,6 +116,10 @@ pub struct BlockingState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at: i64,
+    /// The account the change concerned; empty for installation-wide
+    /// changes (the drop list, operator tokens).
+    #[serde(default)]
+    pub account: String,
     pub actor: String,
     pub action: String,
     pub detail: String,
@@ -128,6 +132,8 @@ pub struct AuditQuery {
     pub since: Option<i64>,
     /// Exactly this actor (`uid:0`, `learning`, `promotion` ...).
     pub actor: Option<String>,
+    /// Only this account's entries; `None` = every entry.
+    pub account: Option<String>,
     pub limit: usize,
 }
 
@@ -139,13 +145,36 @@ pub struct AllowRecord {
     pub label: String,
 }
 
+/// An account: a customer of the edge, owning its keys, lists and modes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountRecord {
+    /// Numeric index, used in kernel maps; assigned by the store, never
+    /// reused.
+    pub idx: u32,
+    pub name: String,
+    /// The organization this account belongs to (one level).
+    pub parent: Option<String>,
+    /// Notification recipients.
+    pub emails: Vec<String>,
+    /// An organization that enforces blocking on its sub-accounts: while
+    /// its own blocking is active, theirs is too and cannot be lowered.
+    pub enforce_blocking: bool,
+    pub created_at: i64,
+    pub blocking: BlockingState,
+    /// Unix seconds of the latest learned address (creation time at first):
+    /// the learning clock.
+    pub last_learned_at: i64,
+}
+
 /// An API key as stored (the secret only as its hash).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRecord {
     /// Numeric id, used in kernel maps; assigned by the store.
     pub kid: u32,
-    /// Public id, shown everywhere.
+    /// Public id, shown everywhere; unique across accounts.
     pub id: String,
+    /// The account the key belongs to.
+    pub account: String,
     pub name: String,
     pub description: String,
     pub scopes: Vec<Scope>,
@@ -162,7 +191,7 @@ pub struct KeyRecord {
     pub allow: Vec<AllowRecord>,
 }
 
-/// An entry of the account's authorized list.
+/// An entry of an account's authorized list.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthorizedRecord {
     pub cidr: IpNet,
@@ -172,11 +201,20 @@ pub struct AuthorizedRecord {
     /// The key whose call caused a learned entry.
     pub key_id: Option<String>,
     pub created_at: i64,
+    /// Who added it (an actor: `uid:N`, `token:ID`, `learning`).
+    #[serde(default)]
+    pub created_by: String,
+    /// An organization's entry in force in every sub-account.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// A refused source.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UnauthorizedRecord {
+    /// The account whose key (API) or SMTP service refused it.
+    #[serde(default)]
+    pub account: String,
     pub addr: std::net::IpAddr,
     /// "api" or "smtp".
     pub service: String,
@@ -195,6 +233,7 @@ impl UnauthorizedRecord {
     /// A source refused for the first time at `at` (no attempt counted
     /// yet: see [`UnauthorizedRecord::hit`]).
     pub fn refused(
+        account: &str,
         addr: std::net::IpAddr,
         service: &str,
         key_id: String,
@@ -202,6 +241,7 @@ impl UnauthorizedRecord {
         at: i64,
     ) -> Self {
         UnauthorizedRecord {
+            account: account.into(),
             addr,
             service: service.into(),
             key_id,
@@ -220,9 +260,53 @@ impl UnauthorizedRecord {
     }
 }
 
-/// The store interface; a PostgreSQL implementation can sit beside the
-/// SQLite one without touching callers.
-pub trait Store: Send + Sync {
+/// An admin API bearer token (only the hash of its secret is stored).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Public id (what the audit log names as `token:ID`).
+    pub id: String,
+    pub name: String,
+    /// `None` for an operator token.
+    pub account: Option<String>,
+    pub role: Role,
+    pub hash: [u8; 32],
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub created_by: String,
+}
+
+/// Accounts and their blocking modes.
+pub trait AccountStore {
+    fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError>;
+    /// Inserts an account (its `idx` is assigned here) and returns it.
+    fn create_account(&self, rec: &AccountRecord, actor: &str)
+    -> Result<AccountRecord, StoreError>;
+    /// Replaces an account's row (e-mails, enforcement); `action` names it
+    /// in the audit log.
+    fn update_account(
+        &self,
+        rec: &AccountRecord,
+        action: &str,
+        detail: serde_json::Value,
+        actor: &str,
+    ) -> Result<(), StoreError>;
+    /// Deletes an account with its keys and lists, in one transaction.
+    fn remove_account(&self, name: &str, actor: &str) -> Result<(), StoreError>;
+    /// Sets an account's API or SMTP blocking mode ("api"/"smtp",
+    /// serialized mode).
+    fn set_blocking(
+        &self,
+        account: &str,
+        service: &str,
+        mode: &str,
+        actor: &str,
+        now: i64,
+    ) -> Result<(), StoreError>;
+}
+
+/// API keys and their usage counters.
+pub trait KeyStore {
     /// Inserts a key (its `kid` is assigned here) and returns it.
     fn create_key(&self, key: &KeyRecord, actor: &str) -> Result<KeyRecord, StoreError>;
     fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
@@ -236,52 +320,78 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Adds usage counted in memory: `(kid, last used ms, requests)`.
     fn flush_usage(&self, usage: &[(u32, i64, u64)], today: i64) -> Result<(), StoreError>;
-    fn list_authorized(&self) -> Result<Vec<AuthorizedRecord>, StoreError>;
+}
+
+/// The accounts' authorized and unauthorized lists.
+pub trait ListStore {
+    /// Every account's authorized entries, as `(account, entry)`.
+    fn list_authorized(&self) -> Result<Vec<(String, AuthorizedRecord)>, StoreError>;
     /// Adds an entry; false when the prefix is already listed.
-    fn add_authorized(&self, rec: &AuthorizedRecord, actor: &str) -> Result<bool, StoreError>;
+    fn add_authorized(
+        &self,
+        account: &str,
+        rec: &AuthorizedRecord,
+        actor: &str,
+    ) -> Result<bool, StoreError>;
     fn remove_authorized(
         &self,
+        account: &str,
         cidr: &IpNet,
         actor: &str,
     ) -> Result<Option<AuthorizedRecord>, StoreError>;
-    /// Records refusals (one upsert per source/key/port), batched, then
-    /// keeps at most `cap` entries per service by evicting the least recent
-    /// (denied entries are never evicted: they are enforced). Returns how
-    /// many were evicted.
+    /// Records refusals (one upsert per account/source/key/port), batched,
+    /// then keeps at most `cap` entries per account and service by evicting
+    /// the least recent (denied entries are never evicted: they are
+    /// enforced). Returns how many were evicted.
     fn record_unauthorized(
         &self,
         hits: &[UnauthorizedRecord],
         cap: usize,
     ) -> Result<u64, StoreError>;
-    fn list_unauthorized(&self) -> Result<Vec<UnauthorizedRecord>, StoreError>;
-    /// Marks (or, with `None`, removes) every unauthorized entry of `addr`.
+    /// One account's unauthorized list, or every account's.
+    fn list_unauthorized(
+        &self,
+        account: Option<&str>,
+    ) -> Result<Vec<UnauthorizedRecord>, StoreError>;
+    /// Marks (or, with `None`, removes) every unauthorized entry of `addr`
+    /// in `account`.
     fn set_unauthorized(
         &self,
+        account: &str,
         addr: std::net::IpAddr,
         status: Option<&str>,
         actor: &str,
     ) -> Result<usize, StoreError>;
-    /// Sets the API or SMTP blocking mode ("api"/"smtp", serialized mode).
-    fn set_blocking(
-        &self,
-        service: &str,
-        mode: &str,
-        actor: &str,
-        now: i64,
-    ) -> Result<(), StoreError>;
-    /// Unix seconds of the latest learned address (installation time at first).
-    fn last_learned_at(&self) -> Result<i64, StoreError>;
+}
 
+/// The kernel drop list (installation-wide).
+pub trait DropStore {
     fn list_drops(&self) -> Result<Vec<DropRecord>, StoreError>;
     /// Inserts or replaces the entry for `rec.cidr`; returns the previous one.
     fn put_drop(&self, rec: &DropRecord, actor: &str) -> Result<Option<DropRecord>, StoreError>;
     fn remove_drop(&self, cidr: &IpNet, actor: &str) -> Result<Option<DropRecord>, StoreError>;
     /// Deletes entries whose expiry is at or before `now`, returning them.
     fn remove_expired_drops(&self, now: i64) -> Result<Vec<DropRecord>, StoreError>;
-    fn blocking(&self) -> Result<BlockingState, StoreError>;
+}
+
+/// Admin API tokens and the audit log.
+pub trait AccessStore {
+    fn create_token(&self, rec: &TokenRecord, actor: &str) -> Result<(), StoreError>;
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Marks a token revoked at `now`; false when there is no such token.
+    fn revoke_token(&self, id: &str, now: i64, actor: &str) -> Result<bool, StoreError>;
     /// Audit entries, newest first, filtered by `q`.
     fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
 }
+
+/// The store interface, one trait per room; a PostgreSQL implementation
+/// can sit beside the SQLite one without touching callers.
+pub trait Store:
+    AccountStore + KeyStore + ListStore + DropStore + AccessStore + Send + Sync
+{
+}
+
+impl<T: AccountStore + KeyStore + ListStore + DropStore + AccessStore + Send + Sync> Store for T {}
 
 mod migrations;
 mod sqlite;

@@ -1,0 +1,113 @@
+//! The admin API over TLS on `[admin] listen`, for bearer tokens.
+//!
+//! With no `[admin] cert`/`key`, a self-signed certificate is generated at
+//! start and written (public part only) next to the store as
+//! `admin-cert.pem`, so clients on the host can trust exactly it
+//! (`allowlistctl --ca`).
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use rustls::{
+    ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{config::Config, daemon::Daemon};
+
+/// Where the generated admin certificate is written: next to the store.
+pub fn admin_cert_path(config: &Config) -> Option<PathBuf> {
+    let store = crate::store::sqlite_path(&config.store.url).ok()?;
+    Some(
+        store
+            .parent()
+            .map(|p| p.join("admin-cert.pem"))
+            .unwrap_or_else(|| PathBuf::from("admin-cert.pem")),
+    )
+}
+
+fn server_config(config: &Config, addr: SocketAddr) -> anyhow::Result<Arc<ServerConfig>> {
+    let (chain, key) = match (&config.admin.cert, &config.admin.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| anyhow::anyhow!("[admin] cert {}: {e}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("[admin] cert {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| anyhow::anyhow!("[admin] key {}: {e}", key.display()))?;
+            (chain, key)
+        }
+        _ => {
+            let mut names = vec!["localhost".to_string()];
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+            let ck = rcgen::generate_simple_self_signed(names)?;
+            if let Some(path) = admin_cert_path(config) {
+                std::fs::write(&path, ck.cert.pem()).map_err(|e| {
+                    anyhow::anyhow!("writing the admin certificate to {}: {e}", path.display())
+                })?;
+                tracing::info!(path = %path.display(), "generated a self-signed admin certificate");
+            }
+            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+                .map_err(|e| anyhow::anyhow!("generated admin key: {e}"))?;
+            (vec![ck.cert.der().clone()], key)
+        }
+    };
+    let mut cfg = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Binds `[admin] listen` and serves the token router until `stop` fires.
+/// Errors at bind time are returned (the daemon refuses to start); each
+/// connection's errors are its own.
+pub async fn serve_tls(
+    daemon: Arc<Daemon>,
+    addr: SocketAddr,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let tls = TlsAcceptor::from(server_config(&daemon.config, addr)?);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("[admin] listen {addr}: {e}"))?;
+    tracing::info!(%addr, "admin API listening (TLS, bearer tokens)");
+    let app = super::token_router(daemon);
+    Ok(tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin listener accept");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => break,
+            };
+            let tls = tls.clone();
+            let app = app.clone();
+            tokio::spawn(async move {
+                // A handshake that stalls must not hold a task forever.
+                let handshake =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), tls.accept(tcp)).await;
+                let Ok(Ok(stream)) = handshake else {
+                    return;
+                };
+                let service = TowerToHyperService::new(app);
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }))
+}
