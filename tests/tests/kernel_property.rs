@@ -1,5 +1,6 @@
 //! The real eBPF program against the policy, on random rules and random
-//! packets: random keys (allowlists, revoked or not), an account list,
+//! packets: random accounts (API mode, authorized list) with random keys
+//! (allowlists, revoked or not),
 //! `always_allow` and a drop list go through the same code the daemon uses
 //! (`Snapshot::api_guard_union`, `Kernel::sync_guard`, `Kernel::sync_drops`),
 //! then `BPF_PROG_TEST_RUN` judges SYNs from random sources. A SYN must be
@@ -7,14 +8,13 @@
 //! could be used from it (`Snapshot::decide`'s address layers).
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     sync::{Arc, Mutex},
 };
 
 use allowlist::{
     kernel::{AttachMode, Kernel, KernelOptions, droplist::DropSpec},
-    policy::{Admit, ApiMode, KeyPolicy, KeyStatus, PrefixSet, Scope, ScopeSet, Snapshot, id_key},
+    policy::{AccountPolicy, ApiMode, KeyPolicy, KeyStatus, Scope, ScopeSet, SmtpMode, Snapshot},
 };
 use allowlist_common::{PROTO_TCP, SERVICE_API};
 use allowlist_tests::{bpf, kernel_tests_enabled, proc::Setup};
@@ -50,10 +50,13 @@ fn addr() -> impl Strategy<Value = IpAddr> {
     ]
 }
 
+/// One account: its API mode (0 active, 1 learning, 2 inactive), its
+/// authorized list and its keys (revoked?, allowlist).
+type AccountCase = (u8, Vec<IpNet>, Vec<(bool, Vec<IpNet>)>);
+
 #[derive(Clone, Debug)]
 struct Case {
-    keys: Vec<(bool, Vec<IpNet>)>,
-    account: Vec<IpNet>,
+    accounts: Vec<AccountCase>,
     always: Vec<IpNet>,
     drops: Vec<IpNet>,
     probes: Vec<IpAddr>,
@@ -62,17 +65,23 @@ struct Case {
 fn case() -> impl Strategy<Value = Case> {
     (
         proptest::collection::vec(
-            (any::<bool>(), proptest::collection::vec(net(), 0..4)),
-            0..5,
+            (
+                // Mostly active: that is where the guard has work to do.
+                prop_oneof![4 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8)],
+                proptest::collection::vec(net(), 0..6),
+                proptest::collection::vec(
+                    (any::<bool>(), proptest::collection::vec(net(), 0..4)),
+                    0..4,
+                ),
+            ),
+            1..4,
         ),
-        proptest::collection::vec(net(), 0..6),
         proptest::collection::vec(net(), 0..2),
         proptest::collection::vec(net(), 0..4),
         proptest::collection::vec(addr(), 40),
     )
-        .prop_map(|(keys, account, always, drops, probes)| Case {
-            keys,
-            account,
+        .prop_map(|(accounts, always, drops, probes)| Case {
+            accounts,
             always,
             drops,
             probes,
@@ -80,40 +89,55 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 fn snapshot(c: &Case) -> Snapshot {
-    let keys: HashMap<u64, Arc<KeyPolicy>> = c
-        .keys
+    let mut kid = 0u32;
+    let pieces = c
+        .accounts
         .iter()
         .enumerate()
-        .map(|(i, (revoked, allow))| {
-            let id = format!("{:016x}", i + 1);
-            let k = KeyPolicy {
-                id: id.clone(),
-                kid: i as u32 + 1,
-                name: id.clone(),
-                status: if *revoked {
-                    KeyStatus::Revoked
-                } else {
-                    KeyStatus::Active
-                },
-                scopes: ScopeSet::of(&[Scope::Full]),
-                secret_hash: [0; 32],
-                previous: None,
-                allow: allow.clone(),
-                rate: None,
-                runtime: Default::default(),
-            };
-            (id_key(&id), Arc::new(k))
+        .map(|(ai, (mode, list, keys))| {
+            let keys = keys
+                .iter()
+                .map(|(revoked, allow)| {
+                    kid += 1;
+                    let id = format!("{kid:016x}");
+                    Arc::new(KeyPolicy {
+                        id: id.clone(),
+                        kid,
+                        account: ai as u32 + 1,
+                        name: id,
+                        status: if *revoked {
+                            KeyStatus::Revoked
+                        } else {
+                            KeyStatus::Active
+                        },
+                        scopes: ScopeSet::of(&[Scope::Full]),
+                        secret_hash: [0; 32],
+                        previous: None,
+                        allow: allow.clone(),
+                        rate: None,
+                        runtime: Default::default(),
+                    })
+                })
+                .collect();
+            let mut list = list.clone();
+            list.sort_by_key(|n| (n.addr(), n.prefix_len()));
+            list.dedup();
+            Arc::new(AccountPolicy::new(
+                format!("a{ai}"),
+                ai as u32 + 1,
+                (0, 0),
+                (
+                    [ApiMode::Active, ApiMode::Learning, ApiMode::Inactive][*mode as usize],
+                    SmtpMode::Inactive,
+                ),
+                list,
+                Default::default(),
+                keys,
+            ))
         })
         .collect();
-    Snapshot {
-        keys,
-        api: Some(ApiMode::Active),
-        account: PrefixSet::new(c.account.iter().copied()),
-        account_list: c.account.clone(),
-        always_allow: PrefixSet::new(c.always.iter().copied()),
-        always_allow_list: c.always.clone(),
-        ..Default::default()
-    }
+    let base = Snapshot::with_settings(c.always.clone(), Vec::new(), "default");
+    Snapshot::build(base, pieces)
 }
 
 /// The drop entries the daemon enforces: none that overlaps
@@ -132,10 +156,9 @@ fn enforced_drops(c: &Case) -> Vec<IpNet> {
 fn expected(s: &Snapshot, c: &Case, a: IpAddr) -> u32 {
     let listed = enforced_drops(c).iter().any(|d| d.contains(&a));
     let always = c.always.iter().any(|n| n.contains(&a));
-    let some_key = s
-        .keys
-        .values()
-        .any(|k| k.usable() && k.admits(a) != Admit::Refused && s.account_admits(a));
+    // Some usable key of some account may be used from it (both address
+    // layers: the key's allowlist, its account's list and mode).
+    let some_key = s.keys().any(|k| s.admits(k, a));
     if listed || !(always || some_key) {
         bpf::XDP_DROP
     } else {
@@ -190,12 +213,15 @@ fn the_real_program_agrees_with_the_policy_on_random_rules_and_packets() {
                 .probes
                 .iter()
                 .copied()
-                .chain(c.account.iter().map(|n| n.network()))
                 .chain(
-                    c.keys
+                    c.accounts
                         .iter()
-                        .flat_map(|(_, a)| a.iter().map(|n| n.broadcast())),
-                );
+                        .flat_map(|(_, l, _)| l.iter().map(|n| n.network())),
+                )
+                .chain(c.accounts.iter().flat_map(|(_, _, keys)| {
+                    keys.iter()
+                        .flat_map(|(_, a)| a.iter().map(|n| n.broadcast()))
+                }));
             for a in probes {
                 let to = if a.is_ipv4() { dst } else { dst6 };
                 let (got, _) = bpf::test_run(&prog, &bpf::syn(a, to, PORT, None), 1).unwrap();

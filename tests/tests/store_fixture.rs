@@ -3,7 +3,8 @@
 //! the release before accounts — three keys (one rotating, one revoked,
 //! allowlists with labels, a rate limit), manual and learned authorized
 //! entries, a denied address, API blocking active, two drop entries — and
-//! is the store every later migration must carry forward.
+//! is the store every later migration must carry forward. Since accounts,
+//! all of it is the account `default`'s, and the old audit log is too.
 
 use allowlist_tests::proc::Setup;
 
@@ -100,5 +101,36 @@ fn a_store_from_the_release_before_accounts_opens_whole() {
     assert!(
         reasons.contains(&"scanner") && reasons.contains(&"bad network"),
         "{drops}"
+    );
+    // Everything is `default`'s: the account exists, owns the keys, and
+    // another account sees none of it.
+    let accounts = setup.ctl_json(&["accounts", "list"]);
+    let names: Vec<&str> = accounts["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default"], "{accounts}");
+    assert_eq!(accounts["accounts"][0]["api"], "active");
+    assert_eq!(web["account"], "default");
+    setup.ctl_json(&["accounts", "create", "acme"]);
+    let acme_keys = setup.ctl_json(&["--account", "acme", "keys", "list"]);
+    assert_eq!(acme_keys["keys"].as_array().unwrap().len(), 0, "{acme_keys}");
+    let acme_ips = setup.ctl_json(&["--account", "acme", "ips", "list"]);
+    assert_eq!(acme_ips["authorized"].as_array().unwrap().len(), 0, "{acme_ips}");
+    assert_eq!(
+        setup.ctl_json(&["--account", "acme", "blocking", "show"])["api"],
+        "learning"
+    );
+    // The audit log written before accounts belongs to default.
+    let audit = setup.ctl_json(&["--account", "default", "audit"]);
+    assert!(
+        audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "key.create" && e["account"] == "default"),
+        "{audit}"
     );
 }

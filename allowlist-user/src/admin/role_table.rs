@@ -85,7 +85,7 @@ async fn fixture() -> Fixture {
         )
         .unwrap();
     let mut tokens = HashMap::new();
-    let mut make = async |account: &str, req: NewToken| {
+    let make = async |account: &str, req: NewToken| {
         d.create_token(&op, account, req)
             .await
             .unwrap()

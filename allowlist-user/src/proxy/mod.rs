@@ -89,8 +89,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// 7.88 reports exit 92). Past it the refusal goes out anyway.
 const REFUSED_BODY_LIMIT: usize = 1 << 20;
 const REFUSED_BODY_TIMEOUT: Duration = Duration::from_secs(2);
-/// The account every request belongs to until accounts land.
-const ACCOUNT: &str = "default";
 /// Side effects a worker holds before it drops more.
 const QUEUE: usize = 65_536;
 const EFFECT_BATCH_DELAY: Duration = Duration::from_millis(5);
@@ -403,7 +401,7 @@ impl Edge {
                 client,
                 chain: chain.as_deref(),
                 key_id: &key_id,
-                account: ACCOUNT,
+                account: d.account_name().unwrap_or_default(),
             },
             bearer,
         );
