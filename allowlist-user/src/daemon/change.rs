@@ -126,13 +126,11 @@ impl Daemon {
 
     /// The installation-wide part of a snapshot.
     fn snapshot_base(&self) -> Snapshot {
-        Snapshot {
-            always_allow: PrefixSet::new(self.config.blocking.always_allow.iter().copied()),
-            always_allow_list: self.config.blocking.always_allow.clone(),
-            trusted_list: self.config.proxy.trusted_proxies.clone(),
-            smtp_account: self.config.blocking.smtp_account.clone(),
-            ..Snapshot::default()
-        }
+        Snapshot::with_settings(
+            self.config.blocking.always_allow.clone(),
+            self.config.proxy.trusted_proxies.clone(),
+            &self.config.blocking.smtp_account,
+        )
     }
 
     /// Builds the policy snapshot of `state` from scratch.

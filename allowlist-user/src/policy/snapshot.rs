@@ -236,6 +236,21 @@ fn canonical(id: &str) -> bool {
 }
 
 impl Snapshot {
+    /// An empty snapshot with the installation-wide settings.
+    pub fn with_settings(
+        always_allow: Vec<IpNet>,
+        trusted: Vec<IpNet>,
+        smtp_account: &str,
+    ) -> Snapshot {
+        Snapshot {
+            always_allow: PrefixSet::new(always_allow.iter().copied()),
+            always_allow_list: always_allow,
+            trusted_list: trusted,
+            smtp_account: smtp_account.to_string(),
+            ..Snapshot::default()
+        }
+    }
+
     /// A snapshot of `accounts` (and the installation-wide settings of
     /// `base`), indexing every key.
     pub fn build(base: Snapshot, accounts: Vec<Arc<AccountPolicy>>) -> Snapshot {
