@@ -9,7 +9,7 @@ use ipnet::IpNet;
 
 use crate::{
     daemon::{Daemon, DaemonError},
-    kernel::KeySpec,
+    kernel::{AccountSpec, KeySpec},
     policy::SmtpMode,
     policy::{self, ApiMode, KeyPolicy, KeyStatus, PrefixSet, Snapshot},
 };
@@ -96,9 +96,10 @@ impl Daemon {
                 kid: key.kid,
                 revoked: key.status == KeyStatus::Revoked,
                 allow: key.allow.iter().map(|a| a.cidr).collect(),
+                account: 0,
             })
             .collect();
-        k.sync_keys(&specs)?;
+        k.sync_keys(&specs, &[single_account(state, snap)])?;
         let mut ports = Vec::new();
         if state.blocking.api == ApiMode::Active && self.api_guard_wanted() {
             ports.push((
@@ -220,5 +221,42 @@ impl Daemon {
     /// copy is tens of milliseconds).
     pub(crate) fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         f(&self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The one account of a single-account store, as the kernel's account
+/// layer (index 0): the authorized list and `[blocking] always_allow`
+/// admit; denied addresses (an IPv4 address, an IPv6 /64) are denied
+/// unless `always_allow` covers them, and an authorized prefix inside a
+/// denied one is left out (the denial wins there). Blocking is active with
+/// API blocking.
+fn single_account(state: &State, snap: &Snapshot) -> AccountSpec {
+    let denied: Vec<IpNet> = state
+        .denied
+        .iter()
+        .map(|a| {
+            let len = if a.is_ipv4() {
+                32
+            } else {
+                policy::LEARN_V6_PREFIX
+            };
+            IpNet::new(*a, len).expect("valid").trunc()
+        })
+        .filter(|n| !snap.always_allow.covers(n))
+        .collect();
+    let denied_set = PrefixSet::new(denied.iter().copied());
+    let mut entries: std::collections::BTreeMap<IpNet, bool> = state
+        .authorized
+        .keys()
+        .map(|n| n.trunc())
+        .filter(|n| !denied_set.covers(n))
+        .chain(snap.always_allow_list.iter().map(IpNet::trunc))
+        .map(|n| (n, true))
+        .collect();
+    entries.extend(denied.into_iter().map(|n| (n, false)));
+    AccountSpec {
+        idx: 0,
+        api_active: state.blocking.api == ApiMode::Active,
+        entries: entries.into_iter().collect(),
     }
 }
