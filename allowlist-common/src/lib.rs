@@ -12,7 +12,7 @@ use core::mem::size_of;
 
 /// Version of the pinned map layout. A daemon refuses to adopt pinned maps
 /// whose `LAYOUT` map holds another value.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Number of slots of the first-level IPv4 table: one `u32` per /24.
 pub const V4_L1_SLOTS: u32 = 1 << 24;
@@ -145,9 +145,33 @@ pub const PROTO_UDP: u8 = 17;
 pub const SERVICE_API: u32 = 1;
 pub const SERVICE_SMTP: u32 = 2;
 
-/// `KEY_STATE` values.
+/// `KeyState::state` values.
 pub const KEY_ACTIVE: u32 = 1;
 pub const KEY_REVOKED: u32 = 2;
+
+/// `KEY_STATE` value: a key's state and the account it belongs to (whose
+/// `ACCOUNT_ALLOW*` entries and `ACCOUNT_MODE` bits the connection hooks
+/// check it against).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeyState {
+    /// `KEY_ACTIVE` or `KEY_REVOKED`.
+    pub state: u32,
+    /// Account index (any value, 0 included).
+    pub account: u32,
+}
+const _: () = assert!(size_of::<KeyState>() == 8);
+
+/// `ACCOUNT_ALLOW4`/`ACCOUNT_ALLOW6` values: the account authorized the
+/// prefix, or denied it (refused whatever the account's mode, even inside
+/// a shorter authorized prefix).
+pub const ACCOUNT_DENIED: u8 = 0;
+pub const ACCOUNT_ADMIT: u8 = 1;
+
+/// `ACCOUNT_MODE` bit: the account's API blocking is active, so an address
+/// without any entry in the account's trie is refused. An account without
+/// an `ACCOUNT_MODE` entry has no bit set.
+pub const ACCOUNT_API_ACTIVE: u32 = 1;
 
 /// `CONNS` value: the key a connection of the proxy presented.
 #[repr(C)]
@@ -265,4 +289,5 @@ mod user {
     unsafe impl aya::Pod for EventCacheSlot {}
     unsafe impl aya::Pod for ConnInfo {}
     unsafe impl aya::Pod for ConnClient {}
+    unsafe impl aya::Pod for KeyState {}
 }

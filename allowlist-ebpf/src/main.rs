@@ -26,32 +26,34 @@
 //! a broken IP header), or a map lookup that cannot be made, passes. The
 //! filter narrows what reaches the host; it must never cut the host off
 //! because of a bug or a malformed frame.
+//!
+//! The connection hooks on the daemon's cgroup, which share this object
+//! (and its `STATS`), live in `conn.rs`.
 #![no_std]
 #![no_main]
 
 use core::mem::size_of;
 
 use allowlist_common::{
-    ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
-    C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_DROP_UNCLASSIFIED, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED,
-    C_EVENTS_SENT, C_MALFORMED, C_PASS, CLIENT_PROXY, CLIENT_XFF, ConnClient, ConnInfo, DropEvent,
-    DropRule, EVENT_CACHE_SLOTS, EVENT_INTERVAL_NS, EVENTS_BYTES, EVENTS_PER_CPU_PER_SEC,
-    EventCacheSlot, GUARD_PORT_SLOTS, KEY_ACTIVE, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_API,
-    SERVICE_SMTP, V4_L1_ELEMENTS, V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey,
-    VERDICT_DROP_GUARD, VERDICT_DROP_LIST, armed_services, guard_service,
+    ALL_STATS_SLOTS, C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_DROP_UNCLASSIFIED,
+    C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule,
+    EVENT_CACHE_SLOTS, EVENT_INTERVAL_NS, EVENTS_BYTES, EVENTS_PER_CPU_PER_SEC, EventCacheSlot,
+    GUARD_PORT_SLOTS, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_API, SERVICE_SMTP, V4_L1_ELEMENTS,
+    V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST,
+    armed_services, guard_service,
 };
 use aya_ebpf::{
-    bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
-        xdp_action::{XDP_DROP, XDP_PASS},
-    },
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
     cty::c_void,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
-    macros::{cgroup_skb, map, sock_ops, xdp},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
+    macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{SkBuffContext, SockOpsContext, XdpContext},
+    programs::XdpContext,
 };
+
+/// The connection hooks (`conn_ops`, `conn_ingress`, `conn_egress`) and
+/// the maps only they read.
+mod conn;
 
 /// `BPF_F_NO_PREALLOC`: required for LPM tries, and keeps hash maps from
 /// reserving their full capacity up front.
@@ -94,16 +96,6 @@ static GUARD4: LpmTrie<[u8; 5], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC
 #[map]
 static GUARD6: LpmTrie<[u8; 17], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
 
-/// Per-key allowlists for the connection hooks: key id (big-endian) then
-/// the address, prefix length 32 + the entry's; a key with an empty
-/// allowlist has one entry of length 32 (every address).
-#[map]
-static KEY_ALLOW4: LpmTrie<[u8; 8], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
-#[map]
-static KEY_ALLOW6: LpmTrie<[u8; 20], u8> = LpmTrie::pinned(DEFAULT_GUARD, NO_PREALLOC);
-/// Key id -> `KEY_*` state.
-#[map]
-static KEY_STATE: HashMap<u32, u32> = HashMap::pinned(DEFAULT_GUARD, NO_PREALLOC);
 /// Port -> `SERVICE_*` per protocol (see `allowlist_common::guard_service`),
 /// for services whose blocking is active.
 #[map]
@@ -112,19 +104,6 @@ static GUARD_PORTS: Array<u32> = Array::pinned(GUARD_PORT_SLOTS, 0);
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(ALL_STATS_SLOTS, 0);
 
-/// Socket cookie of a proxy connection -> the key it presented. Written by
-/// the proxy once it has read the key; removed when the socket closes.
-#[map]
-static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::pinned(1 << 18, 0);
-/// Socket cookie -> the client a trusted balancer named for that proxy
-/// connection (PROXY header, or X-Forwarded-For per request). Written by
-/// the proxy before `CONNS`; absent, the TCP peer is the client.
-#[map]
-static CONN_CLIENT: LruHashMap<u64, ConnClient> = LruHashMap::pinned(1 << 18, 0);
-/// Slot 0: bumped by the daemon after each change to the maps
-/// `conn_verdict` reads (KEY_STATE, KEY_ALLOW*, GUARD*, GUARD_PORTS).
-#[map]
-static POLICY_GEN: Array<u32> = Array::pinned(1, 0);
 #[map]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 /// Source (v4 as ::ffff:a.b.c.d) -> time of its last event. Authoritative.
@@ -860,169 +839,6 @@ fn send_event(
         }
         None => count(C_EVENTS_LOST),
     }
-}
-
-/// Connection hooks on the daemon's own cgroup.
-///
-/// `conn_ops` (sock_ops) asks for state callbacks on every accepted
-/// connection and forgets its `CONNS` entry when it closes, so the map
-/// never fills with dead sockets. `conn_ingress`/`conn_egress`
-/// (cgroup_skb) check every packet of a paired connection against the
-/// current policy: key state, the key's allowlist, and — while API
-/// blocking is active on the socket's local port — the guard union (which
-/// within a key's allowlist is exactly the account list). A connection the
-/// policy no longer admits gets no packet through, in either direction,
-/// the moment the maps change; RSTs still leave so the client learns at
-/// once. Fail-open for sockets that are not paired (TLS handshakes, the
-/// admin socket, the upstream client).
-#[sock_ops]
-pub fn conn_ops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        }
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            // SAFETY: ctx.ops is the live bpf_sock_ops.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-            let _ = CONNS.remove(cookie);
-            let _ = CONN_CLIENT.remove(cookie);
-        }
-        _ => {}
-    }
-    1
-}
-
-#[cgroup_skb]
-pub fn conn_ingress(ctx: SkBuffContext) -> i32 {
-    conn_verdict(&ctx, false)
-}
-
-#[cgroup_skb]
-pub fn conn_egress(ctx: SkBuffContext) -> i32 {
-    conn_verdict(&ctx, true)
-}
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-
-#[inline(always)]
-fn conn_verdict(ctx: &SkBuffContext, egress: bool) -> i32 {
-    // SAFETY: the skb pointer is the live __sk_buff.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut c_void) };
-    let Some(info) = CONNS.get_ptr_mut(cookie) else {
-        return 1;
-    };
-    // Read before the policy maps: a change that lands while this packet
-    // is checked bumps the generation past `generation`, so the next packet
-    // is checked again.
-    let generation = POLICY_GEN.get(0).copied().unwrap_or(0);
-    // SAFETY: a live map value; a racing writer can only store another
-    // whole u32 into either field.
-    let (kid, checked) = unsafe { ((*info).kid, (*info).checked_gen) };
-    if generation != 0 && checked == generation {
-        return 1;
-    }
-    // SAFETY: plain value read of a map entry.
-    let named = unsafe { CONN_CLIENT.get(cookie) }.copied();
-    let cut = if unsafe { KEY_STATE.get(kid) }.copied() != Some(KEY_ACTIVE) {
-        Some(C_CONN_CUT_REVOKED)
-    } else if named.is_some_and(|c| c.mode == CLIENT_XFF) {
-        // Clients change per request behind an L7 balancer: the proxy
-        // checks each; the kernel holds the key's state only.
-        None
-    } else {
-        let kb = kid.to_be_bytes();
-        let local_port = ctx.skb.local_port() as u16;
-        let api_guarded = GUARD_PORTS
-            .get(u32::from(local_port))
-            .is_some_and(|v| guard_service(*v, PROTO_TCP) == SERVICE_API);
-        // The client: the one a PROXY header named, else the TCP peer.
-        let (v4, a) = match named {
-            Some(c) if c.mode == CLIENT_PROXY => (c.family == 4, c.addr),
-            _ => {
-                let family = ctx.skb.family();
-                let v6 = *ctx.skb.remote_ipv6();
-                let mapped =
-                    family == AF_INET6 && v6[0] == 0 && v6[1] == 0 && v6[2] == u32::to_be(0xffff);
-                if family == AF_INET || mapped {
-                    let b = if mapped { v6[3] } else { ctx.skb.remote_ipv4() }.to_ne_bytes();
-                    (
-                        true,
-                        [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-                    )
-                } else if family == AF_INET6 {
-                    let mut a = [0u8; 16];
-                    for (i, w) in v6.iter().enumerate() {
-                        let b = w.to_ne_bytes();
-                        a[i * 4..i * 4 + 4].copy_from_slice(&b);
-                    }
-                    (false, a)
-                } else {
-                    // Neither family: nothing to check an address against.
-                    (false, [0xff; 16])
-                }
-            }
-        };
-        if v4 {
-            if KEY_ALLOW4
-                .get(Key::new(
-                    64,
-                    [kb[0], kb[1], kb[2], kb[3], a[0], a[1], a[2], a[3]],
-                ))
-                .is_none()
-            {
-                Some(C_CONN_CUT_ALLOW)
-            } else if api_guarded
-                && !in_guard4(SERVICE_API, u32::from_ne_bytes([a[0], a[1], a[2], a[3]]))
-            {
-                Some(C_CONN_CUT_ACCOUNT)
-            } else {
-                None
-            }
-        } else if a == [0xff; 16] {
-            None
-        } else {
-            let mut k = [0u8; 20];
-            k[..4].copy_from_slice(&kb);
-            k[4..].copy_from_slice(&a);
-            if KEY_ALLOW6.get(Key::new(160, k)).is_none() {
-                Some(C_CONN_CUT_ALLOW)
-            } else if api_guarded && !in_guard6(SERVICE_API, &a) {
-                Some(C_CONN_CUT_ACCOUNT)
-            } else {
-                None
-            }
-        }
-    };
-    match cut {
-        None => {
-            // SAFETY: as above.
-            unsafe { (*info).checked_gen = generation };
-            1
-        }
-        Some(counter) => {
-            // Let our own RST out, so the client learns at once.
-            if egress && is_rst(ctx) {
-                return 1;
-            }
-            count(counter);
-            0
-        }
-    }
-}
-
-/// Whether an egress packet (L3 first) is a TCP segment with RST set.
-#[inline(always)]
-fn is_rst(ctx: &SkBuffContext) -> bool {
-    let Ok(first) = ctx.load::<u8>(0) else {
-        return false;
-    };
-    let flags_at = match first >> 4 {
-        4 => ((first & 0x0f) as usize) * 4 + 13,
-        6 => 40 + 13,
-        _ => return false,
-    };
-    ctx.load::<u8>(flags_at).is_ok_and(|f| f & 0x04 != 0)
 }
 
 #[cfg(not(test))]

@@ -1,6 +1,6 @@
-//! Live cut-off: when a key is revoked or its allowlist stops admitting a
-//! connection's peer, the connection is cut at once — a streamed download
-//! and an idle keep-alive connection alike.
+//! Live cut-off: when a key is revoked, or its allowlist or its account's
+//! list stops admitting a connection's peer, the connection is cut at
+//! once — a streamed download and an idle keep-alive connection alike.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -199,4 +199,60 @@ fn the_kernel_alone_stops_a_revoked_stream() {
         after > before,
         "the kernel counted no cut packet ({before} -> {after})"
     );
+}
+
+/// The account layer in the kernel: with API blocking active, removing the
+/// authorized network a live stream comes from stops it through the
+/// connection hooks alone (counted as an account cut), whether or not the
+/// XDP guard is armed on the port.
+#[test]
+fn the_kernel_alone_stops_a_stream_the_account_list_no_longer_admits() {
+    if !kernel_tests_enabled("the_kernel_alone_stops_a_stream_the_account_list_no_longer_admits") {
+        return;
+    }
+    let pair = Pair::new();
+    pair.client_addr("198.51.100.81");
+    let _up = Upstream::start(&pair.server, UP);
+    let setup = Setup::new(true, "");
+    setup.proxy(&format!(
+        "listen = \"0.0.0.0:{EDGE}\"\nupstream = \"http://127.0.0.1:{UP}\""
+    ));
+    let _d = setup.start_env(
+        Some(&pair.server),
+        &[],
+        &[("ALLOWLIST_TEST_KERNEL_CUT_ONLY", "1")],
+    );
+    let k = setup.ctl_json(&["keys", "create", "--name", "a", "--allow", "198.51.100.81"]);
+    let key = k["key"].as_str().unwrap().to_string();
+    setup.ctl_json(&["ips", "authorize", "198.51.100.0/24"]);
+    setup.ctl_json(&["blocking", "api", "activate"]);
+    let download = client(&pair, "198.51.100.81", &key, "/stream", false);
+    std::thread::sleep(Duration::from_millis(1500));
+    let cuts = |what: &str| {
+        setup.ctl_json(&["stats"])["kernel"][what]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = cuts("conn_cut_account");
+    let t_remove = now();
+    setup.ctl_json(&["ips", "remove", "198.51.100.0/24"]);
+    let out = download.join().unwrap();
+    let chunks = times(&out, "chunk");
+    assert!(
+        chunks.iter().filter(|t| **t < t_remove).count() >= 20,
+        "the download was running: {out}"
+    );
+    let last = chunks.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        last - t_remove < 0.2,
+        "with only the kernel hooks, data kept flowing {:.3} s after the account list dropped \
+         the client",
+        last - t_remove
+    );
+    let after = cuts("conn_cut_account");
+    assert!(
+        after > before,
+        "the kernel counted no account cut ({before} -> {after})"
+    );
+    assert_eq!(cuts("conn_cut_revoked"), 0);
 }

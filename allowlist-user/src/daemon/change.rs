@@ -4,7 +4,7 @@
 //! back.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::IpAddr,
     sync::Arc,
     time::Instant,
@@ -14,7 +14,7 @@ use ipnet::IpNet;
 
 use crate::{
     daemon::{Daemon, DaemonError},
-    kernel::KeySpec,
+    kernel::{AccountSpec, KeySpec},
     policy::{
         self, AccountPolicy, ApiMode, KeyPolicy, KeyStatus, PrefixSet, SmtpMode, Snapshot,
         source_unit,
@@ -190,24 +190,27 @@ impl Daemon {
     }
 
     /// What the kernel's account tries hold for `account`: its list in
-    /// force and `always_allow` (admit), and its denied sources (refuse)
-    /// except where `always_allow` covers them, which wins.
-    fn account_spec(&self, account: &AccountPolicy) -> AccountSpec {
-        let always = PrefixSet::new(self.config.blocking.always_allow.iter().copied());
-        let mut entries: HashMap<IpNet, bool> = HashMap::new();
-        for n in account
+    /// force and `always_allow` admit; its denied sources (an IPv4 address,
+    /// an IPv6 /64) refuse unless `always_allow` covers them, and a listed
+    /// prefix inside a denied one is left out (the denial wins there, as in
+    /// `decide`). Blocking is active with API blocking in force.
+    fn account_spec(&self, account: &AccountPolicy, always: &PrefixSet) -> AccountSpec {
+        let denied: Vec<IpNet> = account
+            .denied
+            .iter()
+            .map(|a| unit_net(*a))
+            .filter(|n| !always.covers(n))
+            .collect();
+        let denied_set = PrefixSet::new(denied.iter().copied());
+        let mut entries: BTreeMap<IpNet, bool> = account
             .list_entries
             .iter()
-            .chain(self.config.blocking.always_allow.iter())
-        {
-            entries.insert(*n, true);
-        }
-        for addr in &account.denied {
-            if always.longest_match(*addr).is_some() {
-                continue;
-            }
-            entries.insert(unit_net(*addr), false);
-        }
+            .map(IpNet::trunc)
+            .filter(|n| !denied_set.covers(n))
+            .chain(self.config.blocking.always_allow.iter().map(IpNet::trunc))
+            .map(|n| (n, true))
+            .collect();
+        entries.extend(denied.into_iter().map(|n| (n, false)));
         AccountSpec {
             idx: account.idx,
             api_active: account.api == ApiMode::Active,
@@ -228,15 +231,15 @@ impl Daemon {
                 kid: key.kid,
                 revoked: key.status == KeyStatus::Revoked,
                 allow: key.allow.clone(),
+                account: key.account,
             })
             .collect();
         let accounts: Vec<AccountSpec> = snap
             .accounts
             .values()
-            .map(|a| self.account_spec(a))
+            .map(|a| self.account_spec(a, &snap.always_allow))
             .collect();
-        let _ = &accounts;
-        k.sync_keys(&specs)?;
+        k.sync_keys(&specs, &accounts)?;
         let mut ports = Vec::new();
         if snap.api_blocking_active() && self.api_guard_wanted() {
             ports.push((
@@ -361,11 +364,4 @@ fn unit_net(addr: IpAddr) -> IpNet {
         IpAddr::V4(a) => IpNet::from(IpAddr::V4(a)),
         IpAddr::V6(a) => IpNet::new(IpAddr::V6(a), policy::LEARN_V6_PREFIX).expect("valid"),
     }
-}
-
-/// MERGE-PENDING: replaced by `crate::kernel::AccountSpec`.
-pub(crate) struct AccountSpec {
-    pub idx: u32,
-    pub api_active: bool,
-    pub entries: Vec<(IpNet, bool)>,
 }

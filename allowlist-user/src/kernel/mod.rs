@@ -22,7 +22,7 @@ mod journal;
 pub mod policy_maps;
 
 pub use conns::{ConnClientKind, ConnTable};
-pub use policy_maps::KeySpec;
+pub use policy_maps::{AccountSpec, KeySpec};
 use policy_maps::{ExecError, GuardRecord, KeyRecord, PolicyMaps, PolicyOp, TooMany};
 
 use std::{
@@ -35,8 +35,8 @@ use std::{
 use allowlist_common::{
     ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
     C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT,
-    C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, LAYOUT_VERSION, REASON_AUTO, REASON_DENIED,
-    REASON_IMPORT, REASON_MANUAL, V4_L1_SLOTS, V4LongKey, V6L1Value, V6LongKey,
+    C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, KeyState, LAYOUT_VERSION, REASON_AUTO,
+    REASON_DENIED, REASON_IMPORT, REASON_MANUAL, V4_L1_SLOTS, V4LongKey, V6L1Value, V6LongKey,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -203,9 +203,12 @@ fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 
 /// The policy maps, borrowed for one planned change.
 struct KernelPolicyMaps<'a> {
-    key_state: &'a mut BpfHashMap<MapData, u32, u32>,
+    key_state: &'a mut BpfHashMap<MapData, u32, KeyState>,
     key_allow4: &'a mut LpmTrie<MapData, [u8; 8], u8>,
     key_allow6: &'a mut LpmTrie<MapData, [u8; 20], u8>,
+    account_allow4: &'a mut LpmTrie<MapData, [u8; 8], u8>,
+    account_allow6: &'a mut LpmTrie<MapData, [u8; 20], u8>,
+    account_mode: &'a mut BpfHashMap<MapData, u32, u32>,
     guard4: &'a mut LpmTrie<MapData, [u8; 5], u8>,
     guard6: &'a mut LpmTrie<MapData, [u8; 17], u8>,
     guard_ports: &'a mut Array<MapData, u32>,
@@ -223,19 +226,42 @@ impl PolicyMaps for KernelPolicyMaps<'_> {
             }
             PolicyOp::KeyAllow4(kid, n, true) => self
                 .key_allow4
-                .insert(&key_allow4(kid, &n), 1, 0)
+                .insert(&trie_key4(kid, &n), 1, 0)
                 .map_err(mw("KEY_ALLOW4")),
             PolicyOp::KeyAllow4(kid, n, false) => {
-                ignore_missing(self.key_allow4.remove(&key_allow4(kid, &n)))
+                ignore_missing(self.key_allow4.remove(&trie_key4(kid, &n)))
                     .map_err(mw("KEY_ALLOW4"))
             }
             PolicyOp::KeyAllow6(kid, n, true) => self
                 .key_allow6
-                .insert(&key_allow6(kid, &n), 1, 0)
+                .insert(&trie_key6(kid, &n), 1, 0)
                 .map_err(mw("KEY_ALLOW6")),
             PolicyOp::KeyAllow6(kid, n, false) => {
-                ignore_missing(self.key_allow6.remove(&key_allow6(kid, &n)))
+                ignore_missing(self.key_allow6.remove(&trie_key6(kid, &n)))
                     .map_err(mw("KEY_ALLOW6"))
+            }
+            PolicyOp::AccountAllow4(acc, n, Some(v)) => self
+                .account_allow4
+                .insert(&trie_key4(acc, &n), v, 0)
+                .map_err(mw("ACCOUNT_ALLOW4")),
+            PolicyOp::AccountAllow4(acc, n, None) => {
+                ignore_missing(self.account_allow4.remove(&trie_key4(acc, &n)))
+                    .map_err(mw("ACCOUNT_ALLOW4"))
+            }
+            PolicyOp::AccountAllow6(acc, n, Some(v)) => self
+                .account_allow6
+                .insert(&trie_key6(acc, &n), v, 0)
+                .map_err(mw("ACCOUNT_ALLOW6")),
+            PolicyOp::AccountAllow6(acc, n, None) => {
+                ignore_missing(self.account_allow6.remove(&trie_key6(acc, &n)))
+                    .map_err(mw("ACCOUNT_ALLOW6"))
+            }
+            PolicyOp::AccountMode(acc, Some(bits)) => self
+                .account_mode
+                .insert(acc, bits, 0)
+                .map_err(mw("ACCOUNT_MODE")),
+            PolicyOp::AccountMode(acc, None) => {
+                ignore_missing(self.account_mode.remove(&acc)).map_err(mw("ACCOUNT_MODE"))
             }
             PolicyOp::Guard4(svc, n, true) => self
                 .guard4
@@ -262,6 +288,15 @@ impl PolicyMaps for KernelPolicyMaps<'_> {
 fn full(family: &'static str) -> impl Fn(TooMany) -> KernelError {
     move |t| KernelError::GuardFull {
         family,
+        wanted: t.peak,
+        capacity: t.capacity as u32,
+    }
+}
+
+/// A per-key or per-account map that would overflow, named as it is.
+fn full_map(t: TooMany) -> KernelError {
+    KernelError::GuardFull {
+        family: t.map,
         wanted: t.peak,
         capacity: t.capacity as u32,
     }
@@ -371,7 +406,9 @@ pub fn reason_name(code: u32) -> &'static str {
     }
 }
 
-/// Map fill levels, for metrics and warnings.
+/// Map fill levels, for metrics and warnings. `guard_capacity` bounds
+/// each per-key and per-account map as well (the guard tries hold twice
+/// that).
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct FillLevels {
     pub drop_rules: usize,
@@ -381,6 +418,14 @@ pub struct FillLevels {
     pub guard_capacity: u32,
     pub key_entries_v4: usize,
     pub key_entries_v6: usize,
+    /// Entries of `ACCOUNT_ALLOW4`/`ACCOUNT_ALLOW6` (every account).
+    #[serde(default)]
+    pub account_entries_v4: usize,
+    #[serde(default)]
+    pub account_entries_v6: usize,
+    /// Accounts with a bit set in `ACCOUNT_MODE`.
+    #[serde(default)]
+    pub account_modes: usize,
 }
 
 fn guard_key4(service: u32, n: &Ipv4Net) -> Key<[u8; 5]> {
@@ -398,18 +443,39 @@ fn guard_key6(service: u32, n: &Ipv6Net) -> Key<[u8; 17]> {
     Key::new(8 + u32::from(n.prefix_len()), k)
 }
 
-fn key_allow4(kid: u32, n: &Ipv4Net) -> Key<[u8; 8]> {
+/// Key of the per-key and per-account v4 tries: the key id or account
+/// index (big-endian), then the prefix.
+fn trie_key4(id: u32, n: &Ipv4Net) -> Key<[u8; 8]> {
     let mut k = [0u8; 8];
-    k[..4].copy_from_slice(&kid.to_be_bytes());
+    k[..4].copy_from_slice(&id.to_be_bytes());
     k[4..].copy_from_slice(&n.network().octets());
     Key::new(32 + u32::from(n.prefix_len()), k)
 }
 
-fn key_allow6(kid: u32, n: &Ipv6Net) -> Key<[u8; 20]> {
+fn trie_key6(id: u32, n: &Ipv6Net) -> Key<[u8; 20]> {
     let mut k = [0u8; 20];
-    k[..4].copy_from_slice(&kid.to_be_bytes());
+    k[..4].copy_from_slice(&id.to_be_bytes());
     k[4..].copy_from_slice(&n.network().octets());
     Key::new(32 + u32::from(n.prefix_len()), k)
+}
+
+/// The id and prefix of a per-key or per-account v4 trie key.
+fn trie_entry4(key: &Key<[u8; 8]>) -> Option<(u32, Ipv4Net)> {
+    let d = key.data();
+    let net = Ipv4Net::new(
+        [d[4], d[5], d[6], d[7]].into(),
+        key.prefix_len().checked_sub(32)? as u8,
+    )
+    .ok()?;
+    Some((u32::from_be_bytes([d[0], d[1], d[2], d[3]]), net))
+}
+
+fn trie_entry6(key: &Key<[u8; 20]>) -> Option<(u32, Ipv6Net)> {
+    let d = key.data();
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&d[4..]);
+    let net = Ipv6Net::new(a.into(), key.prefix_len().checked_sub(32)? as u8).ok()?;
+    Some((u32::from_be_bytes([d[0], d[1], d[2], d[3]]), net))
 }
 
 pub struct Kernel {
@@ -424,7 +490,11 @@ pub struct Kernel {
     guard6: LpmTrie<MapData, [u8; 17], u8>,
     key_allow4: LpmTrie<MapData, [u8; 8], u8>,
     key_allow6: LpmTrie<MapData, [u8; 20], u8>,
-    key_state: BpfHashMap<MapData, u32, u32>,
+    key_state: BpfHashMap<MapData, u32, KeyState>,
+    account_allow4: LpmTrie<MapData, [u8; 8], u8>,
+    account_allow6: LpmTrie<MapData, [u8; 20], u8>,
+    account_mode: BpfHashMap<MapData, u32, u32>,
+    /// What the per-key and per-account maps hold.
     keys: KeyRecord,
     guard_ports: Array<MapData, u32>,
     guard: GuardRecord,
@@ -542,6 +612,9 @@ impl Kernel {
             .map_max_entries("KEY_ALLOW4", opts.guard_capacity)
             .map_max_entries("KEY_ALLOW6", opts.guard_capacity)
             .map_max_entries("KEY_STATE", opts.guard_capacity)
+            .map_max_entries("ACCOUNT_ALLOW4", opts.guard_capacity)
+            .map_max_entries("ACCOUNT_ALLOW6", opts.guard_capacity)
+            .map_max_entries("ACCOUNT_MODE", opts.guard_capacity)
             .load(EBPF_OBJECT)?;
         let mut layout: Array<MapData, u32> = take(&mut ebpf, "LAYOUT")?;
         layout
@@ -581,6 +654,9 @@ impl Kernel {
             key_allow4: take(&mut ebpf, "KEY_ALLOW4")?,
             key_allow6: take(&mut ebpf, "KEY_ALLOW6")?,
             key_state: take(&mut ebpf, "KEY_STATE")?,
+            account_allow4: take(&mut ebpf, "ACCOUNT_ALLOW4")?,
+            account_allow6: take(&mut ebpf, "ACCOUNT_ALLOW6")?,
+            account_mode: take(&mut ebpf, "ACCOUNT_MODE")?,
             keys: KeyRecord::default(),
             guard_ports: take(&mut ebpf, "GUARD_PORTS")?,
             guard: GuardRecord::default(),
@@ -740,38 +816,53 @@ impl Kernel {
         }
         for key in self.key_allow4.keys() {
             let key = key.map_err(me("KEY_ALLOW4"))?;
-            let d = key.data();
-            let kid = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
-            if let Ok(net) = Ipv4Net::new(
-                [d[4], d[5], d[6], d[7]].into(),
-                (key.prefix_len() - 32) as u8,
-            ) {
-                self.keys.v4.insert((kid, net));
+            if let Some(entry) = trie_entry4(&key) {
+                self.keys.v4.insert(entry);
             }
         }
         for key in self.key_allow6.keys() {
             let key = key.map_err(me("KEY_ALLOW6"))?;
-            let d = key.data();
-            let kid = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
-            let mut a = [0u8; 16];
-            a.copy_from_slice(&d[4..]);
-            if let Ok(net) = Ipv6Net::new(a.into(), (key.prefix_len() - 32) as u8) {
-                self.keys.v6.insert((kid, net));
+            if let Some(entry) = trie_entry6(&key) {
+                self.keys.v6.insert(entry);
             }
         }
         for item in self.key_state.iter() {
             let (k, v) = item.map_err(me("KEY_STATE"))?;
             self.keys.state.insert(k, v);
         }
+        // With their values: an entry whose value changes is an update.
+        for item in self.account_allow4.iter() {
+            let (key, v) = item.map_err(me("ACCOUNT_ALLOW4"))?;
+            if let Some(entry) = trie_entry4(&key) {
+                self.keys.accounts.v4.insert(entry, v);
+            }
+        }
+        for item in self.account_allow6.iter() {
+            let (key, v) = item.map_err(me("ACCOUNT_ALLOW6"))?;
+            if let Some(entry) = trie_entry6(&key) {
+                self.keys.accounts.v6.insert(entry, v);
+            }
+        }
+        for item in self.account_mode.iter() {
+            let (acc, bits) = item.map_err(me("ACCOUNT_MODE"))?;
+            self.keys.accounts.mode.insert(acc, bits);
+        }
         Ok(())
     }
 
-    /// Makes the per-key allowlist tries and key states hold exactly `keys`.
-    /// Entries are added before states flip to active and removed after
-    /// states flip to revoked, so the kernel never admits more than either
-    /// the old or the new policy.
-    pub fn sync_keys(&mut self, keys: &[KeySpec]) -> Result<(), KernelError> {
-        let r = self.write_keys(keys);
+    /// Makes the per-key maps (allowlist tries, states with their account)
+    /// hold exactly `keys` and the per-account maps (tries, modes) exactly
+    /// `accounts`. Every write that narrows what the connection hooks admit
+    /// runs before every write that widens it (see `policy_maps`), so while
+    /// the change is written the kernel never admits a (key, client) that
+    /// neither the old nor the new policy admits. A write that fails undoes
+    /// the others; nothing is changed.
+    pub fn sync_keys(
+        &mut self,
+        keys: &[KeySpec],
+        accounts: &[AccountSpec],
+    ) -> Result<(), KernelError> {
+        let r = self.write_keys(keys, accounts);
         self.bump_policy_gen();
         r
     }
@@ -789,9 +880,18 @@ impl Kernel {
         }
     }
 
-    fn write_keys(&mut self, keys: &[KeySpec]) -> Result<(), KernelError> {
-        let plan = policy_maps::plan_keys(&self.keys, keys, self.opts.guard_capacity as usize)
-            .map_err(full("per-key allowlist"))?;
+    fn write_keys(
+        &mut self,
+        keys: &[KeySpec],
+        accounts: &[AccountSpec],
+    ) -> Result<(), KernelError> {
+        let plan = policy_maps::plan_keys(
+            &self.keys,
+            keys,
+            accounts,
+            self.opts.guard_capacity as usize,
+        )
+        .map_err(full_map)?;
         policy_maps::execute(&mut self.policy_maps(), &plan.ops).map_err(exec_error)?;
         self.keys = plan.record;
         Ok(())
@@ -834,6 +934,9 @@ impl Kernel {
             key_state: &mut self.key_state,
             key_allow4: &mut self.key_allow4,
             key_allow6: &mut self.key_allow6,
+            account_allow4: &mut self.account_allow4,
+            account_allow6: &mut self.account_allow6,
+            account_mode: &mut self.account_mode,
             guard4: &mut self.guard4,
             guard6: &mut self.guard6,
             guard_ports: &mut self.guard_ports,
@@ -883,6 +986,9 @@ impl Kernel {
             guard_v6: self.guard.v6.len(),
             key_entries_v4: self.keys.v4.len(),
             key_entries_v6: self.keys.v6.len(),
+            account_entries_v4: self.keys.accounts.v4.len(),
+            account_entries_v6: self.keys.accounts.v6.len(),
+            account_modes: self.keys.accounts.mode.len(),
             guard_capacity: self.opts.guard_capacity,
         }
     }
