@@ -112,7 +112,7 @@ fn a_store_from_the_release_before_accounts_opens_whole() {
         .map(|a| a["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["default"], "{accounts}");
-    assert_eq!(accounts["accounts"][0]["api"], "active");
+    assert_eq!(accounts["accounts"][0]["blocking"]["api"], "active");
     assert_eq!(web["account"], "default");
     setup.ctl_json(&["accounts", "create", "acme"]);
     let acme_keys = setup.ctl_json(&["--account", "acme", "keys", "list"]);
