@@ -78,7 +78,11 @@ async fn shared_entries_are_in_force_in_every_sub_account() {
     account(&d, "sub1", Some("org")).await;
     account(&d, "sub2", Some("org")).await;
     account(&d, "outsider", None).await;
-    let (k1, k2, ko) = (key(&d, "sub1").await, key(&d, "sub2").await, key(&d, "outsider").await);
+    let (k1, k2, ko) = (
+        key(&d, "sub1").await,
+        key(&d, "sub2").await,
+        key(&d, "outsider").await,
+    );
     for a in ["sub1", "sub2", "outsider"] {
         d.set_api_blocking(a, ApiMode::Active, true, "uid:0")
             .await
@@ -97,13 +101,18 @@ async fn shared_entries_are_in_force_in_every_sub_account() {
     );
     // Shown in the sub-account as shared, removable only at the org.
     let list = d.list_authorized("sub1").unwrap();
-    let shared = list.iter().find(|e| e.entry.cidr.to_string() == "192.0.2.0/24");
+    let shared = list
+        .iter()
+        .find(|e| e.entry.cidr.to_string() == "192.0.2.0/24");
     assert_eq!(
         shared.and_then(|e| e.shared_by.as_deref()),
         Some("org"),
         "{list:?}"
     );
-    let e = d.unauthorize("sub1", "192.0.2.0/24", "uid:0").await.unwrap_err();
+    let e = d
+        .unauthorize("sub1", "192.0.2.0/24", "uid:0")
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("only org can remove it"), "{e}");
     // An unshared org entry stays the org's own.
     d.authorize("org", authorize("198.51.100.0/24", false), "uid:0")
@@ -153,14 +162,24 @@ async fn an_organization_can_enforce_blocking_on_its_sub_accounts() {
     d.set_enforce("org", true, "uid:0").await.unwrap();
     let v = d.show_account("sub").unwrap();
     assert_eq!(v.api_in_force, ApiMode::Active);
-    assert_eq!(v.record.blocking.api, ApiMode::Learning, "its own mode is kept");
+    assert_eq!(
+        v.record.blocking.api,
+        ApiMode::Learning,
+        "its own mode is kept"
+    );
     assert_eq!(decide(&d, &k, "203.0.113.9"), Reason::AccountList);
     let e = d
         .set_api_blocking("sub", ApiMode::Inactive, false, "uid:0")
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("enforced by its organization org"), "{e}");
-    assert_eq!(d.blocking("sub").unwrap().enforced_by.as_deref(), Some("org"));
+    assert!(
+        e.to_string().contains("enforced by its organization org"),
+        "{e}"
+    );
+    assert_eq!(
+        d.blocking("sub").unwrap().enforced_by.as_deref(),
+        Some("org")
+    );
     // A sub-account cannot enforce anything itself.
     assert!(d.set_enforce("sub", true, "uid:0").await.is_err());
     // Enforcement lifted: the sub-account's own mode is back in force.

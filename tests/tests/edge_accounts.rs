@@ -62,7 +62,16 @@ except (ConnectionResetError, ssl.SSLError, OSError) as e:
     let name = pair.client.name.clone();
     std::thread::spawn(move || {
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &name, "timeout", "15", "/usr/bin/python3", "-c", &script])
+            .args([
+                "netns",
+                "exec",
+                &name,
+                "timeout",
+                "15",
+                "/usr/bin/python3",
+                "-c",
+                &script,
+            ])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -106,8 +115,21 @@ fn two_accounts_are_judged_and_cut_apart() {
     };
     let (a, b) = (key("acme"), key("beta"));
     // A: active with one address; B: learning (the default).
-    setup.ctl_json(&["--account", "acme", "ips", "authorize", &format!("{A_SRC}/32")]);
-    setup.ctl_json(&["--account", "acme", "blocking", "api", "activate", "--force"]);
+    setup.ctl_json(&[
+        "--account",
+        "acme",
+        "ips",
+        "authorize",
+        &format!("{A_SRC}/32"),
+    ]);
+    setup.ctl_json(&[
+        "--account",
+        "acme",
+        "blocking",
+        "api",
+        "activate",
+        "--force",
+    ]);
 
     // A's key is refused from outside A's list; B's key from the same
     // address is served and learned for B only.
@@ -116,7 +138,12 @@ fn two_accounts_are_judged_and_cut_apart() {
         &pair.client,
         B_SRC,
         &format!("https://{SERVER_V4}:{EDGE}/v1/things"),
-        &["-H", &format!("api-key: {b}"), "-H", "x-allowlist-account: acme"],
+        &[
+            "-H",
+            &format!("api-key: {b}"),
+            "-H",
+            "x-allowlist-account: acme",
+        ],
     );
     assert_eq!(served.status, 200);
     // The upstream is told whose key called, and nothing a client made up.
@@ -142,7 +169,10 @@ fn two_accounts_are_judged_and_cut_apart() {
             .iter()
             .any(|u| u["addr"] == B_SRC)
     };
-    assert!(allowlist_tests::net::wait_for(Duration::from_secs(3), || refused("acme")));
+    assert!(allowlist_tests::net::wait_for(
+        Duration::from_secs(3),
+        || refused("acme")
+    ));
     assert!(!refused("beta"));
     // A's deny does not touch B.
     setup.ctl_json(&["--account", "acme", "ips", "deny", B_SRC]);
@@ -161,7 +191,10 @@ fn two_accounts_are_judged_and_cut_apart() {
         oa.contains("r2 none") || oa.contains("r2 end"),
         "A's connection was not cut: {oa}"
     );
-    assert!(ob.contains("r1 200") && ob.contains("r2 200"), "B's connection must stay up: {ob}");
+    assert!(
+        ob.contains("r1 200") && ob.contains("r2 200"),
+        "B's connection must stay up: {ob}"
+    );
     let after = cut_account(&setup);
     assert!(
         after > before,
@@ -204,17 +237,27 @@ fn removing_an_account_revokes_its_keys_and_cuts_their_connections() {
         .as_u64()
         .unwrap_or(0);
     let removed = setup.ctl_json(&["accounts", "remove", "gone", "--force"]);
-    assert_eq!(removed["keys_revoked"].as_array().unwrap().len(), 1, "{removed}");
+    assert_eq!(
+        removed["keys_revoked"].as_array().unwrap().len(),
+        1,
+        "{removed}"
+    );
     let (oc, os) = (c.join().unwrap(), s.join().unwrap());
     assert!(
         oc.contains("r1 200") && (oc.contains("r2 none") || oc.contains("r2 end")),
         "the removed account's connection was not cut: {oc}"
     );
-    assert!(os.contains("r2 200"), "another account's connection stays: {os}");
+    assert!(
+        os.contains("r2 200"),
+        "another account's connection stays: {os}"
+    );
     let after = setup.ctl_json(&["stats"])["kernel"]["conn_cut_revoked"]
         .as_u64()
         .unwrap_or(0);
-    assert!(after > before, "the kernel counted no cut ({before} -> {after})");
+    assert!(
+        after > before,
+        "the kernel counted no cut ({before} -> {after})"
+    );
     assert_eq!(edge(&pair, A_SRC, &key), 401, "its key is gone");
     setup.refused(&["--account", "gone", "keys", "list"], "no account");
 }

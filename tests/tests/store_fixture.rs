@@ -116,9 +116,17 @@ fn a_store_from_the_release_before_accounts_opens_whole() {
     assert_eq!(web["account"], "default");
     setup.ctl_json(&["accounts", "create", "acme"]);
     let acme_keys = setup.ctl_json(&["--account", "acme", "keys", "list"]);
-    assert_eq!(acme_keys["keys"].as_array().unwrap().len(), 0, "{acme_keys}");
+    assert_eq!(
+        acme_keys["keys"].as_array().unwrap().len(),
+        0,
+        "{acme_keys}"
+    );
     let acme_ips = setup.ctl_json(&["--account", "acme", "ips", "list"]);
-    assert_eq!(acme_ips["authorized"].as_array().unwrap().len(), 0, "{acme_ips}");
+    assert_eq!(
+        acme_ips["authorized"].as_array().unwrap().len(),
+        0,
+        "{acme_ips}"
+    );
     assert_eq!(
         setup.ctl_json(&["--account", "acme", "blocking", "show"])["api"],
         "learning"

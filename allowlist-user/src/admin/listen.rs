@@ -1,9 +1,9 @@
 //! The admin API over TLS on `[admin] listen`, for bearer tokens.
 //!
-//! With no `[admin] cert`/`key`, a self-signed certificate is generated at
-//! start and written (public part only) next to the store as
-//! `admin-cert.pem`, so clients on the host can trust exactly it
-//! (`allowlistctl --ca`).
+//! With no `[admin] cert`/`key`, a self-signed certificate is generated
+//! once and kept next to the store (`admin-cert.pem`, and `admin-key.pem`
+//! with mode 0600), so clients can trust exactly it (`allowlistctl --ca`)
+//! across restarts.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -21,44 +21,80 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{config::Config, daemon::Daemon};
 
-/// Where the generated admin certificate is written: next to the store.
+/// Where the generated admin certificate is kept: next to the store.
 pub fn admin_cert_path(config: &Config) -> Option<PathBuf> {
+    beside_store(config, "admin-cert.pem")
+}
+
+fn beside_store(config: &Config, name: &str) -> Option<PathBuf> {
     let store = crate::store::sqlite_path(&config.store.url).ok()?;
     Some(
         store
             .parent()
-            .map(|p| p.join("admin-cert.pem"))
-            .unwrap_or_else(|| PathBuf::from("admin-cert.pem")),
+            .map(|p| p.join(name))
+            .unwrap_or_else(|| PathBuf::from(name)),
     )
+}
+
+type Pair = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn load_pem(cert: &std::path::Path, key: &std::path::Path, what: &str) -> anyhow::Result<Pair> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| anyhow::anyhow!("{what} cert {}: {e}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{what} cert {}: {e}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| anyhow::anyhow!("{what} key {}: {e}", key.display()))?;
+    Ok((chain, key))
+}
+
+/// The generated pair, made once: a certificate that changed at every
+/// restart would break every client that trusts it.
+fn generated(config: &Config, addr: SocketAddr) -> anyhow::Result<Pair> {
+    let (cert_path, key_path) = (
+        admin_cert_path(config),
+        beside_store(config, "admin-key.pem"),
+    );
+    if let (Some(c), Some(k)) = (&cert_path, &key_path)
+        && c.exists()
+        && k.exists()
+    {
+        return load_pem(c, k, "generated admin");
+    }
+    let mut names = vec!["localhost".to_string()];
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    }
+    let ck = rcgen::generate_simple_self_signed(names)?;
+    if let (Some(c), Some(k)) = (&cert_path, &key_path) {
+        use std::{io::Write, os::unix::fs::OpenOptionsExt};
+        let staged = k.with_extension("pem.new");
+        let _ = std::fs::remove_file(&staged);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staged)
+            .and_then(|mut f| {
+                f.write_all(ck.signing_key.serialize_pem().as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&staged, k))
+            .map_err(|e| anyhow::anyhow!("writing the admin key to {}: {e}", k.display()))?;
+        std::fs::write(c, ck.cert.pem()).map_err(|e| {
+            anyhow::anyhow!("writing the admin certificate to {}: {e}", c.display())
+        })?;
+        tracing::info!(path = %c.display(), "generated a self-signed admin certificate");
+    }
+    let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+        .map_err(|e| anyhow::anyhow!("generated admin key: {e}"))?;
+    Ok((vec![ck.cert.der().clone()], key))
 }
 
 fn server_config(config: &Config, addr: SocketAddr) -> anyhow::Result<Arc<ServerConfig>> {
     let (chain, key) = match (&config.admin.cert, &config.admin.key) {
-        (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| anyhow::anyhow!("[admin] cert {}: {e}", cert.display()))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| anyhow::anyhow!("[admin] cert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| anyhow::anyhow!("[admin] key {}: {e}", key.display()))?;
-            (chain, key)
-        }
-        _ => {
-            let mut names = vec!["localhost".to_string()];
-            if !addr.ip().is_unspecified() {
-                names.push(addr.ip().to_string());
-            }
-            let ck = rcgen::generate_simple_self_signed(names)?;
-            if let Some(path) = admin_cert_path(config) {
-                std::fs::write(&path, ck.cert.pem()).map_err(|e| {
-                    anyhow::anyhow!("writing the admin certificate to {}: {e}", path.display())
-                })?;
-                tracing::info!(path = %path.display(), "generated a self-signed admin certificate");
-            }
-            let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der())
-                .map_err(|e| anyhow::anyhow!("generated admin key: {e}"))?;
-            (vec![ck.cert.der().clone()], key)
-        }
+        (Some(cert), Some(key)) => load_pem(cert, key, "[admin]")?,
+        _ => generated(config, addr)?,
     };
     let mut cfg = ServerConfig::builder()
         .with_no_client_auth()

@@ -3,12 +3,7 @@
 //! recheck live connections. A failure at any step puts the earlier ones
 //! back.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    sync::Arc,
-    time::Instant,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Instant};
 
 use ipnet::IpNet;
 
@@ -140,8 +135,13 @@ impl Daemon {
             .values()
             .map(|a| Arc::new(self.account_policy(state, a)))
             .collect();
+        let ids: std::collections::HashSet<&str> = state
+            .accounts
+            .values()
+            .flat_map(|a| a.keys.keys().map(String::as_str))
+            .collect();
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        runtimes.retain(|id, _| state.accounts.values().any(|a| a.keys.contains_key(id)));
+        runtimes.retain(|id, _| ids.contains(id.as_str()));
         drop(runtimes);
         Snapshot::build(self.snapshot_base(), pieces)
     }
@@ -151,38 +151,50 @@ impl Daemon {
     /// that account's piece and the key shards its keys fall in.
     pub fn snapshot_after(&self, prev: &Snapshot, state: &State) -> Snapshot {
         let mut changed = Vec::new();
-        let mut live: std::collections::HashSet<u32> = Default::default();
+        let mut kept = 0;
         for a in state.accounts.values() {
-            live.insert(a.record.idx);
-            let parent_rev = state.parent_of(&a.record.name).map_or(0, |p| p.rev);
-            let same = prev
-                .accounts
-                .get(&a.record.idx)
-                .is_some_and(|p| p.rev == a.rev && p.parent_rev == parent_rev);
-            if !same {
-                changed.push(Arc::new(self.account_policy(state, a)));
+            let parent_rev = match &a.record.parent {
+                None => 0,
+                Some(p) => state.account(p).map_or(0, |p| p.rev),
+            };
+            match prev.accounts.get(&a.record.idx) {
+                Some(p) if p.rev == a.rev && p.parent_rev == parent_rev => kept += 1,
+                Some(_) => {
+                    kept += 1;
+                    changed.push(Arc::new(self.account_policy(state, a)));
+                }
+                None => changed.push(Arc::new(self.account_policy(state, a))),
             }
         }
-        let removed: Vec<u32> = prev
-            .accounts
-            .keys()
-            .filter(|idx| !live.contains(idx))
-            .copied()
-            .collect();
+        // Every account of `prev` still here is counted in `kept`; look for
+        // the ones that left only when some did.
+        let removed: Vec<u32> = if kept == prev.accounts.len() {
+            Vec::new()
+        } else {
+            let live: std::collections::HashSet<u32> =
+                state.accounts.values().map(|a| a.record.idx).collect();
+            prev.accounts
+                .keys()
+                .filter(|idx| !live.contains(idx))
+                .copied()
+                .collect()
+        };
         // Runtimes of keys that left a rebuilt or removed account.
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
-        for idx in changed.iter().map(|a| a.idx).chain(removed.iter().copied()) {
-            if let Some(old) = prev.accounts.get(&idx) {
+        for piece in &changed {
+            if let Some(old) = prev.accounts.get(&piece.idx) {
+                let kept: std::collections::HashSet<&str> =
+                    piece.keys.iter().map(|k| k.id.as_str()).collect();
                 for k in &old.keys {
-                    if !state
-                        .accounts
-                        .values()
-                        .filter(|a| a.record.idx == idx)
-                        .any(|a| a.keys.contains_key(&k.id))
-                    {
+                    if !kept.contains(k.id.as_str()) {
                         runtimes.remove(&k.id);
                     }
                 }
+            }
+        }
+        for idx in &removed {
+            for k in prev.accounts.get(idx).map(|a| &a.keys[..]).unwrap_or(&[]) {
+                runtimes.remove(&k.id);
             }
         }
         drop(runtimes);

@@ -1,4 +1,5 @@
-//! `allowlistctl audit`: who changed what, newest first.
+//! `allowlistctl audit`: who changed what, newest first (the account's;
+//! an operator naming no account sees every account's).
 
 use allowlist::api::Audit;
 use clap::Args;
@@ -35,8 +36,13 @@ pub async fn run(client: &Client, args: AuditArgs) -> Result<Output, CtlError> {
     for e in &audit.entries {
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.at.max(0) as u64);
         text.push_str(&format!(
-            "{}  {:<12} {:<16} {}\n",
+            "{}  {:<16} {:<18} {:<16} {}\n",
             humantime::format_rfc3339_seconds(at),
+            if e.account.is_empty() {
+                "-"
+            } else {
+                &e.account
+            },
             e.actor,
             e.action,
             e.detail
@@ -45,8 +51,5 @@ pub async fn run(client: &Client, args: AuditArgs) -> Result<Output, CtlError> {
     if audit.entries.is_empty() {
         text.push_str("no audit entries match\n");
     }
-    Ok(Output {
-        json: serde_json::to_value(&audit).unwrap_or_default(),
-        text,
-    })
+    Output::new(&audit, text)
 }

@@ -1,44 +1,24 @@
-//! A small HTTP/1.1 client for the admin API over its Unix socket.
-
-use std::path::PathBuf;
+//! The one place allowlistctl talks HTTP: JSON requests to the admin API,
+//! over the Unix socket or TLS (see `transport.rs`), with `--account`
+//! applied to every request.
 
 use allowlist::api::ErrorBody;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, body::Bytes};
-use hyper_util::rt::TokioIo;
+use hyper::{Method, Request, StatusCode, body::Bytes};
 use serde::{Serialize, de::DeserializeOwned};
 
-#[derive(Debug, thiserror::Error)]
-pub enum CtlError {
-    #[error(
-        "cannot reach allowlistd at {path}: {source}. Is it running? (--socket or ALLOWLIST_SOCKET selects another socket)"
-    )]
-    Connect {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{message}")]
-    Refused { code: String, message: String },
-    #[error("talking to allowlistd: {0}")]
-    Protocol(String),
-}
-
-impl CtlError {
-    pub fn exit_code(&self) -> u8 {
-        // Usage errors (2) are clap's; everything that reaches here is a
-        // refused or failed request.
-        1
-    }
-}
+pub use crate::error::CtlError;
+use crate::transport::Transport;
 
 pub struct Client {
-    socket: PathBuf,
+    transport: Transport,
+    /// `--account`: appended to every request as `account=NAME`.
+    account: Option<String>,
 }
 
 impl Client {
-    pub fn new(socket: PathBuf) -> Client {
-        Client { socket }
+    pub fn new(transport: Transport, account: Option<String>) -> Client {
+        Client { transport, account }
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CtlError> {
@@ -57,30 +37,33 @@ impl Client {
         self.call(Method::DELETE, path, None::<&()>).await
     }
 
+    /// `path` with `account=NAME` added when `--account` was given.
+    fn with_account(&self, path: &str) -> String {
+        match &self.account {
+            Some(a) => format!(
+                "{path}{}account={}",
+                if path.contains('?') { '&' } else { '?' },
+                query_value(a)
+            ),
+            None => path.to_string(),
+        }
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
     ) -> Result<T, CtlError> {
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| CtlError::Connect {
-                path: self.socket.clone(),
-                source,
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| CtlError::Protocol(e.to_string()))?;
-        tokio::spawn(conn);
+        let mut sender = self.transport.connect().await?;
         let bytes = match body {
             Some(b) => serde_json::to_vec(b).map_err(|e| CtlError::Protocol(e.to_string()))?,
             None => Vec::new(),
         };
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "allowlistd")
+        let uri = self.transport.uri(&self.with_account(path));
+        let req = self
+            .transport
+            .headers(Request::builder().method(method).uri(uri))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| CtlError::Protocol(e.to_string()))?;
@@ -98,8 +81,14 @@ impl Client {
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&body) {
                 Ok(e) => CtlError::Refused {
+                    status,
                     code: e.error.code,
                     message: e.error.message,
+                },
+                Err(_) if status == StatusCode::UNAUTHORIZED => CtlError::Refused {
+                    status,
+                    code: "unauthorized".into(),
+                    message: String::from_utf8_lossy(&body).trim().to_string(),
                 },
                 Err(_) => {
                     CtlError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))
@@ -111,7 +100,8 @@ impl Client {
     }
 }
 
-/// Percent-encodes a query value (CIDRs contain '/' and ':').
+/// Percent-encodes a query value or path segment (CIDRs contain '/' and
+/// ':').
 pub fn query_value(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

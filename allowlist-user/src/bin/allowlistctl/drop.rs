@@ -59,28 +59,22 @@ pub async fn run(client: &Client, cmd: DropCmd) -> Result<Output, CtlError> {
             if list.drops.is_empty() {
                 text = "the drop list is empty\n".into();
             }
-            Ok(Output {
-                json: serde_json::to_value(&list).unwrap_or_default(),
-                text,
-            })
+            Output::new(&list, text)
         }
         DropCmd::Add { cidr, ttl, reason } => {
             let v: DropView = client
                 .post("/v1/drop", &AddDrop { cidr, ttl, reason })
                 .await?;
-            Ok(Output {
-                text: format!("dropping {}\n", v.record.cidr),
-                json: serde_json::to_value(&v).unwrap_or_default(),
-            })
+            Output::new(&v, format!("dropping {}\n", v.record.cidr))
         }
         DropCmd::Remove { cidr } => {
             let v: DropView = client
                 .delete(&format!("/v1/drop?cidr={}", query_value(&cidr)))
                 .await?;
-            Ok(Output {
-                text: format!("removed {} from the drop list\n", v.record.cidr),
-                json: serde_json::to_value(&v).unwrap_or_default(),
-            })
+            Output::new(
+                &v,
+                format!("removed {} from the drop list\n", v.record.cidr),
+            )
         }
     }
 }

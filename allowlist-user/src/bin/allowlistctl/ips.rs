@@ -1,5 +1,9 @@
 //! `allowlistctl ips ...`
 
+use allowlist::{
+    api::{Authorize, AuthorizedList, AuthorizedView, Deny, DenyOutcome, UnauthorizedList},
+    store::AuthorizedRecord,
+};
 use clap::Subcommand;
 
 use crate::{
@@ -16,6 +20,10 @@ pub enum IpsCmd {
         cidr: String,
         #[arg(long)]
         label: Option<String>,
+        /// An organization's entry, in force in every sub-account (and
+        /// removable only by the organization).
+        #[arg(long)]
+        share: bool,
     },
     /// Remove a network from the authorized list.
     Remove { cidr: String },
@@ -36,61 +44,74 @@ pub enum IpsCmd {
     },
 }
 
+fn entry(v: &AuthorizedView) -> String {
+    let e = &v.entry;
+    let whose = match &v.shared_by {
+        Some(org) => format!("  (shared by {org})"),
+        None if e.shared => "  (shared with the sub-accounts)".into(),
+        None => String::new(),
+    };
+    format!(
+        "{:<43} {:<12} {}{whose}\n",
+        e.cidr.to_string(),
+        e.source,
+        e.label
+    )
+}
+
 pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
-    let (v, text): (serde_json::Value, String) = match cmd {
+    match cmd {
         IpsCmd::List => {
-            let v: serde_json::Value = client.get("/v1/ips").await?;
-            let mut text = String::new();
-            for a in v["authorized"].as_array().into_iter().flatten() {
-                text.push_str(&format!(
-                    "{:<43} {:<8} {}\n",
-                    a["cidr"].as_str().unwrap_or(""),
-                    a["source"].as_str().unwrap_or(""),
-                    a["label"].as_str().unwrap_or("")
-                ));
-            }
-            if text.is_empty() {
-                text = "the authorized list is empty\n".into();
-            }
-            (v, text)
+            let list: AuthorizedList = client.get("/v1/ips").await?;
+            let text = if list.authorized.is_empty() {
+                "the authorized list is empty\n".into()
+            } else {
+                list.authorized.iter().map(entry).collect()
+            };
+            Output::new(&list, text)
         }
-        IpsCmd::Authorize { cidr, label } => {
-            let v: serde_json::Value = client
-                .post("/v1/ips", &allowlist::api::AllowEntry { cidr, label })
-                .await?;
-            let text = format!("authorized {}\n", v["cidr"].as_str().unwrap_or(""));
-            (v, text)
-        }
-        IpsCmd::Remove { cidr } => {
-            let v: serde_json::Value = client
-                .delete(&format!("/v1/ips?cidr={}", query_value(&cidr)))
+        IpsCmd::Authorize { cidr, label, share } => {
+            let r: AuthorizedRecord = client
+                .post("/v1/ips", &Authorize { cidr, label, share })
                 .await?;
             let text = format!(
-                "removed {} from the authorized list\n",
-                v["cidr"].as_str().unwrap_or("")
+                "authorized {}{}\n",
+                r.cidr,
+                if r.shared {
+                    " (shared with the sub-accounts)"
+                } else {
+                    ""
+                }
             );
-            (v, text)
+            Output::new(&r, text)
+        }
+        IpsCmd::Remove { cidr } => {
+            let r: AuthorizedRecord = client
+                .delete(&format!("/v1/ips?cidr={}", query_value(&cidr)))
+                .await?;
+            let text = format!("removed {} from the authorized list\n", r.cidr);
+            Output::new(&r, text)
         }
         IpsCmd::Unauthorized => {
-            let v: serde_json::Value = client.get("/v1/ips/unauthorized").await?;
+            let list: UnauthorizedList = client.get("/v1/ips/unauthorized").await?;
             let mut text = String::new();
-            for u in v["unauthorized"].as_array().into_iter().flatten() {
+            for u in &list.unauthorized {
                 text.push_str(&format!(
                     "{:<39} {:<4} key {:<16} port {:<5} attempts {:<6} first {} last {} {}\n",
-                    u["addr"].as_str().unwrap_or(""),
-                    u["service"].as_str().unwrap_or(""),
-                    u["key_id"].as_str().unwrap_or("-"),
-                    u["port"],
-                    u["attempts"],
-                    u["first_seen"],
-                    u["last_seen"],
-                    u["status"].as_str().unwrap_or("")
+                    u.addr.to_string(),
+                    u.service,
+                    if u.key_id.is_empty() { "-" } else { &u.key_id },
+                    u.port,
+                    u.attempts,
+                    u.first_seen,
+                    u.last_seen,
+                    u.status
                 ));
             }
             if text.is_empty() {
                 text = "no refused addresses\n".into();
             }
-            (v, text)
+            Output::new(&list, text)
         }
         IpsCmd::Deny {
             addr,
@@ -98,10 +119,10 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
             ttl,
             rotate_key,
         } => {
-            let v: serde_json::Value = client
+            let d: DenyOutcome = client
                 .post(
                     "/v1/ips/deny",
-                    &allowlist::api::Deny {
+                    &Deny {
                         addr,
                         drop,
                         ttl,
@@ -109,19 +130,18 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
                     },
                 )
                 .await?;
-            let mut text = format!("denied {}\n", v["addr"].as_str().unwrap_or(""));
-            if !v["dropped"].is_null() {
+            let mut text = format!("denied {}\n", d.addr);
+            if d.dropped.is_some() {
                 text.push_str("  dropped in the kernel at XDP\n");
             }
-            for k in v["rotated"].as_array().into_iter().flatten() {
+            for k in &d.rotated {
                 text.push_str(&format!(
                     "  rotated key {}: new key {}\n  (shown once; store it now)\n",
-                    k["id"].as_str().unwrap_or(""),
-                    k["key"].as_str().unwrap_or("")
+                    k.id,
+                    k.key.as_deref().unwrap_or("")
                 ));
             }
-            (v, text)
+            Output::new(&d, text)
         }
-    };
-    Ok(Output { json: v, text })
+    }
 }

@@ -1,6 +1,6 @@
 //! `allowlistctl keys ...`
 
-use allowlist::daemon::{KeyView, NewKey};
+use allowlist::api::{AllowEntry, Empty, KeyList, KeyView, NewKey, RotateKey};
 use clap::Subcommand;
 
 use crate::{
@@ -54,7 +54,7 @@ pub enum KeysCmd {
 fn describe(k: &KeyView) -> String {
     let scopes: Vec<&str> = k.scopes.iter().map(|s| s.as_str()).collect();
     let mut t = format!(
-        "{}  {}  [{}]  {:?}{}\n",
+        "{}  {}  [{}]  {:?}{}  (account {})\n",
         k.id,
         k.name,
         scopes.join(","),
@@ -62,7 +62,8 @@ fn describe(k: &KeyView) -> String {
         k.rate
             .as_ref()
             .map(|r| format!("  rate {r}"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        k.account
     );
     if k.allow.is_empty() {
         t.push_str("    allowlist: empty (every address passes this layer)\n");
@@ -104,7 +105,7 @@ fn with_secret(k: &KeyView) -> String {
 }
 
 pub async fn run(client: &Client, cmd: KeysCmd) -> Result<Output, CtlError> {
-    let (v, text): (serde_json::Value, String) = match cmd {
+    match cmd {
         KeysCmd::Create {
             name,
             description,
@@ -124,59 +125,46 @@ pub async fn run(client: &Client, cmd: KeysCmd) -> Result<Output, CtlError> {
                     },
                 )
                 .await?;
-            (
-                serde_json::to_value(&k).unwrap_or_default(),
-                with_secret(&k),
-            )
+            Output::new(&k, with_secret(&k))
         }
         KeysCmd::List => {
-            let v: serde_json::Value = client.get("/v1/keys").await?;
-            let keys: Vec<KeyView> = serde_json::from_value(v["keys"].clone()).unwrap_or_default();
-            let text = if keys.is_empty() {
+            let list: KeyList = client.get("/v1/keys").await?;
+            let text = if list.keys.is_empty() {
                 "no keys; create one with `allowlistctl keys create --name NAME`\n".into()
             } else {
-                keys.iter().map(describe).collect()
+                list.keys.iter().map(describe).collect()
             };
-            (v, text)
+            Output::new(&list, text)
         }
         KeysCmd::Show { id } => {
             let k: KeyView = client
                 .get(&format!("/v1/keys/{}", query_value(&id)))
                 .await?;
-            (serde_json::to_value(&k).unwrap_or_default(), describe(&k))
+            Output::new(&k, describe(&k))
         }
         KeysCmd::Revoke { id } => {
             let k: KeyView = client
-                .post(
-                    &format!("/v1/keys/{}/revoke", query_value(&id)),
-                    &allowlist::api::Empty {},
-                )
+                .post(&format!("/v1/keys/{}/revoke", query_value(&id)), &Empty {})
                 .await?;
-            (
-                serde_json::to_value(&k).unwrap_or_default(),
-                format!("revoked {}\n", k.id),
-            )
+            Output::new(&k, format!("revoked {}\n", k.id))
         }
         KeysCmd::Rotate { id, grace } => {
             let k: KeyView = client
                 .post(
                     &format!("/v1/keys/{}/rotate", query_value(&id)),
-                    &allowlist::api::RotateKey { grace },
+                    &RotateKey { grace },
                 )
                 .await?;
-            (
-                serde_json::to_value(&k).unwrap_or_default(),
-                with_secret(&k),
-            )
+            Output::new(&k, with_secret(&k))
         }
         KeysCmd::Allow { id, cidr, label } => {
             let k: KeyView = client
                 .post(
                     &format!("/v1/keys/{}/allow", query_value(&id)),
-                    &allowlist::api::AllowEntry { cidr, label },
+                    &AllowEntry { cidr, label },
                 )
                 .await?;
-            (serde_json::to_value(&k).unwrap_or_default(), describe(&k))
+            Output::new(&k, describe(&k))
         }
         KeysCmd::Disallow { id, cidr } => {
             let k: KeyView = client
@@ -186,8 +174,7 @@ pub async fn run(client: &Client, cmd: KeysCmd) -> Result<Output, CtlError> {
                     query_value(&cidr)
                 ))
                 .await?;
-            (serde_json::to_value(&k).unwrap_or_default(), describe(&k))
+            Output::new(&k, describe(&k))
         }
-    };
-    Ok(Output { json: v, text })
+    }
 }

@@ -4,22 +4,37 @@
 //! could not be reached), 2 on usage errors.
 #![forbid(unsafe_code)]
 
+mod accounts;
 mod audit;
 mod blocking;
 mod client;
 mod drop;
+mod error;
 mod ips;
 mod keys;
 mod stats;
+mod tokens;
+mod transport;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, error::ErrorKind};
+use serde::Serialize;
+
+use crate::{
+    client::CtlError,
+    transport::{Transport, Trust},
+};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Command-line client for allowlistd's admin API")]
+#[command(
+    name = "allowlistctl",
+    version,
+    about = "Command-line client for allowlistd's admin API"
+)]
 struct Cli {
-    /// Admin socket of allowlistd.
+    /// Admin socket of allowlistd (operators: root and members of
+    /// [admin] group).
     #[arg(
         long,
         global = true,
@@ -27,6 +42,25 @@ struct Cli {
         default_value = "/run/allowlist/admin.sock"
     )]
     socket: PathBuf,
+    /// The account to act on; default: the caller's own (`default` for
+    /// operators).
+    #[arg(long, global = true, env = "ALLOWLIST_ACCOUNT", value_name = "NAME")]
+    account: Option<String>,
+    /// The admin API over TLS instead of the socket, like
+    /// https://127.0.0.1:9443 (`[admin] listen`); needs --token-file.
+    #[arg(long, global = true, value_name = "https://HOST:PORT")]
+    url: Option<String>,
+    /// With --url: a file holding the bearer token (`tokens create`).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// With --url: the PEM certificate (or CA) to trust, e.g. the
+    /// admin-cert.pem allowlistd writes next to its store.
+    #[arg(long, global = true, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// With --url: accept any certificate. Only for tests and self-signed
+    /// development setups: anyone on the path could read the token.
+    #[arg(long, global = true)]
+    insecure: bool,
     /// Machine output: one JSON document on stdout.
     #[arg(long, global = true)]
     json: bool,
@@ -36,6 +70,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Accounts (operators): create, list, show, remove, enforce.
+    #[command(subcommand)]
+    Accounts(accounts::AccountsCmd),
+    /// Admin API tokens: create, list, revoke.
+    #[command(subcommand)]
+    Tokens(tokens::TokensCmd),
     /// API keys: create, list, show, revoke, rotate, allow, disallow.
     #[command(subcommand)]
     Keys(keys::KeysCmd),
@@ -58,13 +98,74 @@ enum Command {
 
 /// What a command prints: JSON for `--json`, text otherwise.
 pub struct Output {
-    pub json: serde_json::Value,
-    pub text: String,
+    json: String,
+    text: String,
+}
+
+impl Output {
+    /// `value` as the JSON document, `text` for people.
+    pub fn new<T: Serialize>(value: &T, text: String) -> Result<Output, CtlError> {
+        let json = serde_json::to_string_pretty(value)
+            .map_err(|e| CtlError::Protocol(format!("rendering the answer: {e}")))?;
+        Ok(Output { json, text })
+    }
+}
+
+/// Exits with status 2 and clap's usage text.
+fn usage(kind: ErrorKind, message: &str) -> ! {
+    Cli::command().error(kind, message).exit()
+}
+
+/// The transport the flags ask for; usage errors exit here.
+fn transport(cli: &Cli) -> Result<Transport, CtlError> {
+    let Some(url) = &cli.url else {
+        for (given, flag) in [
+            (cli.token_file.is_some(), "--token-file"),
+            (cli.ca.is_some(), "--ca"),
+            (cli.insecure, "--insecure"),
+        ] {
+            if given {
+                usage(
+                    ErrorKind::MissingRequiredArgument,
+                    &format!("{flag} applies only with --url https://HOST:PORT"),
+                );
+            }
+        }
+        return Ok(Transport::Unix(cli.socket.clone()));
+    };
+    let Some(token_file) = &cli.token_file else {
+        usage(
+            ErrorKind::MissingRequiredArgument,
+            "--url needs --token-file FILE: a file holding a token from `allowlistctl tokens create`",
+        );
+    };
+    let trust = match (&cli.ca, cli.insecure) {
+        (Some(ca), false) => Trust::Ca(ca.clone()),
+        (None, true) => Trust::Insecure,
+        (Some(_), true) => usage(
+            ErrorKind::ArgumentConflict,
+            "give either --ca FILE or --insecure, not both",
+        ),
+        (None, false) => usage(
+            ErrorKind::MissingRequiredArgument,
+            "--url needs --ca FILE (the admin listener's certificate, e.g. admin-cert.pem next to \
+             allowlistd's store) or --insecure (accept any certificate: tests and development \
+             only); allowlistctl has no system trust store",
+        ),
+    };
+    Transport::tls(url, token_file, trust)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let client = client::Client::new(cli.socket.clone());
+    let account = cli.account.clone().filter(|a| !a.trim().is_empty());
+    let client = match transport(&cli) {
+        Ok(t) => client::Client::new(t, account),
+        Err(e) => {
+            eprintln!("allowlistctl: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -77,6 +178,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Accounts(cmd) => accounts::run(&client, cmd).await,
+            Command::Tokens(cmd) => tokens::run(&client, cmd).await,
             Command::Keys(cmd) => keys::run(&client, cmd).await,
             Command::Ips(cmd) => ips::run(&client, cmd).await,
             Command::Drop(cmd) => drop::run(&client, cmd).await,
@@ -89,10 +192,7 @@ fn main() -> ExitCode {
     match result {
         Ok(out) => {
             if cli.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out.json).unwrap_or_default()
-                );
+                println!("{}", out.json);
             } else if !out.text.is_empty() {
                 print!("{}", out.text);
             }

@@ -62,10 +62,7 @@ pub async fn run(client: &Client) -> Result<Output, CtlError> {
         text.push_str("kernel enforcement is off (allowlistd runs with --no-kernel or [kernel] enabled = false)\n");
     }
     text.push_str(&format!("drop list entries: {}\n", s.drop_entries));
-    Ok(Output {
-        json: serde_json::to_value(&s).unwrap_or_default(),
-        text,
-    })
+    Output::new(&s, text)
 }
 
 pub async fn events(client: &Client) -> Result<Output, CtlError> {
@@ -80,8 +77,5 @@ pub async fn events(client: &Client) -> Result<Output, CtlError> {
     if e.events.is_empty() {
         text.push_str("no kernel drop events since the daemon started\n");
     }
-    Ok(Output {
-        json: serde_json::to_value(&e).unwrap_or_default(),
-        text,
-    })
+    Output::new(&e, text)
 }
