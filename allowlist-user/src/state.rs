@@ -52,7 +52,9 @@ impl AccountState {
 /// The daemon's in-memory mirror of the store's policy tables.
 #[derive(Clone, Debug, Default)]
 pub struct State {
-    pub accounts: BTreeMap<String, Arc<AccountState>>,
+    /// By name; the names are shared (`Arc<str>`) so copying the state for
+    /// a change allocates no strings.
+    pub accounts: BTreeMap<Arc<str>, Arc<AccountState>>,
     /// The next numeric key id (kernel map index).
     pub next_kid: u32,
     /// The last revision handed out.
@@ -79,7 +81,7 @@ impl State {
         self.rev += 1;
         account.rev = self.rev;
         self.accounts
-            .insert(account.record.name.clone(), Arc::new(account));
+            .insert(account.record.name.as_str().into(), Arc::new(account));
     }
 
     /// The organization of `name`, if it has one that exists.

@@ -490,3 +490,30 @@ async fn every_change_is_audited_with_its_actor() {
             .all(|e| e.account == "other")
     );
 }
+
+#[tokio::test]
+async fn a_removed_accounts_tokens_die_with_it() {
+    let f = fixture().await;
+    f.daemon
+        .remove_account("acme", true, "uid:0")
+        .await
+        .unwrap();
+    f.daemon
+        .create_account(
+            NewAccount {
+                name: "acme".into(),
+                parent: None,
+                emails: vec![],
+            },
+            "uid:0",
+        )
+        .await
+        .unwrap();
+    let req = Request::builder()
+        .uri("/v1/keys")
+        .header("authorization", format!("Bearer {}", f.tokens["owner"]))
+        .body(Body::empty())
+        .unwrap();
+    let resp = token_router(f.daemon.clone()).oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}

@@ -194,6 +194,20 @@ impl Daemon {
             |_| Ok(self.store.remove_account(name, actor)?),
         )
         .await?;
+        // Its tokens die with it (the store revoked them in the same
+        // transaction): a new account of the same name must not inherit
+        // them.
+        let now = self.clock.now_ms() / 1000;
+        for t in self
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values_mut()
+        {
+            if t.account.as_deref() == Some(name) && t.revoked_at.is_none() {
+                t.revoked_at = Some(now);
+            }
+        }
         tracing::info!(account = name, keys = keys.len(), actor, "account removed");
         Ok(AccountRemoved {
             name: name.to_string(),
