@@ -156,3 +156,55 @@ fn api_guard_is_the_account_list_narrowed_by_the_keys() {
         Connect::Ok
     );
 }
+
+#[test]
+fn smtp_ports_belong_to_the_smtp_account() {
+    if !kernel_tests_enabled("smtp_ports_belong_to_the_smtp_account") {
+        return;
+    }
+    let pair = Pair::new();
+    for a in ["198.51.100.30", "198.51.100.31"] {
+        pair.client_addr(a);
+    }
+    let _smtp = Server::start(&pair.server, SMTP);
+    let setup = Setup::new(
+        true,
+        &format!(
+            "interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\"\nsmtp_ports = [{SMTP}]\n\
+             [blocking]\nsmtp_account = \"mail\""
+        ),
+    );
+    let _d = setup.start(Some(&pair.server), &[]);
+    let c = &pair.client;
+
+    // default's SMTP mode and list do not guard the ports: they are mail's.
+    setup.ctl_json(&["ips", "authorize", "198.51.100.30/32"]);
+    setup.ctl_json(&["blocking", "smtp", "activate"]);
+    assert_eq!(
+        connect(c, "198.51.100.31", SERVER_V4, SMTP, T),
+        Connect::Ok,
+        "default's SMTP blocking guards nothing here"
+    );
+    setup.ctl_json(&["accounts", "create", "mail"]);
+    setup.ctl_json(&["--account", "mail", "ips", "authorize", "198.51.100.31/32"]);
+    setup.ctl_json(&["--account", "mail", "blocking", "smtp", "activate"]);
+    assert_eq!(connect(c, "198.51.100.31", SERVER_V4, SMTP, T), Connect::Ok);
+    assert_eq!(
+        connect(c, "198.51.100.30", SERVER_V4, SMTP, T),
+        Connect::Silent,
+        "authorized for default only"
+    );
+    // Its drops are recorded in mail's unauthorized list.
+    let recorded = || {
+        setup.ctl_json(&["--account", "mail", "ips", "unauthorized"])["unauthorized"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["addr"] == "198.51.100.30" && u["service"] == "smtp")
+    };
+    assert!(allowlist_tests::net::wait_for(
+        Duration::from_secs(3),
+        recorded
+    ));
+    setup.refused(&["accounts", "remove", "mail", "--force"], "smtp_account");
+}
