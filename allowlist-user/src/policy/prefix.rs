@@ -98,6 +98,13 @@ impl PrefixSet {
         }
     }
 
+    /// Reads the first level of the set (its lengths and the first
+    /// table's header), so a later lookup finds them in the cache.
+    pub fn warm(&self) -> usize {
+        self.v4.first().map_or(0, |(l, s)| *l as usize + s.len())
+            + self.v6.first().map_or(0, |(l, s)| *l as usize + s.len())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.v4.is_empty() && self.v6.is_empty()
     }
