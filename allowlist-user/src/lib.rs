@@ -2,10 +2,11 @@
 //! proxy and in the kernel (eBPF).
 //!
 //! Rooms, top to bottom (ARCHITECTURE.md; a module uses only those below
-//! it): `admin` (the admin API), `proxy` (the edge), `daemon` (every
+//! it): `admin` (the admin API), `exporter` (Prometheus metrics), `proxy` (the edge), `daemon` (every
 //! operation, through one change protocol), `api` (wire types), `live`,
 //! `defense`, `state`, `config`, `store` (persistence), `kernel` (eBPF
-//! load, pin, map sync), `policy` (pure decisions), `flood`, and `sys`,
+//! load, pin, map sync), `policy` (pure decisions), `telemetry`
+//! (counters), `flood`, and `sys`,
 //! the one module allowed `unsafe`.
 #![deny(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod daemon;
 pub mod defense;
 pub mod edge_host;
+pub mod exporter;
 pub mod flood;
 pub mod kernel;
 pub mod live;
@@ -23,3 +25,4 @@ pub mod proxy;
 pub mod state;
 pub mod store;
 pub mod sys;
+pub mod telemetry;

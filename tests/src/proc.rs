@@ -47,7 +47,7 @@ impl Setup {
         std::fs::write(
             &config,
             format!(
-                "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = \"{sock}\"\n[store]\nurl = \"sqlite://{db}\"\n[metrics]\n[kernel]\nenabled = {kernel}\nbpffs = \"{bpffs}\"\n{extra_kernel}\n",
+                "[proxy]\nlisten = \"127.0.0.1:0\"\n[admin]\nsocket = \"{sock}\"\n[store]\nurl = \"sqlite://{db}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[kernel]\nenabled = {kernel}\nbpffs = \"{bpffs}\"\n{extra_kernel}\n",
                 sock = dir.path().join("admin.sock").display(),
                 db = dir.path().join("allowlist.db").display(),
                 bpffs = bpffs.display(),
@@ -61,7 +61,18 @@ impl Setup {
     /// `lines` (a `listen = ...` line and any other `[proxy]` keys).
     pub fn proxy(&self, lines: &str) {
         let text = std::fs::read_to_string(&self.config).expect("read config");
-        let text = text.replace("listen = \"127.0.0.1:0\"", lines);
+        // The first listener in the file is [proxy]'s.
+        let text = text.replacen("listen = \"127.0.0.1:0\"", lines, 1);
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Serves `/metrics` on `addr` (tests otherwise get a free port).
+    pub fn metrics(&self, addr: &str) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        let text = text.replace(
+            "[metrics]\nlisten = \"127.0.0.1:0\"",
+            &format!("[metrics]\nlisten = \"{addr}\""),
+        );
         std::fs::write(&self.config, text).expect("write config");
     }
 

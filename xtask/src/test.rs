@@ -265,6 +265,11 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "python3-httpx python3-h2",
     ),
     ("/usr/bin/python3 -c 'import scapy'", "python3-scapy"),
+    // The metrics test parses /metrics with Prometheus' own parser.
+    (
+        "/usr/bin/python3 -c 'import prometheus_client'",
+        "python3-prometheus-client",
+    ),
     ("haproxy", "haproxy"),
 ];
 

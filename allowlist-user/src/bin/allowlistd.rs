@@ -187,6 +187,17 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
         edge_stats.clone(),
         stop_rx.clone(),
     ));
+    let metrics = match config.metrics.listen {
+        Some(addr) => Some(
+            allowlist::exporter::serve(
+                allowlist::exporter::registry(daemon.clone(), edge_stats.clone()),
+                addr,
+                stop_rx.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let listener = admin::bind(&config.admin.socket, &config.admin.group)
         .await
         .with_context(|| format!("admin socket {}", config.admin.socket.display()))?;
@@ -344,6 +355,9 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     // its workers' senders are then gone, so the effects task flushes what
     // it holds and ends.
     let _ = edge.await;
+    if let Some(t) = metrics {
+        let _ = t.await;
+    }
     if let Some(t) = admin_tls {
         let _ = t.await;
     }

@@ -313,8 +313,10 @@ impl Daemon {
         self.policy.store(Arc::new(snap));
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = new;
         self.recheck_connections();
+        let elapsed = started.elapsed();
+        self.change_latency.observe_ns(elapsed.as_nanos() as u64);
         tracing::debug!(
-            elapsed_us = started.elapsed().as_micros() as u64,
+            elapsed_us = elapsed.as_micros() as u64,
             "policy change enforced"
         );
         Ok(out)

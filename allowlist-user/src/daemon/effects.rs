@@ -148,7 +148,10 @@ fn flush_refused(
                 .unauthorized_evicted
                 .fetch_add(evicted, Ordering::Relaxed);
         }
-        Err(e) => tracing::warn!(error = %e, "recording refused sources"),
+        Err(e) => {
+            crate::telemetry::STORE_ERRORS.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "recording refused sources");
+        }
     }
     sources.into_iter().collect()
 }

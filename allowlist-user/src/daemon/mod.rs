@@ -48,9 +48,16 @@ pub enum DaemonError {
     #[error("{0}")]
     Capacity(String),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("kernel: {0}")]
     Kernel(KernelError),
+}
+
+impl From<StoreError> for DaemonError {
+    fn from(e: StoreError) -> Self {
+        crate::telemetry::STORE_ERRORS.fetch_add(1, Ordering::Relaxed);
+        DaemonError::Store(e)
+    }
 }
 
 impl From<KernelError> for DaemonError {
@@ -134,6 +141,8 @@ pub struct Daemon {
     pub clock: Clock,
     /// The kernel's connection/key pairing, when the hooks are loaded.
     pub conns: Option<crate::kernel::ConnTable>,
+    /// Change-to-enforced latency (kernel maps, store and snapshot).
+    pub change_latency: crate::telemetry::Histogram<10>,
     /// Admin API tokens by id (hash of the secret only).
     pub(crate) tokens: Mutex<std::collections::HashMap<String, crate::store::TokenRecord>>,
     /// Live proxy connections that presented a key, for the cut-off.
@@ -258,6 +267,7 @@ impl Daemon {
             clock,
             conns: None,
             tokens: Mutex::new(Default::default()),
+            change_latency: crate::telemetry::Histogram::new(&crate::telemetry::CHANGE_BUCKETS),
             live: Mutex::new(Default::default()),
         })
     }

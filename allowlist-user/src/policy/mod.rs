@@ -333,6 +333,40 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (`reason as usize` indexes it).
+    pub const ALL: [Reason; 12] = [
+        Reason::Ok,
+        Reason::MissingKey,
+        Reason::MalformedKey,
+        Reason::UnknownKey,
+        Reason::BadSecret,
+        Reason::Revoked,
+        Reason::ExpiredSecret,
+        Reason::Scope,
+        Reason::KeyAllowlist,
+        Reason::AccountList,
+        Reason::Denied,
+        Reason::RateLimited,
+    ];
+
+    /// The reason code as logs and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Ok => "ok",
+            Reason::MissingKey => "missing_key",
+            Reason::MalformedKey => "malformed_key",
+            Reason::UnknownKey => "unknown_key",
+            Reason::BadSecret => "bad_secret",
+            Reason::Revoked => "revoked",
+            Reason::ExpiredSecret => "expired_secret",
+            Reason::Scope => "scope",
+            Reason::KeyAllowlist => "key_allowlist",
+            Reason::AccountList => "account_list",
+            Reason::Denied => "denied",
+            Reason::RateLimited => "rate_limited",
+        }
+    }
+
     pub fn status(self) -> u16 {
         match self {
             Reason::Ok => 200,

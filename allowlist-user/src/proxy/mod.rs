@@ -67,6 +67,7 @@ use crate::{
     config::ProxyConfig,
     edge_host::{EdgeHost, SideEffect},
     policy::{self, Decision, PrefixSet, RateInfo, Reason, normalize, normalize_path},
+    telemetry::Outcome,
 };
 use crate::{kernel::ConnClientKind, live::Activity};
 use client_addr::{ProxyHeader, read_proxy_header};
@@ -111,6 +112,8 @@ pub struct EdgeStats {
     pub queue_dropped: AtomicU64,
     /// Connections accepted (the flood detector's rate).
     pub accepted: AtomicU64,
+    /// Requests by outcome and status, decision latency: per worker.
+    pub counters: crate::telemetry::EdgeCounters,
 }
 
 /// One worker's view of the edge: the shared state and its own upstream
@@ -120,6 +123,8 @@ struct Edge {
     pool: Arc<upstream::Pool>,
     /// Side effects not yet handed to the background task.
     pending: std::sync::Mutex<Vec<SideEffect>>,
+    /// This worker's index (its slot of the edge counters).
+    slot: usize,
 }
 
 /// The upstream's streamed body, or one the edge wrote itself; no
@@ -239,7 +244,13 @@ impl Edge {
         source: ClientSource,
     ) -> Result<Response<Body>, Infallible> {
         let active = conn.activity.start();
-        let resp = self.respond(req, conn, source).await;
+        let mut outcome = Outcome::BadRequest;
+        let resp = self.respond(req, conn, source, &mut outcome).await;
+        self.shared
+            .stats
+            .counters
+            .worker(self.slot)
+            .request(outcome, resp.status().as_u16());
         Ok(resp.map(|inner| Tracked {
             inner,
             active: Some(active),
@@ -253,11 +264,13 @@ impl Edge {
         resp
     }
 
+    /// Answers one request; `outcome` says how it ended (for the counters).
     async fn respond(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         conn: &LiveConn,
         source: ClientSource,
+        outcome: &mut Outcome,
     ) -> Response<Inner> {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         let via_xff = source == ClientSource::Forwarded;
@@ -293,6 +306,7 @@ impl Edge {
         let (d, bearer): (Decision, bool) = {
             let cred = credential(req.headers());
             let snap = self.shared.host.snapshot();
+            let started = std::time::Instant::now();
             let d = snap.decide(
                 cred.map(|c| c.0),
                 req.method().as_str(),
@@ -300,8 +314,14 @@ impl Edge {
                 client,
                 now_ms,
             );
+            self.shared
+                .stats
+                .counters
+                .worker(self.slot)
+                .decided_in(started.elapsed().as_nanos() as u64);
             (d, cred.is_some_and(|c| c.1))
         };
+        *outcome = Outcome::Decided(d.reason);
         let key_id = || d.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
         // Rate headers on every keyed response when the key has a limit —
         // but never on a 401, which must not say whether the key exists.
@@ -380,6 +400,7 @@ impl Edge {
             }
         };
         let Some(pq) = pq else {
+            *outcome = Outcome::BadRequest;
             return json_error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -423,6 +444,7 @@ impl Edge {
                 Response::from_parts(parts, Either::Left(body))
             }
             Err(e) => {
+                *outcome = Outcome::UpstreamError;
                 self.shared
                     .stats
                     .upstream_errors
@@ -643,6 +665,7 @@ async fn worker(
         pool: upstream::Pool::new(shared.upstream.addr.clone()),
         shared: shared.clone(),
         pending: Default::default(),
+        slot: me,
     });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
