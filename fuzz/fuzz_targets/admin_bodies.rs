@@ -2,7 +2,7 @@
 //! type does not have is refused (a misspelt field must not change what a
 //! request means).
 #![no_main]
-use allowlist::{api, daemon::NewKey};
+use allowlist::api;
 use libfuzzer_sys::fuzz_target;
 
 fn check<T: serde::de::DeserializeOwned + serde::Serialize>(data: &[u8]) {
@@ -20,13 +20,17 @@ fn check<T: serde::de::DeserializeOwned + serde::Serialize>(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    match data.first().map(|b| b % 7) {
-        Some(0) => check::<NewKey>(&data[1..]),
+    match data.first().map(|b| b % 11) {
+        Some(0) => check::<api::NewKey>(&data[1..]),
         Some(1) => check::<api::AddDrop>(&data[1..]),
         Some(2) => check::<api::AllowEntry>(&data[1..]),
         Some(3) => check::<api::Deny>(&data[1..]),
         Some(4) => check::<api::SetMode>(&data[1..]),
         Some(5) => check::<api::RotateKey>(&data[1..]),
+        Some(6) => check::<api::NewAccount>(&data[1..]),
+        Some(7) => check::<api::NewToken>(&data[1..]),
+        Some(8) => check::<api::Authorize>(&data[1..]),
+        Some(9) => check::<api::Enforce>(&data[1..]),
         Some(_) => check::<api::CidrQuery>(&data[1..]),
         None => {}
     }
