@@ -380,3 +380,37 @@ pub struct TokenView {
 pub struct TokenList {
     pub tokens: Vec<TokenView>,
 }
+
+/// `GET /v1/logs` and `GET /v1/logs/csv`: the usage log, newest first.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// Key id.
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// Reason code (`ok`, `key_allowlist`, `kernel_drop` ...).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Client address or CIDR.
+    #[serde(default)]
+    pub ip: Option<String>,
+    /// Like `--since` of `audit`: Unix seconds, RFC 3339, or a duration
+    /// back from now.
+    #[serde(default)]
+    pub since: Option<String>,
+    #[serde(default)]
+    pub until: Option<String>,
+    /// JSON only: at most this many rows (default 100, at most 10000). The
+    /// CSV export streams every row.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogList {
+    pub entries: Vec<crate::logs::LogRow>,
+}

@@ -23,6 +23,43 @@ pub struct Config {
     pub blocking: BlockingConfig,
     pub metrics: MetricsConfig,
     pub notify: NotifyConfig,
+    pub logs: LogsConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogsConfig {
+    /// Usage-log partitions (one SQLite file per day); empty = `logs/`
+    /// next to the store.
+    pub dir: Option<PathBuf>,
+    /// Days of usage logs kept; older partitions are deleted whole.
+    pub retention_days: u32,
+    /// Log records held between two writes; past it records are counted
+    /// and dropped, never waited for.
+    pub buffer: usize,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            dir: None,
+            retention_days: 30,
+            buffer: 65_536,
+        }
+    }
+}
+
+impl Config {
+    /// Where the usage-log partitions live.
+    pub fn logs_dir(&self) -> PathBuf {
+        if let Some(d) = &self.logs.dir {
+            return d.clone();
+        }
+        crate::store::sqlite_path(&self.store.url)
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("logs")))
+            .unwrap_or_else(|| PathBuf::from("logs"))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -359,6 +396,18 @@ impl Config {
             return Err(invalid(
                 "[admin] cert",
                 "give both cert and key, or neither for a generated self-signed pair".into(),
+            ));
+        }
+        if !(1..=3650).contains(&self.logs.retention_days) {
+            return Err(invalid(
+                "[logs] retention_days",
+                format!("{} is out of range 1..=3650", self.logs.retention_days),
+            ));
+        }
+        if !(16..=16_777_216).contains(&self.logs.buffer) {
+            return Err(invalid(
+                "[logs] buffer",
+                format!("{} is out of range 16..=16777216", self.logs.buffer),
             ));
         }
         if !(1..=10_000_000).contains(&self.blocking.unauthorized_max) {

@@ -8,7 +8,7 @@ use std::{net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 
-use crate::{kernel::ConnClientKind, live::LiveConn, policy::Snapshot};
+use crate::{kernel::ConnClientKind, live::LiveConn, logs::LogSink, policy::Snapshot};
 
 /// What the request path hands to the application, off the request path.
 #[derive(Debug)]
@@ -58,4 +58,6 @@ pub trait EdgeHost: Send + Sync + 'static {
     /// A connection that may carry a key, for the recheck after a change.
     fn register(&self, id: u64, conn: Arc<LiveConn>);
     fn unregister(&self, id: u64);
+    /// Where usage-log records go (set once at start; `None` before).
+    fn logs(&self) -> Option<&'static LogSink>;
 }

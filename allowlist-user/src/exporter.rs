@@ -114,6 +114,26 @@ impl Collector for Metrics {
             "Store operations that failed",
             telemetry::STORE_ERRORS.load(Ordering::Relaxed),
         )?;
+        if let Some(sink) = self.daemon.logs.get() {
+            counter(
+                &mut enc,
+                "allowlist_log_written",
+                "Usage-log records written",
+                sink.written.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "allowlist_log_dropped",
+                "Usage-log records dropped because the writer's buffer ([logs] buffer) was full",
+                sink.dropped.load(Ordering::Relaxed),
+            )?;
+            counter(
+                &mut enc,
+                "allowlist_log_failed",
+                "Usage-log records the writer could not write (see the daemon's log)",
+                sink.failed.load(Ordering::Relaxed),
+            )?;
+        }
         let stats = match self.daemon.stats() {
             Ok(s) => s,
             Err(e) => {

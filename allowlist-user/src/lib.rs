@@ -20,6 +20,7 @@ pub mod exporter;
 pub mod flood;
 pub mod kernel;
 pub mod live;
+pub mod logs;
 pub mod policy;
 pub mod proxy;
 pub mod state;

@@ -30,6 +30,11 @@ impl Outcome {
         }
     }
 
+    /// The reason code this outcome is logged and counted as.
+    pub fn as_str(self) -> &'static str {
+        Outcome::name(self.index())
+    }
+
     /// The label value of outcome `i`.
     pub fn name(i: usize) -> &'static str {
         match Reason::ALL.get(i) {

@@ -15,6 +15,7 @@ use axum::{
 
 mod auth;
 mod listen;
+mod logs;
 mod socket;
 
 pub use auth::{Ctx, Operators, Peer};
@@ -80,6 +81,8 @@ fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(events))
         .route("/v1/audit", get(audit))
+        .route("/v1/logs", get(logs::list))
+        .route("/v1/logs/csv", get(logs::csv))
         .route("/v1/accounts", get(list_accounts).post(create_account))
         .route(
             "/v1/accounts/{name}",

@@ -298,6 +298,15 @@ const ROUTES: &[Route] = &[
         true,
     ),
     r("GET", "/v1/audit?account=acme", "", Need::Read, 200, true),
+    r("GET", "/v1/logs?account=acme", "", Need::Read, 200, true),
+    r(
+        "GET",
+        "/v1/logs/csv?account=acme",
+        "",
+        Need::Read,
+        200,
+        true,
+    ),
     r("GET", "/v1/accounts/acme", "", Need::Read, 200, true),
     r(
         "POST",

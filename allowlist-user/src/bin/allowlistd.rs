@@ -176,6 +176,22 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stats = Arc::new(proxy::EdgeStats::default());
+    // The usage log: its queue lives as long as the process (the edge's
+    // workers hold a plain reference to it, no reference count).
+    let log_sink: &'static allowlist::logs::LogSink =
+        Box::leak(Box::new(allowlist::logs::LogSink::new(config.logs.buffer)));
+    let _ = daemon.logs.set(log_sink);
+    let log_writer = {
+        let d = daemon.clone();
+        allowlist::logs::start(
+            log_sink,
+            config.logs_dir(),
+            config.logs.retention_days,
+            Duration::from_millis(200),
+            move || d.clock.now_ms(),
+        )
+        .with_context(|| format!("usage logs in {}", config.logs_dir().display()))?
+    };
     let (effects_tx, effects_rx) = allowlist::edge_host::effects_channel();
     let effects = tokio::spawn(daemon.clone().apply_effects(effects_rx));
     let edge = tokio::spawn(proxy::serve(
@@ -355,6 +371,8 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     // its workers' senders are then gone, so the effects task flushes what
     // it holds and ends.
     let _ = edge.await;
+    // Whatever the edge queued while draining is written.
+    log_writer.stop();
     if let Some(t) = metrics {
         let _ = t.await;
     }

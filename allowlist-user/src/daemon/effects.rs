@@ -51,6 +51,10 @@ impl EdgeHost for Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
     }
+
+    fn logs(&self) -> Option<&'static crate::logs::LogSink> {
+        self.logs.get().copied()
+    }
 }
 
 impl Daemon {

@@ -49,6 +49,33 @@ impl Daemon {
             self.defense
                 .guard_drop(account, source, reason, ev.dport, at as i64);
         }
+        // Kernel drops are sampled into the usage log (the kernel already
+        // sends at most one event per source per second, and a bounded
+        // number in total).
+        if let Some(sink) = self.logs.get() {
+            let account = if reason == "smtp" {
+                self.config.blocking.smtp_account.clone()
+            } else {
+                crate::policy::DEFAULT_ACCOUNT.to_string()
+            };
+            sink.submit(crate::logs::LogRecord {
+                at_ms: (at * 1000.0) as i64,
+                account,
+                key_id: String::new(),
+                client: Some(source),
+                method: String::new(),
+                path: String::new(),
+                status: 0,
+                reason: "kernel_drop",
+                rule: None,
+                // The drop list's reason (manual, denied, auto, import) or
+                // the guarded service (api, smtp).
+                note: reason,
+                latency_us: 0,
+                bytes_in: 0,
+                bytes_out: 0,
+            });
+        }
         // One INFO line per source would let a spoofed-source flood write
         // the log: the first event of each 10 s window is logged, the rest
         // are summed into one line when the window closes.

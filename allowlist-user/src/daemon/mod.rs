@@ -10,6 +10,7 @@ mod events;
 mod guard;
 mod keys;
 mod lists;
+mod logs;
 mod tokens;
 mod usage;
 
@@ -141,6 +142,8 @@ pub struct Daemon {
     pub clock: Clock,
     /// The kernel's connection/key pairing, when the hooks are loaded.
     pub conns: Option<crate::kernel::ConnTable>,
+    /// The usage log's queue, once started (lives as long as the process).
+    pub logs: std::sync::OnceLock<&'static crate::logs::LogSink>,
     /// Change-to-enforced latency (kernel maps, store and snapshot).
     pub change_latency: crate::telemetry::Histogram<10>,
     /// Admin API tokens by id (hash of the secret only).
@@ -267,6 +270,7 @@ impl Daemon {
             clock,
             conns: None,
             tokens: Mutex::new(Default::default()),
+            logs: std::sync::OnceLock::new(),
             change_latency: crate::telemetry::Histogram::new(&crate::telemetry::CHANGE_BUCKETS),
             live: Mutex::new(Default::default()),
         })

@@ -402,6 +402,13 @@ impl Snapshot {
             return Decision::deny(Reason::UnknownKey, None, Rule::Auth("unknown key id"));
         };
         let key = key.clone();
+        let account = account.clone();
+        // Every refusal past this point belongs to the key's account (its
+        // usage log shows the failed attempts on its keys).
+        let deny = |reason, key, rule| Decision {
+            account: Some(account.clone()),
+            ..Decision::deny(reason, Some(key), rule)
+        };
         let current: bool = hash.ct_eq(&key.secret_hash).into();
         // The secret is checked before the key's state: only a caller who
         // holds the secret may learn that a key is revoked (and even then
@@ -410,30 +417,21 @@ impl Snapshot {
             match key.previous {
                 Some((prev, until)) if bool::from(hash.ct_eq(&prev)) => {
                     if now_ms >= until {
-                        return Decision::deny(
+                        return deny(
                             Reason::ExpiredSecret,
-                            Some(key),
+                            key,
                             Rule::Auth("previous secret expired"),
                         );
                     }
                 }
                 _ => {
-                    return Decision::deny(
-                        Reason::BadSecret,
-                        Some(key),
-                        Rule::Auth("wrong secret"),
-                    );
+                    return deny(Reason::BadSecret, key, Rule::Auth("wrong secret"));
                 }
             }
         }
         if key.status == KeyStatus::Revoked {
-            return Decision::deny(Reason::Revoked, Some(key), Rule::Auth("key revoked"));
+            return deny(Reason::Revoked, key, Rule::Auth("key revoked"));
         }
-        let account = account.clone();
-        let deny = |reason, key, rule| Decision {
-            account: Some(account.clone()),
-            ..Decision::deny(reason, Some(key), rule)
-        };
         if !self.routes.allows(key.scopes, method, path) {
             return deny(Reason::Scope, key, Rule::Scope);
         }

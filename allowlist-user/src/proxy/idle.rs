@@ -13,15 +13,36 @@ use std::{
     task::{Context, Poll},
 };
 
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Buf, Frame, SizeHint};
 
+use super::usage::Done;
 use crate::live::Active;
 
 /// A response body that keeps its request in flight until it is finished
-/// (a long download is not an idle connection).
+/// (a long download is not an idle connection), and writes the request's
+/// usage-log record then.
 pub struct Tracked<B> {
     pub inner: B,
     pub active: Option<Active>,
+    pub done: Option<Done>,
+    /// Body bytes sent so far.
+    pub sent: u64,
+}
+
+impl<B> Tracked<B> {
+    fn finish(&mut self) {
+        self.active = None;
+        if let Some(d) = self.done.take() {
+            d.finish(self.sent);
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    /// A client that leaves mid-response still gets its log line.
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 impl<B: Body + Unpin> Body for Tracked<B> {
@@ -33,10 +54,15 @@ impl<B: Body + Unpin> Body for Tracked<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let out = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &out
+            && let Some(d) = f.data_ref()
+        {
+            self.sent += d.remaining() as u64;
+        }
         if matches!(out, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
             || self.inner.is_end_stream()
         {
-            self.active = None;
+            self.finish();
         }
         out
     }

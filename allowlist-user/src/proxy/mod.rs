@@ -46,6 +46,7 @@ mod forward;
 mod idle;
 mod tls;
 mod upstream;
+mod usage;
 
 pub use client_addr::{
     ForwardedError, forwarded_chain, forwarded_for, parse_hop, parse_proxy_header,
@@ -66,6 +67,7 @@ enum ClientSource {
 use crate::{
     config::ProxyConfig,
     edge_host::{EdgeHost, SideEffect},
+    logs::LogRecord,
     policy::{self, Decision, PrefixSet, RateInfo, Reason, normalize, normalize_path},
     telemetry::Outcome,
 };
@@ -244,16 +246,52 @@ impl Edge {
         source: ClientSource,
     ) -> Result<Response<Body>, Infallible> {
         let active = conn.activity.start();
-        let mut outcome = Outcome::BadRequest;
-        let resp = self.respond(req, conn, source, &mut outcome).await;
+        let started = std::time::Instant::now();
+        let logs = self.shared.host.logs();
+        // What the log needs of the request, before it is consumed.
+        let (at_ms, method, bytes_in) = match logs {
+            Some(_) => (
+                self.shared.host.now_ms(),
+                req.method().as_str().to_string(),
+                req.headers()
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(0),
+            ),
+            None => (0, String::new(), 0),
+        };
+        let mut note = Note::default();
+        let resp = self.respond(req, conn, source, &mut note).await;
+        let status = resp.status().as_u16();
         self.shared
             .stats
             .counters
             .worker(self.slot)
-            .request(outcome, resp.status().as_u16());
+            .request(note.outcome, status);
+        let done = logs.map(|sink| usage::Done {
+            record: LogRecord {
+                at_ms,
+                account: note.account,
+                key_id: note.key_id,
+                client: Some(note.client.unwrap_or(conn.client)),
+                method,
+                path: note.path,
+                status,
+                reason: note.outcome.as_str(),
+                rule: note.rule,
+                note: "",
+                latency_us: 0,
+                bytes_in,
+                bytes_out: 0,
+            },
+            started,
+            sink,
+        });
         Ok(resp.map(|inner| Tracked {
             inner,
             active: Some(active),
+            done,
+            sent: 0,
         }))
     }
 
@@ -264,15 +302,17 @@ impl Edge {
         resp
     }
 
-    /// Answers one request; `outcome` says how it ended (for the counters).
+    /// Answers one request; `note` says how it ended (for the counters and
+    /// the usage log).
     async fn respond(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
         conn: &LiveConn,
         source: ClientSource,
-        outcome: &mut Outcome,
+        note: &mut Note,
     ) -> Response<Inner> {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        note.path = bounded(req.uri().path());
         let via_xff = source == ClientSource::Forwarded;
         let (client, chain) = match source {
             ClientSource::Peer => (conn.client, None),
@@ -302,6 +342,8 @@ impl Edge {
             }
         };
         let path = normal.as_deref().unwrap_or_else(|| req.uri().path());
+        note.client = Some(client);
+        note.path = bounded(path);
         let now_ms = self.shared.host.now_ms();
         let (d, bearer): (Decision, bool) = {
             let cred = credential(req.headers());
@@ -321,7 +363,14 @@ impl Edge {
                 .decided_in(started.elapsed().as_nanos() as u64);
             (d, cred.is_some_and(|c| c.1))
         };
-        *outcome = Outcome::Decided(d.reason);
+        note.outcome = Outcome::Decided(d.reason);
+        note.rule = Some(d.rule);
+        if let Some(k) = &d.key {
+            note.key_id = k.id.clone();
+        }
+        if let Some(a) = d.account_name() {
+            note.account = a.to_string();
+        }
         let key_id = || d.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
         // Rate headers on every keyed response when the key has a limit —
         // but never on a 401, which must not say whether the key exists.
@@ -400,7 +449,7 @@ impl Edge {
             }
         };
         let Some(pq) = pq else {
-            *outcome = Outcome::BadRequest;
+            note.outcome = Outcome::BadRequest;
             return json_error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -444,7 +493,7 @@ impl Edge {
                 Response::from_parts(parts, Either::Left(body))
             }
             Err(e) => {
-                *outcome = Outcome::UpstreamError;
+                note.outcome = Outcome::UpstreamError;
                 self.shared
                     .stats
                     .upstream_errors
@@ -458,6 +507,42 @@ impl Edge {
             }
         }
     }
+}
+
+/// How one request ended, filled in as `respond` learns it.
+struct Note {
+    outcome: Outcome,
+    account: String,
+    key_id: String,
+    /// The client the checks judged (a forwarded one behind a balancer).
+    client: Option<std::net::IpAddr>,
+    path: String,
+    rule: Option<policy::Rule>,
+}
+
+impl Default for Note {
+    fn default() -> Self {
+        Note {
+            // Until a decision is made, an answer is a refusal of the
+            // request itself; a request no key ties to an account is the
+            // installation's (`default`'s).
+            outcome: Outcome::BadRequest,
+            account: policy::DEFAULT_ACCOUNT.to_string(),
+            key_id: String::new(),
+            client: None,
+            path: String::new(),
+            rule: None,
+        }
+    }
+}
+
+/// A path as the log keeps it: at most 2 KiB (a client chooses its length).
+fn bounded(path: &str) -> String {
+    let mut end = path.len().min(2048);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    path[..end].to_string()
 }
 
 /// Binds the edge listener. It is returned unregistered: each edge worker

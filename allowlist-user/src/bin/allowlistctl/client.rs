@@ -37,6 +37,43 @@ impl Client {
         self.call(Method::DELETE, path, None::<&()>).await
     }
 
+    /// GETs `path` and hands the body to `each` chunk by chunk as it
+    /// arrives (a long export never sits in memory whole).
+    pub async fn stream(
+        &self,
+        path: &str,
+        mut each: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), CtlError> {
+        let mut sender = self.transport.connect().await?;
+        let uri = self.transport.uri(&self.with_account(path));
+        let req = self
+            .transport
+            .headers(Request::builder().method(Method::GET).uri(uri))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| CtlError::Protocol(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| CtlError::Protocol(e.to_string()))?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| CtlError::Protocol(e.to_string()))?
+                .to_bytes();
+            return Err(refused(status, &bytes));
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| CtlError::Protocol(e.to_string()))?;
+            if let Some(data) = frame.data_ref() {
+                each(data).map_err(|e| CtlError::Setup(format!("writing the output: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
     /// `path` with `account=NAME` added when `--account` was given.
     fn with_account(&self, path: &str) -> String {
         match &self.account {
@@ -79,24 +116,27 @@ impl Client {
             .map_err(|e| CtlError::Protocol(e.to_string()))?
             .to_bytes();
         if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(e) => CtlError::Refused {
-                    status,
-                    code: e.error.code,
-                    message: e.error.message,
-                },
-                Err(_) if status == StatusCode::UNAUTHORIZED => CtlError::Refused {
-                    status,
-                    code: "unauthorized".into(),
-                    message: String::from_utf8_lossy(&body).trim().to_string(),
-                },
-                Err(_) => {
-                    CtlError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)))
-                }
-            });
+            return Err(refused(status, &body));
         }
         serde_json::from_slice(&body)
             .map_err(|e| CtlError::Protocol(format!("unexpected answer: {e}")))
+    }
+}
+
+/// The error an unsuccessful answer carries.
+fn refused(status: StatusCode, body: &[u8]) -> CtlError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => CtlError::Refused {
+            status,
+            code: e.error.code,
+            message: e.error.message,
+        },
+        Err(_) if status == StatusCode::UNAUTHORIZED => CtlError::Refused {
+            status,
+            code: "unauthorized".into(),
+            message: String::from_utf8_lossy(body).trim().to_string(),
+        },
+        Err(_) => CtlError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(body))),
     }
 }
 

@@ -12,6 +12,7 @@ mod drop;
 mod error;
 mod ips;
 mod keys;
+mod logs;
 mod stats;
 mod tokens;
 mod transport;
@@ -94,6 +95,8 @@ enum Command {
     Events,
     /// The audit log: who changed what, newest first.
     Audit(audit::AuditArgs),
+    /// The usage log: every request the edge answered, newest first.
+    Logs(logs::LogsArgs),
 }
 
 /// What a command prints: JSON for `--json`, text otherwise.
@@ -108,6 +111,14 @@ impl Output {
         let json = serde_json::to_string_pretty(value)
             .map_err(|e| CtlError::Protocol(format!("rendering the answer: {e}")))?;
         Ok(Output { json, text })
+    }
+
+    /// Nothing more to print (the command wrote its output itself).
+    pub fn empty() -> Output {
+        Output {
+            json: String::new(),
+            text: String::new(),
+        }
     }
 }
 
@@ -187,11 +198,12 @@ fn main() -> ExitCode {
             Command::Blocking(cmd) => blocking::run(&client, cmd).await,
             Command::Events => stats::events(&client).await,
             Command::Audit(args) => audit::run(&client, args).await,
+            Command::Logs(args) => logs::run(&client, args).await,
         }
     });
     match result {
         Ok(out) => {
-            if cli.json {
+            if cli.json && !out.json.is_empty() {
                 println!("{}", out.json);
             } else if !out.text.is_empty() {
                 print!("{}", out.text);

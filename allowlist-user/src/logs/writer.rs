@@ -1,0 +1,188 @@
+//! The one writer: every flush interval, what the queue holds goes into
+//! its day's file in one transaction; partitions past retention are
+//! deleted whole.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use rusqlite::{Connection, params};
+
+use super::{LogRecord, LogSink, day_file, day_of_ms, parse_day_file};
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
+    at_ms INTEGER NOT NULL,
+    account TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    client TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    latency_us INTEGER NOT NULL,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_account_at ON requests(account, at_ms);";
+
+/// Opens (creating) a day partition for writing. WAL with `synchronous =
+/// NORMAL`: a usage log may lose its last batch on a power cut, never its
+/// consistency, and is not the policy store.
+pub(super) fn open_day(dir: &Path, day: i64) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(dir.join(day_file(day)))?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// The running writer: stop it to write what is still queued.
+pub struct LogWriter {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LogWriter {
+    /// Writes what is queued and ends the thread.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the writer of `sink` into `dir`, keeping `retention_days` days.
+/// `today` is the daemon's clock (Unix ms).
+pub fn start(
+    sink: &'static LogSink,
+    dir: PathBuf,
+    retention_days: u32,
+    flush: Duration,
+    today: impl Fn() -> i64 + Send + 'static,
+) -> std::io::Result<LogWriter> {
+    std::fs::create_dir_all(&dir)?;
+    let rx = sink
+        .take_receiver()
+        .ok_or_else(|| std::io::Error::other("the usage-log writer is already running"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("usage-log".into())
+        .spawn(move || {
+            let mut open: HashMap<i64, Connection> = HashMap::new();
+            let mut swept_day = i64::MIN;
+            loop {
+                let stopping = flag.load(Ordering::Relaxed);
+                let today = day_of_ms(today());
+                if today != swept_day {
+                    sweep(&dir, today, retention_days);
+                    open.retain(|d, _| *d >= today - 1);
+                    swept_day = today;
+                }
+                let batch: Vec<LogRecord> = rx.try_iter().collect();
+                if !batch.is_empty() {
+                    write(sink, &dir, &mut open, batch);
+                }
+                if stopping {
+                    break;
+                }
+                std::thread::sleep(flush);
+            }
+        })?;
+    Ok(LogWriter {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// Deletes partitions older than the retention window (and their WAL).
+fn sweep(dir: &Path, today: i64, retention_days: u32) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let base = name
+            .strip_suffix("-wal")
+            .or_else(|| name.strip_suffix("-shm"))
+            .unwrap_or(name);
+        if let Some(day) = parse_day_file(base)
+            && day <= today - i64::from(retention_days)
+        {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    if base == name {
+                        tracing::info!(file = name, "usage-log partition past retention removed");
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(file = name, error = %err, "removing an old usage-log partition")
+                }
+            }
+        }
+    }
+}
+
+fn write(sink: &LogSink, dir: &Path, open: &mut HashMap<i64, Connection>, batch: Vec<LogRecord>) {
+    let mut by_day: HashMap<i64, Vec<LogRecord>> = HashMap::new();
+    for r in batch {
+        by_day.entry(day_of_ms(r.at_ms)).or_default().push(r);
+    }
+    for (day, rows) in by_day {
+        let n = rows.len() as u64;
+        let result = (|| {
+            let conn = match open.entry(day) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(open_day(dir, day)?),
+            };
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO requests(at_ms, account, key_id, client, method, path, status, reason,
+                       rule, latency_us, bytes_in, bytes_out)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )?;
+                for r in &rows {
+                    let rule = match &r.rule {
+                        Some(rule) => rule.to_string(),
+                        None => r.note.to_string(),
+                    };
+                    stmt.execute(params![
+                        r.at_ms,
+                        r.account,
+                        r.key_id,
+                        r.client.map(|c| c.to_string()).unwrap_or_default(),
+                        r.method,
+                        r.path,
+                        r.status,
+                        r.reason,
+                        rule,
+                        r.latency_us as i64,
+                        r.bytes_in as i64,
+                        r.bytes_out as i64,
+                    ])?;
+                }
+            }
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => {
+                sink.written.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                open.remove(&day);
+                sink.failed.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(error = %e, rows = n, file = %day_file(day), "writing usage logs");
+            }
+        }
+    }
+}
