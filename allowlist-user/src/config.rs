@@ -29,6 +29,8 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogsConfig {
+    /// Whether requests are logged at all.
+    pub enabled: bool,
     /// Usage-log partitions (one SQLite file per day); empty = `logs/`
     /// next to the store.
     pub dir: Option<PathBuf>,
@@ -42,6 +44,7 @@ pub struct LogsConfig {
 impl Default for LogsConfig {
     fn default() -> Self {
         LogsConfig {
+            enabled: true,
             dir: None,
             retention_days: 30,
             buffer: 65_536,

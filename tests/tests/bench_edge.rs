@@ -15,6 +15,10 @@ use allowlist_tests::{kernel_tests_enabled, net::wait_for, proc::Setup};
 const UPSTREAM: u16 = 18080;
 const NGINX: u16 = 18444;
 const EDGE: u16 = 18443;
+/// The same allowlistd with its usage log off.
+const EDGE_NOLOG: u16 = 18445;
+/// nginx with a buffered access log, as the usage log's fair rival.
+const NGINX_LOG: u16 = 18446;
 const ROUNDS: usize = 5;
 const SECS: u32 = 6;
 
@@ -275,6 +279,25 @@ fn bench_edge() {
         ),
     );
 
+    let mut ng_log = nginx(
+        dir,
+        "proxy-logged",
+        NGINX_LOG,
+        &format!(
+            "upstream up {{ server 127.0.0.1:{UPSTREAM}; keepalive 128; }}
+  server {{
+    listen 127.0.0.1:{NGINX_LOG} ssl;
+    access_log {d}/access.log combined buffer=64k flush=1s;
+    ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;
+    ssl_session_cache shared:SSL:10m;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_prefer_server_ciphers on;
+    ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}
+  }}"
+        ),
+    );
+
     // allowlistd with the same certificate and upstream, every check on.
     setup.proxy(&format!(
             "listen = \"127.0.0.1:{EDGE}\"\nupstream = \"http://127.0.0.1:{UPSTREAM}\"\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"",
@@ -282,6 +305,17 @@ fn bench_edge() {
         ));
     let daemon = setup.start(None, &[]);
     let (edge_pid, nginx_pid) = (daemon.pid().expect("allowlistd runs"), ng.id());
+    // The same again with the usage log off (kernel hooks on too).
+    let nolog = Setup::new(true, "");
+    nolog.proxy(&format!(
+            "listen = \"127.0.0.1:{EDGE_NOLOG}\"\nupstream = \"http://127.0.0.1:{UPSTREAM}\"\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"",
+            dir.display()
+        ));
+    let cfg = std::fs::read_to_string(&nolog.config).unwrap();
+    std::fs::write(&nolog.config, format!("{cfg}[logs]\nenabled = false\n")).unwrap();
+    let daemon_nolog = nolog.start(None, &[]);
+    let nolog_pid = daemon_nolog.pid().expect("allowlistd runs");
+    let ng_log_pid = ng_log.id();
     let k = setup.ctl_json(&[
         "keys",
         "create",
@@ -295,6 +329,21 @@ fn bench_edge() {
     let key = k["key"].as_str().unwrap().to_string();
     setup.ctl_json(&["ips", "authorize", "127.0.0.0/9"]);
     setup.ctl_json(&["blocking", "api", "activate", "--force"]);
+    let key_nolog = nolog.ctl_json(&[
+        "keys",
+        "create",
+        "--name",
+        "bench",
+        "--allow",
+        "127.0.0.1",
+        "--rate",
+        "1000000/second",
+    ])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    nolog.ctl_json(&["ips", "authorize", "127.0.0.0/9"]);
+    nolog.ctl_json(&["blocking", "api", "activate", "--force"]);
     let tls = negotiated(EDGE);
     assert_eq!(
         negotiated(NGINX),
@@ -304,10 +353,17 @@ fn bench_edge() {
     // Warm up both.
     wrk(NGINX, &key, false, nginx_pid);
     wrk(EDGE, &key, false, edge_pid);
+    wrk(EDGE_NOLOG, &key_nolog, false, nolog_pid);
+    wrk(NGINX_LOG, &key, false, ng_log_pid);
 
     // Per measure: (nginx runs, allowlistd runs), alternating rounds.
     let (mut ka, mut hs, mut full) = ((vec![], vec![]), (vec![], vec![]), (vec![], vec![]));
+    // Keep-alive with the usage log: (allowlistd logging off, nginx with a
+    // buffered access log).
+    let (mut ka_nolog, mut ka_nglog) = (vec![], vec![]);
     for _ in 0..ROUNDS {
+        ka_nolog.push(wrk(EDGE_NOLOG, &key_nolog, false, nolog_pid));
+        ka_nglog.push(wrk(NGINX_LOG, &key, false, ng_log_pid));
         ka.0.push(wrk(NGINX, &key, false, nginx_pid));
         ka.1.push(wrk(EDGE, &key, false, edge_pid));
         hs.0.push(wrk(NGINX, &key, true, nginx_pid));
@@ -315,7 +371,8 @@ fn bench_edge() {
         full.0.push(s_time(NGINX, nginx_pid));
         full.1.push(s_time(EDGE, edge_pid));
     }
-    for p in [&mut ng, &mut up] {
+    drop(daemon_nolog);
+    for p in [&mut ng, &mut ng_log, &mut up] {
         // SIGTERM, not SIGKILL: the master must stop its workers, or they
         // keep the ports.
         // SAFETY: plain kill(2) of our own child.
@@ -383,6 +440,29 @@ fn bench_edge() {
         "",
     );
     row("proxy CPU per full handshake, µs", &full, cpu, 1, "");
+    writeln!(md).unwrap();
+    let (on, off, nglog) = (m(&ka.1, rps), m(&ka_nolog, rps), m(&ka_nglog, rps));
+    writeln!(
+        md,
+        "The usage log (every request written by allowlistd's batched writer) against the same allowlistd with `[logs] enabled = false`, \
+         and against nginx with a buffered access log (`access_log ... buffer=64k flush=1s`), keep-alive, same rounds:\n"
+    )
+    .unwrap();
+    writeln!(md, "| measure | requests/s | ratio | target |").unwrap();
+    writeln!(md, "|---|---:|---:|---:|").unwrap();
+    writeln!(md, "| allowlistd, usage log on | {on:.0} | | |").unwrap();
+    writeln!(
+        md,
+        "| allowlistd, usage log off | {off:.0} | on ÷ off {:.2}× | ≥ 0.95× |",
+        on / off
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| nginx, buffered access log | {nglog:.0} | allowlistd (log on) ÷ nginx (log on) {:.2}× | ≥ 1.0× |",
+        on / nglog
+    )
+    .unwrap();
     writeln!(md).unwrap();
     eprintln!("\n{md}\nedge stats: {stats}");
     allowlist_tests::bench::publish("## Edge (", &md);

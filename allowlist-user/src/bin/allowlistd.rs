@@ -178,19 +178,23 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     let edge_stats = Arc::new(proxy::EdgeStats::default());
     // The usage log: its queue lives as long as the process (the edge's
     // workers hold a plain reference to it, no reference count).
-    let log_sink: &'static allowlist::logs::LogSink =
-        Box::leak(Box::new(allowlist::logs::LogSink::new(config.logs.buffer)));
-    let _ = daemon.logs.set(log_sink);
-    let log_writer = {
+    let log_writer = if config.logs.enabled {
+        let log_sink: &'static allowlist::logs::LogSink =
+            Box::leak(Box::new(allowlist::logs::LogSink::new(config.logs.buffer)));
+        let _ = daemon.logs.set(log_sink);
         let d = daemon.clone();
-        allowlist::logs::start(
-            log_sink,
-            config.logs_dir(),
-            config.logs.retention_days,
-            Duration::from_millis(200),
-            move || d.clock.now_ms(),
+        Some(
+            allowlist::logs::start(
+                log_sink,
+                config.logs_dir(),
+                config.logs.retention_days,
+                Duration::from_millis(200),
+                move || d.clock.now_ms(),
+            )
+            .with_context(|| format!("usage logs in {}", config.logs_dir().display()))?,
         )
-        .with_context(|| format!("usage logs in {}", config.logs_dir().display()))?
+    } else {
+        None
     };
     let (effects_tx, effects_rx) = allowlist::edge_host::effects_channel();
     let effects = tokio::spawn(daemon.clone().apply_effects(effects_rx));
@@ -372,7 +376,9 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     // it holds and ends.
     let _ = edge.await;
     // Whatever the edge queued while draining is written.
-    log_writer.stop();
+    if let Some(w) = log_writer {
+        w.stop();
+    }
     if let Some(t) = metrics {
         let _ = t.await;
     }
