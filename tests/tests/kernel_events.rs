@@ -55,4 +55,42 @@ fn spoofed_source_floods_are_bounded_by_a_total_event_budget() {
         lines <= 2 * (seconds as usize + 1),
         "{lines} INFO lines for {sent} events"
     );
+    // Every event the daemon received is sampled into the usage log as a
+    // kernel drop of its source (the drop-list reason as the rule), and no
+    // more than that.
+    let logged = || {
+        setup.ctl_json(&["logs", "--reason", "kernel_drop", "--limit", "10000"])["entries"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert!(
+        wait_for(Duration::from_secs(3), || logged().len() as u64 == sent),
+        "{} kernel_drop rows for {sent} events",
+        logged().len()
+    );
+    let row = &logged()[0];
+    assert!(
+        row["client"]
+            .as_str()
+            .unwrap()
+            .starts_with("2001:db8:ff00:"),
+        "{row}"
+    );
+    assert_eq!(row["rule"], "manual", "{row}");
+    assert_eq!(
+        setup.ctl_json(&[
+            "logs",
+            "--reason",
+            "kernel_drop",
+            "--ip",
+            "2001:db8:ff00::/40",
+            "--limit",
+            "1"
+        ])["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
