@@ -16,6 +16,8 @@ pub enum Suite {
     Kernel,
     Policy,
     Edge,
+    /// The usage log: writer rows/s, CSV export rows/s and memory.
+    Logs,
 }
 
 pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
@@ -212,6 +214,7 @@ pub fn bench(repo: &Repo, suite: Suite) -> Result<ExitCode> {
         Suite::Kernel => "kernel",
         Suite::Policy => "policy",
         Suite::Edge => "edge",
+        Suite::Logs => "logs",
     };
     build(repo, true)?;
     ensure_bpffs()?;
@@ -233,7 +236,7 @@ fn bench_tools(suite: Suite) -> Result<()> {
     // (command, Debian package)
     let tools: &[(&str, &str)] = match suite {
         Suite::Kernel => &[("trafgen", "netsniff-ng"), ("nft", "nftables")],
-        Suite::Policy => &[],
+        Suite::Policy | Suite::Logs => &[],
         Suite::Edge => &[
             ("nginx", "nginx"),
             ("wrk", "wrk"),
