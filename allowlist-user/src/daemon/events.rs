@@ -37,15 +37,14 @@ impl Daemon {
         let at = wall_now_ms() as f64 / 1000.0 - age_ns as f64 / 1e9;
         // A source the guard dropped is an unauthorized caller like one the
         // proxy refused: the owner must see it (written in batches).
+        // SMTP ports belong to `[blocking] smtp_account`; any other drop
+        // saw no key, so no account: it is the installation's (`default`).
+        let account = if reason == "smtp" {
+            self.config.blocking.smtp_account.as_str()
+        } else {
+            crate::policy::DEFAULT_ACCOUNT
+        };
         if ev.verdict != allowlist_common::VERDICT_DROP_LIST {
-            // SMTP ports belong to `[blocking] smtp_account`; an API guard
-            // drop saw no key, so no account: it is the installation's
-            // (`default`).
-            let account = if reason == "smtp" {
-                self.config.blocking.smtp_account.as_str()
-            } else {
-                crate::policy::DEFAULT_ACCOUNT
-            };
             self.defense
                 .guard_drop(account, source, reason, ev.dport, at as i64);
         }
@@ -53,14 +52,9 @@ impl Daemon {
         // sends at most one event per source per second, and a bounded
         // number in total).
         if let Some(sink) = self.logs.get() {
-            let account = if reason == "smtp" {
-                self.config.blocking.smtp_account.clone()
-            } else {
-                crate::policy::DEFAULT_ACCOUNT.to_string()
-            };
             sink.submit(crate::logs::LogRecord {
                 at_ms: (at * 1000.0) as i64,
-                account,
+                account: account.to_string(),
                 key_id: String::new(),
                 client: Some(source),
                 method: String::new(),
