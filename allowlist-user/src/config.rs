@@ -9,7 +9,7 @@ use std::{
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::AttachMode;
+use crate::kernel::{AttachMode, CgroupMode};
 
 pub const DEFAULT_PATH: &str = "/etc/allowlist/allowlist.toml";
 
@@ -181,6 +181,10 @@ pub struct KernelConfig {
     pub smtp_ports: Vec<u16>,
     /// Folder on bpffs where programs, links and maps are pinned.
     pub bpffs: PathBuf,
+    /// Where the connection hooks attach: `auto` (the unit's own cgroup
+    /// under systemd, else a child cgroup the daemon moves into), `self`
+    /// or `child`.
+    pub cgroup: CgroupMode,
     /// Drop-list prefixes the kernel maps hold.
     pub drop_capacity: u32,
     /// Prefixes per family the guard union holds.
@@ -209,6 +213,7 @@ impl Default for KernelConfig {
             xdp_mode: AttachMode::Auto,
             smtp_ports: vec![25, 465, 587],
             bpffs: "/sys/fs/bpf/allowlist".into(),
+            cgroup: CgroupMode::Auto,
             drop_capacity: 1 << 20,
             guard_capacity: 1 << 18,
             api_guard: crate::flood::ApiGuardMode::Auto,

@@ -43,13 +43,38 @@ pub fn sweep_leftovers() {
             }
         }
     }
-    if let Some(mount) = allowlist::sys::cgroup2_mount()
-        && let Ok(dir) = std::fs::read_dir(&mount)
-    {
-        let own = format!("allowlistd-{PREFIX}{}", std::process::id() % 10000);
-        for e in dir.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&format!("allowlistd-{PREFIX}")) && !name.starts_with(&own) {
+    // Daemons make their cgroup under the cgroup they start in (this
+    // process's, or one a test made: `altest*`); older ones made it at the
+    // top.
+    if let Some(mount) = allowlist::sys::cgroup2_mount() {
+        let mine = format!("{PREFIX}{}", std::process::id() % 10000);
+        let stale = |name: &str| {
+            let bare = name.strip_prefix("allowlistd-").unwrap_or(name);
+            bare.starts_with(PREFIX) && !bare.starts_with(&mine)
+        };
+        let mut bases = vec![mount.clone()];
+        if let Ok(own) = allowlist::kernel::own_cgroup()
+            && own != std::path::Path::new("/")
+        {
+            bases.push(mount.join(own.strip_prefix("/").unwrap_or(&own)));
+        }
+        for base in bases {
+            let Ok(dir) = std::fs::read_dir(&base) else {
+                continue;
+            };
+            for e in dir.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !stale(&name) {
+                    continue;
+                }
+                // A test's cgroup may hold its daemon's child cgroup.
+                if let Ok(inner) = std::fs::read_dir(e.path()) {
+                    for i in inner.flatten() {
+                        if i.file_name().to_string_lossy().starts_with("allowlistd-") {
+                            let _ = std::fs::remove_dir(i.path());
+                        }
+                    }
+                }
                 let _ = std::fs::remove_dir(e.path());
             }
         }

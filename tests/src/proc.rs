@@ -139,29 +139,47 @@ impl Setup {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
+        self.start_with(Start {
+            daemon,
+            ns,
+            extra,
+            env,
+            ..Start::default()
+        })
+    }
+
+    /// Starts the daemon as `how` says and waits until its admin API
+    /// answers.
+    pub fn start_with(&self, how: Start<'_>) -> Daemon {
         let log = self
             .dir
             .path()
             .join(format!("daemon-{}.log", crate::unique("")));
         let logf = std::fs::File::create(&log).expect("log file");
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.path())).arg(bin(daemon));
-                c
-            }
-            None => Command::new(bin(daemon)),
-        };
-        let child = cmd
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = how.ns {
+            argv.push("nsenter".into());
+            argv.push(format!("--net={}", ns.path()).into());
+        }
+        argv.extend(how.wrapper.iter().map(Into::into));
+        argv.push(bin(how.daemon).into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .arg("--config")
             .arg(&self.config)
-            .args(extra)
-            .envs(env.iter().copied())
+            .args(how.extra)
+            // A test runner started by systemd passes these on; a daemon
+            // that saw them would take itself for a systemd unit.
+            .env_remove("INVOCATION_ID")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(how.env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup"))
-            .stderr(logf)
-            .spawn()
-            .expect("spawn allowlistd");
+            .stderr(logf);
+        if let Some(cg) = how.cgroup {
+            join_cgroup_at_exec(&mut cmd, cg);
+        }
+        let child = cmd.spawn().expect("spawn allowlistd");
         let mut d = Daemon {
             child: Some(child),
             log,
@@ -184,17 +202,147 @@ impl Setup {
     }
 }
 
+/// How [`Setup::start_with`] runs the daemon.
+pub struct Start<'a> {
+    /// `allowlistd`, or `allowlistd-release` (no test hooks).
+    pub daemon: &'a str,
+    /// The network namespace it runs in (its pins stay on the host's bpffs).
+    pub ns: Option<&'a Netns>,
+    pub extra: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+    /// A command the daemon is run through, e.g. `["setpriv", ..., "--"]`.
+    pub wrapper: &'a [&'a str],
+    /// A cgroup folder (under the cgroup2 mount) the daemon starts in.
+    pub cgroup: Option<&'a Path>,
+}
+
+impl Default for Start<'_> {
+    fn default() -> Self {
+        Start {
+            daemon: "allowlistd",
+            ns: None,
+            extra: &[],
+            env: &[],
+            wrapper: &[],
+            cgroup: None,
+        }
+    }
+}
+
+/// Moves the child into `cgroup` between fork and exec, so the daemon
+/// starts there as a unit's main process does.
+fn join_cgroup_at_exec(cmd: &mut Command, cgroup: &Path) {
+    use std::os::unix::{ffi::OsStrExt, process::CommandExt};
+    let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+        .expect("no NUL in a cgroup path");
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (open, write, close), on a path prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" is the writing process itself.
+            let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if n != 1 {
+                return Err(err);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A cgroup made for one test under the cgroup2 mount (a unit's cgroup, as
+/// far as the daemon can tell); removed on drop with the child cgroup a
+/// daemon may have made in it.
+pub struct TestCgroup {
+    pub dir: PathBuf,
+    /// Relative to the mount, starting with `/`, as /proc/PID/cgroup shows it.
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new() -> TestCgroup {
+        let mount = allowlist::sys::cgroup2_mount().expect("a cgroup2 mount");
+        let name = crate::unique("cg");
+        let dir = mount.join(&name);
+        std::fs::create_dir(&dir).expect("creating a test cgroup");
+        TestCgroup {
+            dir,
+            path: Path::new("/").join(name),
+        }
+    }
+}
+
+impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Ok(inner) = std::fs::read_dir(&self.dir) {
+            for i in inner.flatten() {
+                if i.file_name().to_string_lossy().starts_with("allowlistd-") {
+                    let _ = std::fs::remove_dir(i.path());
+                }
+            }
+        }
+        // A stopped daemon leaves the cgroup a moment after it exits.
+        wait_for(Duration::from_secs(5), || {
+            std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists()
+        });
+    }
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for e in chars.by_ref() {
+                if e.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The cgroup (v2) process `pid` is in, as /proc/PID/cgroup says.
+pub fn cgroup_of(pid: u32) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("read cgroup");
+    let path = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    PathBuf::from(path.trim())
+}
+
 impl Drop for Setup {
     fn drop(&mut self) {
         if self.bpffs.exists() {
             let _ = std::fs::remove_dir_all(&self.bpffs);
         }
-        // The daemon's cgroup (empty once its daemon has stopped).
-        if let (Some(mount), Some(name)) = (allowlist::sys::cgroup2_mount(), self.bpffs.file_name())
-        {
-            let _ = std::fs::remove_dir(
-                mount.join(allowlist::kernel::cgroup_name(&name.to_string_lossy())),
-            );
+        // The child cgroup a daemon started from here made (empty once
+        // it has stopped): under this process's own cgroup.
+        if let (Some(mount), Some(name), Ok(own)) = (
+            allowlist::sys::cgroup2_mount(),
+            self.bpffs.file_name(),
+            allowlist::kernel::own_cgroup(),
+        ) {
+            let child = own.join(allowlist::kernel::child_cgroup_name(
+                &name.to_string_lossy(),
+            ));
+            let _ = std::fs::remove_dir(mount.join(child.strip_prefix("/").unwrap_or(&child)));
         }
     }
 }
@@ -212,6 +360,11 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log without its terminal colours, for matching `field=value`.
+    pub fn log_plain(&self) -> String {
+        strip_ansi(&self.log_text())
     }
 
     /// SIGKILL: no cleanup of any kind.

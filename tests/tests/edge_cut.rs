@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use allowlist_tests::{
     kernel_tests_enabled,
     net::{Pair, SERVER_V4, Upstream},
-    proc::Setup,
+    proc::{Setup, Start, TestCgroup, cgroup_of},
 };
 
 const EDGE: u16 = 8443;
@@ -255,4 +255,169 @@ fn the_kernel_alone_stops_a_stream_the_account_list_no_longer_admits() {
         "the kernel counted no account cut ({before} -> {after})"
     );
     assert_eq!(cuts("conn_cut_revoked"), 0);
+}
+
+/// The BPF programs attached directly to the cgroup folder `dir`, by name.
+fn programs_on(dir: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(dir)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool cgroup show {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Vec::new();
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let mut names: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_string))
+        .collect();
+    names.sort();
+    names
+}
+
+const HOOKS: [&str; 3] = ["conn_egress", "conn_ingress", "conn_ops"];
+
+/// The capabilities the shipped unit grants, as `setpriv --bounding-set`
+/// spells them (`-all,+bpf,...`).
+fn unit_bounding_set() -> String {
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/allowlistd.service"),
+    )
+    .expect("read the shipped unit");
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet=")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(!caps.iter().any(|c| c == "+sys_admin"), "{caps:?}");
+    format!("-all,{}", caps.join(","))
+}
+
+/// Whether `pid` holds CAP_SYS_ADMIN (bit 21) in its effective set.
+fn has_sys_admin(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap() & (1 << 21) != 0
+}
+
+/// Started by systemd (`INVOCATION_ID` set) in its unit's cgroup — here
+/// a cgroup the test made — the daemon stays there and attaches the
+/// connection hooks to it; with only the capabilities the shipped unit
+/// grants (no CAP_SYS_ADMIN), the hooks alone still stop a revoked key's
+/// stream.
+#[test]
+fn under_systemd_the_hooks_go_on_the_unit_cgroup_and_still_cut() {
+    if !kernel_tests_enabled("under_systemd_the_hooks_go_on_the_unit_cgroup_and_still_cut") {
+        return;
+    }
+    let pair = Pair::new();
+    pair.client_addr("198.51.100.80");
+    let _up = Upstream::start(&pair.server, UP);
+    let unit = TestCgroup::new();
+    let setup = Setup::new(true, "");
+    setup.proxy(&format!(
+        "listen = \"0.0.0.0:{EDGE}\"\nupstream = \"http://127.0.0.1:{UP}\""
+    ));
+    let bounding = unit_bounding_set();
+    let d = setup.start_with(Start {
+        ns: Some(&pair.server),
+        wrapper: &[
+            "setpriv",
+            "--bounding-set",
+            &bounding,
+            "--inh-caps",
+            "-all",
+            "--no-new-privs",
+            "--",
+        ],
+        cgroup: Some(&unit.dir),
+        env: &[
+            ("INVOCATION_ID", "0123456789abcdef0123456789abcdef"),
+            ("ALLOWLIST_TEST_KERNEL_CUT_ONLY", "1"),
+        ],
+        ..Start::default()
+    });
+    let pid = d.pid().unwrap();
+    assert!(!has_sys_admin(pid), "the daemon kept CAP_SYS_ADMIN");
+    assert_eq!(cgroup_of(pid), unit.path, "{}", d.log_text());
+    assert_eq!(programs_on(&unit.dir), HOOKS, "{}", d.log_text());
+    assert!(
+        d.log_plain().contains("connection hooks attached")
+            && d.log_plain().contains("mode=\"self\""),
+        "{}",
+        d.log_plain()
+    );
+
+    let k = setup.ctl_json(&["keys", "create", "--name", "s", "--allow", "198.51.100.80"]);
+    let (id, key) = (
+        k["id"].as_str().unwrap().to_string(),
+        k["key"].as_str().unwrap().to_string(),
+    );
+    let download = client(&pair, "198.51.100.80", &key, "/stream", false);
+    std::thread::sleep(Duration::from_millis(1500));
+    let cuts = || {
+        setup.ctl_json(&["stats"])["kernel"]["conn_cut_revoked"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = cuts();
+    let t_revoke = now();
+    setup.ctl_json(&["keys", "revoke", &id]);
+    let out = download.join().unwrap();
+    let chunks = times(&out, "chunk");
+    assert!(
+        chunks.iter().filter(|t| **t < t_revoke).count() >= 20,
+        "the download was running: {out}"
+    );
+    let last = chunks.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        last - t_revoke < 0.2,
+        "hooks on the unit cgroup: data kept flowing {:.3} s after the revoke",
+        last - t_revoke
+    );
+    assert!(cuts() > before, "the kernel counted no cut packet");
+    // Still in the unit's cgroup after serving.
+    assert_eq!(cgroup_of(pid), unit.path);
+}
+
+/// Started by hand (no systemd), the daemon leaves the cgroup it was
+/// started in — shared, as a login session's is — for a child of it named
+/// after its bpffs folder, and attaches the hooks there only.
+#[test]
+fn outside_systemd_the_daemon_moves_into_a_child_cgroup_of_its_own() {
+    if !kernel_tests_enabled("outside_systemd_the_daemon_moves_into_a_child_cgroup_of_its_own") {
+        return;
+    }
+    let session = TestCgroup::new();
+    let setup = Setup::new(true, "");
+    let d = setup.start_with(Start {
+        cgroup: Some(&session.dir),
+        ..Start::default()
+    });
+    let child =
+        allowlist::kernel::child_cgroup_name(&setup.bpffs.file_name().unwrap().to_string_lossy());
+    let pid = d.pid().unwrap();
+    assert_eq!(
+        cgroup_of(pid),
+        session.path.join(&child),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(programs_on(&session.dir.join(&child)), HOOKS);
+    assert!(programs_on(&session.dir).is_empty());
 }

@@ -118,14 +118,7 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
             mode: config.kernel.xdp_mode,
             drop_capacity: config.kernel.drop_capacity,
             guard_capacity: config.kernel.guard_capacity,
-            cgroup: Some(kernel::cgroup_name(
-                &config
-                    .kernel
-                    .bpffs
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            )),
+            cgroup: Some(config.kernel.cgroup),
         };
         let k = tokio::task::spawn_blocking(move || Kernel::load(opts)).await??;
         if k.attached.is_empty() {

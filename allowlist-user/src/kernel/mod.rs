@@ -23,7 +23,9 @@ mod journal;
 pub mod policy_maps;
 mod policy_sync;
 
-pub use conns::{ConnClientKind, ConnTable};
+pub use conns::{
+    CgroupMode, ConnClientKind, ConnTable, HookCgroup, child_cgroup_name, own_cgroup, under_systemd,
+};
 use drop_sync::KernelDropMaps;
 pub use policy_maps::{AccountSpec, KeySpec};
 use policy_maps::{ExecError, GuardRecord, KeyRecord, PolicyMaps, PolicyOp, TooMany};
@@ -107,6 +109,8 @@ pub enum KernelError {
     },
     #[error("interface {ifname}: {message}")]
     Interface { ifname: String, message: String },
+    #[error("connection hooks: {0}")]
+    Cgroup(String),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -166,9 +170,8 @@ pub struct KernelOptions {
     pub mode: AttachMode,
     pub drop_capacity: u32,
     pub guard_capacity: u32,
-    /// Attach the connection hooks to a cgroup of this name under the
-    /// cgroup2 mount, after moving this process into it. `None`: no hooks.
-    pub cgroup: Option<String>,
+    /// Where the connection hooks go (see [`CgroupMode`]). `None`: no hooks.
+    pub cgroup: Option<CgroupMode>,
 }
 
 /// A map write that failed.
@@ -441,8 +444,8 @@ impl Kernel {
             kernel.load_guard_state()?;
         }
         kernel.attach_all()?;
-        if let Some(name) = kernel.opts.cgroup.clone() {
-            kernel.attach_cgroup(&name)?;
+        if let Some(mode) = kernel.opts.cgroup {
+            kernel.attach_cgroup(mode)?;
         }
         Ok(kernel)
     }
@@ -629,19 +632,10 @@ pub fn unload(bpffs: &Path) -> Result<bool, KernelError> {
         }
     }
     fs::remove_dir(bpffs).map_err(io_err("removing", bpffs))?;
-    // The daemon's cgroup, once no process is left in it.
-    if let (Some(mount), Some(name)) = (sys::cgroup2_mount(), bpffs.file_name()) {
-        let dir = mount.join(cgroup_name(&name.to_string_lossy()));
-        if dir.exists() {
-            let _ = fs::remove_dir(&dir);
-        }
+    if let Some(name) = bpffs.file_name() {
+        conns::remove_child_cgroups(&name.to_string_lossy());
     }
     Ok(true)
-}
-
-/// The cgroup a daemon with this bpffs folder name runs in.
-pub fn cgroup_name(bpffs_name: &str) -> String {
-    format!("allowlistd-{bpffs_name}")
 }
 
 /// Decodes one ring-buffer record.
