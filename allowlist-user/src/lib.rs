@@ -2,7 +2,8 @@
 //! proxy and in the kernel (eBPF).
 //!
 //! Rooms, top to bottom (ARCHITECTURE.md; a module uses only those below
-//! it): `admin` (the admin API), `exporter` (Prometheus metrics), `proxy` (the edge), `daemon` (every
+//! it): `reload` (SIGHUP: the configuration applied to the running
+//! daemon, edge and admin listener), `admin` (the admin API), `exporter` (Prometheus metrics), `proxy` (the edge), `daemon` (every
 //! operation, through one change protocol), `api` (wire types), `live`,
 //! `defense`, `state`, `config`, `store` (persistence), `kernel` (eBPF
 //! load, pin, map sync), `policy` (pure decisions), `telemetry`
@@ -23,6 +24,7 @@ pub mod live;
 pub mod logs;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod state;
 pub mod store;
 pub mod sys;

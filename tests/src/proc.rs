@@ -367,6 +367,14 @@ impl Daemon {
         strip_ansi(&self.log_text())
     }
 
+    /// SIGHUP: the daemon reads its configuration again.
+    pub fn hup(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGHUP) };
+        }
+    }
+
     /// SIGKILL: no cleanup of any kind.
     pub fn kill9(mut self) {
         if let Some(mut c) = self.child.take() {

@@ -3,7 +3,8 @@
 //! With no `[admin] cert`/`key`, a self-signed certificate is generated
 //! once and kept next to the store (`admin-cert.pem`, and `admin-key.pem`
 //! with mode 0600), so clients can trust exactly it (`allowlistctl --ca`)
-//! across restarts.
+//! across restarts. The certificate is served from a [`CertStore`], so a
+//! SIGHUP swaps in a renewed one without a restart.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
@@ -15,11 +16,12 @@ use hyper_util::{
 use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    sign::CertifiedKey,
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::{config::Config, daemon::Daemon};
+use crate::{config::Config, daemon::Daemon, proxy::CertStore};
 
 /// Where the generated admin certificate is kept: next to the store.
 pub fn admin_cert_path(config: &Config) -> Option<PathBuf> {
@@ -91,27 +93,39 @@ fn generated(config: &Config, addr: SocketAddr) -> anyhow::Result<Pair> {
     Ok((vec![ck.cert.der().clone()], key))
 }
 
-fn server_config(config: &Config, addr: SocketAddr) -> anyhow::Result<Arc<ServerConfig>> {
+/// The admin listener's certificate (`[admin] cert`/`key`, or the
+/// generated pair) and its SHA-256 fingerprint, read now: at start, and
+/// again at each SIGHUP.
+pub fn load_admin_cert(
+    config: &Config,
+    addr: SocketAddr,
+) -> anyhow::Result<(CertifiedKey, String)> {
     let (chain, key) = match (&config.admin.cert, &config.admin.key) {
         (Some(cert), Some(key)) => load_pem(cert, key, "[admin]")?,
         _ => generated(config, addr)?,
     };
-    let mut cfg = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok(crate::proxy::certified(chain, key)?)
 }
 
-/// Binds `[admin] listen` and serves the token router until `stop` fires.
-/// Errors at bind time are returned (the daemon refuses to start); each
-/// connection's errors are its own.
+fn server_config(certs: Arc<CertStore>) -> Arc<ServerConfig> {
+    let mut cfg = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+/// Binds `[admin] listen` and serves the token router with the
+/// certificate `certs` holds until `stop` fires. Errors at bind time are
+/// returned (the daemon refuses to start); each connection's errors are
+/// its own.
 pub async fn serve_tls(
     daemon: Arc<Daemon>,
     addr: SocketAddr,
+    certs: Arc<CertStore>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let tls = TlsAcceptor::from(server_config(&daemon.config, addr)?);
+    let tls = TlsAcceptor::from(server_config(certs));
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("[admin] listen {addr}: {e}"))?;

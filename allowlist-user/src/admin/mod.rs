@@ -19,7 +19,7 @@ mod logs;
 mod socket;
 
 pub use auth::{Ctx, Operators, Peer};
-pub use listen::{admin_cert_path, serve_tls};
+pub use listen::{admin_cert_path, load_admin_cert, serve_tls};
 pub use socket::bind;
 
 use crate::{

@@ -95,7 +95,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, args.no_kernel)) {
+    match runtime.block_on(run(config, path, explicit, args.no_kernel)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
+async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> anyhow::Result<()> {
     let db = sqlite_path(&config.store.url).map_err(anyhow::Error::msg)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db)?);
     tracing::info!(store = %db.display(), "store opened");
@@ -319,37 +319,39 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
             })
         });
 
-    let admin_tls = match config
+    let admin_addr = config
         .admin
         .listen_addr()
-        .map_err(|m| anyhow::anyhow!("[admin] listen: {m}"))?
-    {
-        Some(addr) => Some(admin::serve_tls(daemon.clone(), addr, stop_rx.clone()).await?),
-        None => None,
+        .map_err(|m| anyhow::anyhow!("[admin] listen: {m}"))?;
+    let (admin_tls, admin_certs) = match admin_addr {
+        Some(addr) => {
+            let (ck, fp) = admin::load_admin_cert(&config, addr)?;
+            let admin_certs = proxy::CertStore::new(ck, fp);
+            let task = admin::serve_tls(daemon.clone(), addr, admin_certs.clone(), stop_rx.clone())
+                .await?;
+            (Some(task), Some((admin_certs, addr)))
+        }
+        None => (None, None),
     };
     let app = admin::router(daemon.clone());
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let cfg = config.clone();
+    let reloader = allowlist::reload::Reloader {
+        path,
+        explicit,
+        daemon: daemon.clone(),
+        edge_certs: certs,
+        admin_certs,
+        log_retention: log_writer.as_ref().map(|w| w.retention()),
+    };
+    let mut in_force = config.clone();
     let shutdown = async move {
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => {
-                    if cfg.proxy.cert.is_none() {
-                        tracing::info!("SIGHUP: no [proxy] cert configured; keeping the self-signed certificate");
-                        continue;
-                    }
-                    match proxy::load_cert(cfg.proxy.cert.as_deref(), cfg.proxy.key.as_deref(), cfg.proxy.listen) {
-                        Ok((ck, fp)) => {
-                            certs.replace(ck, fp.clone());
-                            tracing::info!(sha256 = %fp, "SIGHUP: TLS certificate reloaded");
-                        }
-                        Err(e) => tracing::error!(error = %e, "SIGHUP: keeping the current certificate"),
-                    }
-                }
+                _ = hup.recv() => in_force = reloader.reload(&in_force).await,
             }
         }
         tracing::info!(

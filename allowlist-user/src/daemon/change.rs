@@ -119,12 +119,14 @@ impl Daemon {
         )
     }
 
-    /// The installation-wide part of a snapshot.
+    /// The installation-wide part of a snapshot: the one in force, which
+    /// a configuration reload may have changed since the start.
     fn snapshot_base(&self) -> Snapshot {
+        let current = self.policy.load();
         Snapshot::with_settings(
-            self.config.blocking.always_allow.clone(),
-            self.config.proxy.trusted_proxies.clone(),
-            &self.config.blocking.smtp_account,
+            current.always_allow_list.clone(),
+            current.trusted_list.clone(),
+            &current.smtp_account,
         )
     }
 

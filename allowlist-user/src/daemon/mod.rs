@@ -11,6 +11,7 @@ mod guard;
 mod keys;
 mod lists;
 mod logs;
+mod settings;
 mod tokens;
 mod usage;
 
@@ -117,6 +118,9 @@ impl Clock {
 }
 
 pub struct Daemon {
+    /// The configuration as read at start. What a SIGHUP reload changes
+    /// at run time is held where it is used (the snapshot's trusted
+    /// proxies, the certificate stores, the log writer), not here.
     pub config: Config,
     pub(crate) store: Arc<dyn Store>,
     kernel: Option<Mutex<Kernel>>,
@@ -252,6 +256,13 @@ impl Daemon {
         kernel: Option<Kernel>,
         clock: Clock,
     ) -> Result<Daemon, DaemonError> {
+        // The installation-wide settings live in the snapshot from the
+        // start: a reload replaces them there (`settings.rs`).
+        let settings = crate::policy::Snapshot::with_settings(
+            config.blocking.always_allow.clone(),
+            config.proxy.trusted_proxies.clone(),
+            &config.blocking.smtp_account,
+        );
         Ok(Daemon {
             config,
             store,
@@ -263,7 +274,7 @@ impl Daemon {
             unauthorized_evicted: AtomicU64::new(0),
             refusals_dropped: AtomicU64::new(0),
             recent: Mutex::new(VecDeque::new()),
-            policy: arc_swap::ArcSwap::from_pointee(crate::policy::Snapshot::default()),
+            policy: arc_swap::ArcSwap::from_pointee(settings),
             state: Mutex::new(crate::state::State::default()),
             runtimes: Mutex::new(Default::default()),
             recent_successes: Mutex::new(Default::default()),

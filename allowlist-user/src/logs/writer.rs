@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::Duration,
 };
@@ -46,10 +46,36 @@ pub(super) fn open_day(dir: &Path, day: i64) -> rusqlite::Result<Connection> {
 /// The running writer: stop it to write what is still queued.
 pub struct LogWriter {
     stop: Arc<AtomicBool>,
+    retention: Arc<Retention>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// `[logs] retention_days` in force. A configuration reload changes it;
+/// the writer then sweeps at its next flush instead of waiting for the
+/// next day.
+#[derive(Debug)]
+pub struct Retention {
+    days: AtomicU32,
+    changed: AtomicBool,
+}
+
+impl Retention {
+    pub fn days(&self) -> u32 {
+        self.days.load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, days: u32) {
+        self.days.store(days, Ordering::Relaxed);
+        self.changed.store(true, Ordering::Release);
+    }
+}
+
 impl LogWriter {
+    /// The retention the writer applies, for a reload to change.
+    pub fn retention(&self) -> Arc<Retention> {
+        self.retention.clone()
+    }
+
     /// Writes what is queued and ends the thread.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -74,6 +100,11 @@ pub fn start(
         .ok_or_else(|| std::io::Error::other("the usage-log writer is already running"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let retention = Arc::new(Retention {
+        days: AtomicU32::new(retention_days),
+        changed: AtomicBool::new(false),
+    });
+    let kept = retention.clone();
     let thread = std::thread::Builder::new()
         .name("usage-log".into())
         .spawn(move || {
@@ -82,8 +113,8 @@ pub fn start(
             loop {
                 let stopping = flag.load(Ordering::Relaxed);
                 let today = day_of_ms(today());
-                if today != swept_day {
-                    sweep(&dir, today, retention_days);
+                if today != swept_day || kept.changed.swap(false, Ordering::Acquire) {
+                    sweep(&dir, today, kept.days());
                     open.retain(|d, _| *d >= today - 1);
                     swept_day = today;
                 }
@@ -99,6 +130,7 @@ pub fn start(
         })?;
     Ok(LogWriter {
         stop,
+        retention,
         thread: Some(thread),
     })
 }

@@ -194,6 +194,10 @@ pub struct Snapshot {
     /// guard always admits them (their clients are checked by the proxy
     /// and the connection hooks).
     pub trusted_list: Vec<IpNet>,
+    /// The same, for the edge's lookups: it lives in the snapshot so that a
+    /// reload changes whom the edge trusts and what the guard admits in
+    /// one swap.
+    pub trusted: PrefixSet,
     /// `[blocking] smtp_account`: whose list and SMTP mode the kernel
     /// enforces on the SMTP ports.
     pub smtp_account: String,
@@ -208,6 +212,7 @@ impl Default for Snapshot {
             always_allow: PrefixSet::default(),
             always_allow_list: Vec::new(),
             trusted_list: Vec::new(),
+            trusted: PrefixSet::default(),
             smtp_account: super::DEFAULT_ACCOUNT.into(),
             routes: RouteScopes::default(),
         }
@@ -251,6 +256,7 @@ impl Snapshot {
         Snapshot {
             always_allow: PrefixSet::new(always_allow.iter().copied()),
             always_allow_list: always_allow,
+            trusted: PrefixSet::new(trusted.iter().copied()),
             trusted_list: trusted,
             smtp_account: smtp_account.to_string(),
             ..Snapshot::default()
@@ -321,6 +327,22 @@ impl Snapshot {
             always_allow: self.always_allow.clone(),
             always_allow_list: self.always_allow_list.clone(),
             trusted_list: self.trusted_list.clone(),
+            trusted: self.trusted.clone(),
+            smtp_account: self.smtp_account.clone(),
+            routes: self.routes.clone(),
+        }
+    }
+
+    /// This snapshot with other trusted proxies (a configuration reload);
+    /// the account pieces and key shards are shared, not copied.
+    pub fn with_trusted(&self, trusted: Vec<IpNet>) -> Snapshot {
+        Snapshot {
+            shards: self.shards.clone(),
+            accounts: self.accounts.clone(),
+            always_allow: self.always_allow.clone(),
+            always_allow_list: self.always_allow_list.clone(),
+            trusted: PrefixSet::new(trusted.iter().copied()),
+            trusted_list: trusted,
             smtp_account: self.smtp_account.clone(),
             routes: self.routes.clone(),
         }

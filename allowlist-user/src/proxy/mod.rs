@@ -51,7 +51,7 @@ mod usage;
 pub use client_addr::{
     ForwardedError, forwarded_chain, forwarded_for, parse_hop, parse_proxy_header,
 };
-pub use tls::{CertStore, ProxyError, load_cert, tls_config};
+pub use tls::{CertStore, ProxyError, certified, load_cert, tls_config};
 
 /// Where a connection's client address comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +68,7 @@ use crate::{
     config::ProxyConfig,
     edge_host::{EdgeHost, SideEffect},
     logs::LogRecord,
-    policy::{self, Decision, PrefixSet, RateInfo, Reason, normalize, normalize_path},
+    policy::{self, Decision, RateInfo, Reason, normalize, normalize_path},
     telemetry::Outcome,
 };
 use crate::{kernel::ConnClientKind, live::Activity};
@@ -316,14 +316,27 @@ impl Edge {
         let via_xff = source == ClientSource::Forwarded;
         let (client, chain) = match source {
             ClientSource::Peer => (conn.client, None),
-            ClientSource::Forwarded => match forwarded_chain(req.headers(), &self.shared.trusted) {
-                Ok((a, chain)) => (a, Some(chain)),
-                Err(e) => {
-                    tracing::debug!(peer = %conn.client, error = ?e, "no usable client address");
-                    let resp = json_error(StatusCode::BAD_REQUEST, "bad_request", &e.message());
-                    return self.refuse(req, resp).await;
+            ClientSource::Forwarded => {
+                let forwarded = {
+                    let snap = self.shared.host.snapshot();
+                    // A reload that stopped trusting this peer makes it a
+                    // plain client from its next request on: its header is
+                    // no longer believed.
+                    if snap.trusted.longest_match(conn.client).is_none() {
+                        Ok((conn.client, None))
+                    } else {
+                        forwarded_chain(req.headers(), &snap.trusted).map(|(a, c)| (a, Some(c)))
+                    }
+                };
+                match forwarded {
+                    Ok(found) => found,
+                    Err(e) => {
+                        tracing::debug!(peer = %conn.client, error = ?e, "no usable client address");
+                        let resp = json_error(StatusCode::BAD_REQUEST, "bad_request", &e.message());
+                        return self.refuse(req, resp).await;
+                    }
                 }
-            },
+            }
             ClientSource::Missing => {
                 let resp = json_error(
                     StatusCode::BAD_REQUEST,
@@ -593,7 +606,6 @@ pub async fn serve(
 ) {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shared = Arc::new(Shared {
-        trusted: PrefixSet::new(cfg.trusted_proxies.iter().copied()),
         upstream: Upstream::parse(&cfg.upstream),
         acceptor: TlsAcceptor::from(tls),
         slots: Arc::new(Semaphore::new(cfg.max_connections)),
@@ -690,7 +702,6 @@ struct Shared {
     host: Arc<dyn EdgeHost>,
     cfg: ProxyConfig,
     upstream: Upstream,
-    trusted: PrefixSet,
     acceptor: TlsAcceptor,
     slots: Arc<Semaphore>,
     /// Open connections per worker.
@@ -827,7 +838,13 @@ async fn worker(
             let shared = &edge.shared;
             let peer_ip = normalize(peer.ip());
             let mut client_ip = peer_ip;
-            let trusted = shared.trusted.longest_match(peer_ip).is_some();
+            // `[proxy] trusted_proxies` as of now: a reload swaps it.
+            let trusted = shared
+                .host
+                .snapshot()
+                .trusted
+                .longest_match(peer_ip)
+                .is_some();
             // From a trusted proxy the client is named by its PROXY header,
             // or else per request by X-Forwarded-For; never the proxy itself.
             let mut source = ClientSource::Peer;

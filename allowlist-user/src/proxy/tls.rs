@@ -1,6 +1,7 @@
 //! The edge's TLS: the certificate (configured PEM files or a generated
 //! self-signed pair, swapped on SIGHUP), the server's suite preference and
-//! the rustls server configuration.
+//! the rustls server configuration. The admin listener serves its own
+//! certificate through a [`CertStore`] too.
 
 use std::{io, net::SocketAddr, path::Path, sync::Arc};
 
@@ -42,7 +43,9 @@ impl ResolvesServerCert for CertStore {
     }
 }
 
-fn certified(
+/// A certificate chain and its key, ready to serve, with the leaf's
+/// SHA-256 fingerprint (hex).
+pub fn certified(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<(CertifiedKey, String), ProxyError> {

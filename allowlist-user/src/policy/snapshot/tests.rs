@@ -371,3 +371,27 @@ proptest! {
         }
     }
 }
+
+/// A reload's new trusted proxies reach the edge's lookups and both guard
+/// unions together, and nothing else of the snapshot changes.
+#[test]
+fn other_trusted_proxies_change_trust_and_the_unions_only() {
+    let s = snap(
+        vec![key("0123456789abcdef", "s", &["203.0.113.0/24"], &[])],
+        ApiMode::Active,
+        &["203.0.113.0/24"],
+    );
+    let balancer: IpNet = "198.51.100.70/32".parse().unwrap();
+    assert!(s.trusted.longest_match(ip("198.51.100.70")).is_none());
+    let t = s.with_trusted(vec![balancer]);
+    assert!(t.trusted.longest_match(ip("198.51.100.70")).is_some());
+    assert!(t.api_guard_union().contains(&balancer));
+    assert!(t.smtp_guard_union().contains(&balancer));
+    assert!(!s.api_guard_union().contains(&balancer));
+    assert!(t.key("0123456789abcdef").is_some());
+    assert_eq!(t.accounts.len(), s.accounts.len());
+    // And back.
+    let u = t.with_trusted(Vec::new());
+    assert!(u.trusted.longest_match(ip("198.51.100.70")).is_none());
+    assert_eq!(u.api_guard_union(), s.api_guard_union());
+}
