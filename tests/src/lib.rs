@@ -38,12 +38,37 @@ pub fn kernel_tests_enabled(test: &str) -> bool {
         net::sweep_leftovers();
         return true;
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!(
-            "{test}: kernel tests need root (CAP_BPF, CAP_NET_ADMIN), and CI=true forbids skipping them"
+    skip(test, "kernel tests need root (CAP_BPF, CAP_NET_ADMIN)");
+    false
+}
+
+/// Whether `program` can be run here (found on PATH, or a path that
+/// exists). Without it the test is skipped with the Debian package to
+/// install, except under CI (`CI=true`), where a skip is a failure.
+pub fn tool_available(test: &str, program: &str, package: &str) -> bool {
+    let found = if program.contains('/') {
+        std::path::Path::new(program).exists()
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+    };
+    if !found {
+        skip(
+            test,
+            &format!(
+                "{program} is missing (apt-get install {package}; `cargo xtask test` installs it as root)"
+            ),
         );
     }
-    eprintln!("SKIPPED {test}: kernel tests need root (CAP_BPF, CAP_NET_ADMIN)");
+    found
+}
+
+/// Reports `test` as skipped for `reason`, or fails it under CI.
+fn skip(test: &str, reason: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: {reason}, and CI=true forbids skipping it");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
     // libtest has no runtime skip: `cargo xtask test` reads this log and
     // reports these as skipped, not passed.
     if let Some(log) = std::env::var_os("ALLOWLIST_SKIP_LOG") {
@@ -56,5 +81,4 @@ pub fn kernel_tests_enabled(test: &str) -> bool {
             let _ = writeln!(f, "{test}");
         }
     }
-    false
 }

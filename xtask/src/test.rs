@@ -90,7 +90,10 @@ pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
     if !skips.is_empty() {
         say(
             "test",
-            format_args!("SKIPPED (need root): {}", skips.join(", ")),
+            format_args!(
+                "SKIPPED (not root, or a tool missing; each test printed why): {}",
+                skips.join(", ")
+            ),
         );
         passed = passed.saturating_sub(skips.len() as u64);
         skipped += skips.len() as u64;
@@ -247,9 +250,12 @@ fn bench_tools(suite: Suite) -> Result<()> {
     ensure_tools("bench", tools)
 }
 
-/// The programs the tests drive: namespaces and veth (iproute2), nsenter,
-/// bpftool, trafgen, nft, a real balancer (HAProxy), real HTTP clients
-/// (curl, nghttp, Python httpx with HTTP/2) and crafted packets (scapy).
+/// The programs the tests drive: namespaces and veth (iproute2), nsenter
+/// and setpriv, bpftool, trafgen, nft, a real balancer (HAProxy), real HTTP
+/// clients (curl, nghttp, Python httpx with HTTP/2), crafted packets
+/// (scapy), and for the shipped systemd unit `systemd-analyze` (verify,
+/// security, syscall-filter) and strace (the daemon's system calls against
+/// the unit's filter).
 /// Debian's Python packages belong to /usr/bin/python3, which the tests
 /// call by that path.
 const TEST_TOOLS: &[(&str, &str)] = &[
@@ -274,6 +280,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "python3-prometheus-client",
     ),
     ("haproxy", "haproxy"),
+    ("setpriv", "util-linux"),
+    ("systemd-analyze", "systemd"),
+    ("strace", "strace"),
 ];
 
 /// Checks every command in `tools` (a command line that must succeed, or a
