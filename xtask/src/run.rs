@@ -86,6 +86,10 @@ pub fn run(repo: &Repo, release: bool, extra: &[OsString]) -> Result<()> {
 fn daemon_cmd(daemon: &Path, config: &Path, repo: &Repo) -> Command {
     let mut cmd = Command::new(daemon);
     cmd.arg("--config").arg(config).current_dir(&repo.root);
+    // A terminal started by a systemd user service passes these on; a dev
+    // run is no unit, and must take a child cgroup of its own rather than
+    // hook the terminal's.
+    cmd.env_remove("INVOCATION_ID").env_remove("NOTIFY_SOCKET");
     // The child would inherit xtask's ignored SIGINT across exec, and the
     // daemon must see the terminal's Ctrl-C.
     // SAFETY: signal() is async-signal-safe, so it may run between fork and exec.

@@ -26,9 +26,4 @@ impl Daemon {
         self.policy.store(Arc::new(snap));
         Ok(())
     }
-
-    /// `[proxy] trusted_proxies` in force.
-    pub fn trusted_proxies(&self) -> Vec<IpNet> {
-        self.policy.load().trusted_list.clone()
-    }
 }
