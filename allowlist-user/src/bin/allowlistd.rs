@@ -196,6 +196,9 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Before the edge: it serves the action links from the first request.
+    let notifier = allowlist::notify::Notifier::new(daemon.clone(), config.notify.clone());
+    let notify_task = notifier.start();
     let (effects_tx, effects_rx) = allowlist::edge_host::effects_channel();
     let effects = tokio::spawn(daemon.clone().apply_effects(effects_rx));
     let edge = tokio::spawn(proxy::serve(
@@ -386,6 +389,9 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
         let _ = t.await;
     }
     let _ = effects.await;
+    if let Some(t) = notify_task {
+        t.abort();
+    }
     sweeper.abort();
     housekeeping.abort();
     guard_drops.abort();
