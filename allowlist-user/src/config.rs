@@ -607,8 +607,18 @@ impl Config {
         }
         let ranges: [(&'static str, u64, u64, u64); 3] = [
             ("[notify] window_secs", n.window_secs, 1, 30 * 86_400),
-            ("[notify] action_ttl_secs", n.action_ttl_secs, 60, 30 * 86_400),
-            ("[notify] grace_warning_secs", n.grace_warning_secs, 60, 2 * 86_400),
+            (
+                "[notify] action_ttl_secs",
+                n.action_ttl_secs,
+                60,
+                30 * 86_400,
+            ),
+            (
+                "[notify] grace_warning_secs",
+                n.grace_warning_secs,
+                60,
+                2 * 86_400,
+            ),
         ];
         for (what, v, lo, hi) in ranges {
             if !(lo..=hi).contains(&v) {
@@ -662,9 +672,9 @@ pub fn check_mailbox(addr: &str) -> Result<(), String> {
     if local.is_empty()
         || domain.is_empty()
         || addr.len() > 254
-        || addr
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';' | '"'))
+        || addr.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';' | '"')
+        })
     {
         return Err(bad());
     }

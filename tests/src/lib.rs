@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod client;
 pub mod net;
 pub mod proc;
+pub mod receivers;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -103,9 +103,8 @@ impl Daemon {
                 .flat_map(|a| a.keys.values())
                 .filter_map(|k| {
                     let (_, ends_ms) = k.previous?;
-                    (ends_ms > now_ms && ends_ms - now_ms <= within_s * 1000).then(|| {
-                        (k.account.clone(), k.id.clone(), ends_ms / 1000)
-                    })
+                    (ends_ms > now_ms && ends_ms - now_ms <= within_s * 1000)
+                        .then(|| (k.account.clone(), k.id.clone(), ends_ms / 1000))
                 })
                 .collect()
         });

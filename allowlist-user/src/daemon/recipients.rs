@@ -92,7 +92,11 @@ impl Daemon {
         req: NewWebhook,
         caller: &Caller,
     ) -> Result<WebhookView, DaemonError> {
-        self.with_state(|st| st.account(account).map(|_| ()).ok_or_else(|| no_account(account)))?;
+        self.with_state(|st| {
+            st.account(account)
+                .map(|_| ())
+                .ok_or_else(|| no_account(account))
+        })?;
         let url = req.url.trim().to_string();
         let uri: hyper::Uri = url
             .parse()

@@ -117,8 +117,7 @@ fn well_formed(token: &str) -> bool {
 }
 
 fn new_token() -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut b = [0u8; 32];
     getrandom::fill(&mut b).expect("the kernel's random source");
     // 256 bits as 43 base64url digits (the last carries 4 bits).
@@ -417,7 +416,10 @@ mod tests {
 
     #[test]
     fn the_nonce_is_read_from_the_form() {
-        assert_eq!(form_value(b"a=1&nonce=abc", "nonce").as_deref(), Some("abc"));
+        assert_eq!(
+            form_value(b"a=1&nonce=abc", "nonce").as_deref(),
+            Some("abc")
+        );
         assert_eq!(form_value(b"nonce", "nonce"), None);
         assert_eq!(form_value(b"\xff", "nonce"), None);
     }

@@ -24,7 +24,11 @@ pub async fn send(
         .from
         .parse()
         .map_err(|e| format!("[notify.smtp] from {:?}: {e}", smtp.from))?;
-    let domain = smtp.from.rsplit_once('@').map(|(_, d)| d).unwrap_or("localhost");
+    let domain = smtp
+        .from
+        .rsplit_once('@')
+        .map(|(_, d)| d)
+        .unwrap_or("localhost");
     let mut b = lettre::Message::builder()
         .from(from)
         .subject(subject)
@@ -39,11 +43,15 @@ pub async fn send(
     let (host, port) = smtp
         .relay
         .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse().ok()?)))
+        .and_then(|(h, p)| {
+            Some((
+                h.trim_start_matches('[').trim_end_matches(']'),
+                p.parse().ok()?,
+            ))
+        })
         .ok_or_else(|| format!("[notify.smtp] relay {:?} is not host:port", smtp.relay))?;
-    let params = || {
-        TlsParameters::new(host.to_string()).map_err(|e| format!("TLS for {host}: {e}"))
-    };
+    let params =
+        || TlsParameters::new(host.to_string()).map_err(|e| format!("TLS for {host}: {e}"));
     let tls = match smtp.tls {
         SmtpTls::Opportunistic => Tls::Opportunistic(params()?),
         SmtpTls::Required => Tls::Required(params()?),

@@ -104,7 +104,9 @@ impl Notifier {
     async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Notice>) {
         // (dedup key) -> when it was last told (Unix s).
         let mut told: HashMap<String, i64> = HashMap::new();
-        let mut sweep = tokio::time::interval(Duration::from_secs(60));
+        // Every 10 s: rotation graces about to end (a scan of the keys in
+        // memory), forgotten windows and expired links.
+        let mut sweep = tokio::time::interval(Duration::from_secs(10));
         loop {
             let notice = tokio::select! {
                 n = rx.recv() => match n {
@@ -149,7 +151,9 @@ impl Notifier {
                         self.dispatch(d, &cfg);
                     }
                 }
-                Err(e) => tracing::warn!(account = notice.account(), error = %e, "preparing a notification"),
+                Err(e) => {
+                    tracing::warn!(account = notice.account(), error = %e, "preparing a notification")
+                }
             }
         }
     }

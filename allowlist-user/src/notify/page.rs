@@ -78,7 +78,10 @@ pub fn done(rec: &ActionRecord, kind: ActionKind, secret: Option<&str>) -> Strin
             esc(s)
         );
     }
-    frame(&format!("{}: done", kind.describe(&rec.addr, &rec.key_id)), &body)
+    frame(
+        &format!("{}: done", kind.describe(&rec.addr, &rec.key_id)),
+        &body,
+    )
 }
 
 pub fn used(rec: &ActionRecord) -> String {

@@ -106,7 +106,10 @@ async fn post_inner(
     let req = Request::post(path)
         .header("host", authority)
         .header("content-type", "application/json")
-        .header("user-agent", concat!("allowlist/", env!("CARGO_PKG_VERSION")))
+        .header(
+            "user-agent",
+            concat!("allowlist/", env!("CARGO_PKG_VERSION")),
+        )
         .header("x-allowlist-event", event)
         .header("x-allowlist-delivery", delivery)
         .header("x-allowlist-signature", signature(secret, &body))

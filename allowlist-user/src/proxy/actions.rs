@@ -2,7 +2,9 @@
 //! notifications. The whole prefix is the edge's own and never reaches the
 //! upstream; the page itself comes from the application's handler.
 
-use hyper::{HeaderMap, Method, Request, Response, StatusCode, body::Incoming, header::HeaderValue};
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, body::Incoming, header::HeaderValue,
+};
 
 use super::{Inner, full};
 use crate::edge_host::{ActionHandler, ActionMethod, ActionRequest};
@@ -90,10 +92,13 @@ pub async fn answer(
         })
         .await;
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut resp = page(status, reply.html);
     if method == ActionMethod::Other {
+        // No body: a HEAD answer must not carry one (HTTP/2 clients treat
+        // DATA after a HEAD as a protocol error).
+        let mut resp = page(status, String::new());
         resp.headers_mut()
             .insert("allow", HeaderValue::from_static("GET, POST"));
+        return resp;
     }
-    resp
+    page(status, reply.html)
 }

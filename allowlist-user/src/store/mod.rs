@@ -447,8 +447,7 @@ pub trait NotifyStore {
     /// In one transaction: checks that the link exists, that `nonce` is
     /// its page's, that neither it nor a sibling was used and that it has
     /// not expired at `now`, then marks the whole group used by it.
-    fn claim_action(&self, hash: &[u8; 32], nonce: &str, now: i64)
-    -> Result<Claim, StoreError>;
+    fn claim_action(&self, hash: &[u8; 32], nonce: &str, now: i64) -> Result<Claim, StoreError>;
     /// Undoes a claim whose action then failed, so the link can be tried again.
     fn release_action(&self, group: &str) -> Result<(), StoreError>;
     /// Deletes links that expired before `before`; returns how many.

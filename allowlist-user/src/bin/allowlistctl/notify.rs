@@ -30,11 +30,16 @@ pub enum WebhookCmd {
     /// X-Allowlist-Signature; it is read from a file so it stays out of
     /// the shell's history and the process list.
     Add {
+        /// (Not `url`: that is the global --url of the admin API.)
+        #[arg(id = "hook_url", value_name = "URL")]
         url: String,
         #[arg(long, value_name = "FILE")]
         secret_file: PathBuf,
     },
-    Remove { url: String },
+    Remove {
+        #[arg(id = "hook_url", value_name = "URL")]
+        url: String,
+    },
 }
 
 fn render(s: &NotifySettings) -> String {
@@ -78,7 +83,9 @@ pub async fn run(client: &Client, cmd: NotifyCmd) -> Result<Output, CtlError> {
         }
         NotifyCmd::Webhook(WebhookCmd::Add { url, secret_file }) => {
             let secret = std::fs::read_to_string(&secret_file)
-                .map_err(|e| CtlError::Setup(format!("--secret-file {}: {e}", secret_file.display())))?
+                .map_err(|e| {
+                    CtlError::Setup(format!("--secret-file {}: {e}", secret_file.display()))
+                })?
                 .trim()
                 .to_string();
             let w: WebhookView = client

@@ -90,9 +90,7 @@ impl NotifyStore for SqliteStore {
 
     fn remove_webhook(&self, account: &str, url: &str, actor: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn();
-        let tx = conn
-            .transaction()
-            .map_err(self.err("removing a webhook"))?;
+        let tx = conn.transaction().map_err(self.err("removing a webhook"))?;
         let n = tx
             .execute(
                 "DELETE FROM webhooks WHERE account = ?1 AND url = ?2",
@@ -156,12 +154,7 @@ impl NotifyStore for SqliteStore {
         .map_err(self.err("reading an action link"))
     }
 
-    fn claim_action(
-        &self,
-        hash: &[u8; 32],
-        nonce: &str,
-        now: i64,
-    ) -> Result<Claim, StoreError> {
+    fn claim_action(&self, hash: &[u8; 32], nonce: &str, now: i64) -> Result<Claim, StoreError> {
         let mut conn = self.conn();
         // IMMEDIATE: two POSTs of the same link (or of siblings) from two
         // connections must not both read "unused".
@@ -234,10 +227,12 @@ impl NotifyStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::AccessStore;
+    use sha2::Digest;
 
     fn link(id: &str, group: &str, expires_at: i64) -> ActionRecord {
         ActionRecord {
-            hash: sha2::Digest::digest(id.as_bytes()).into(),
+            hash: sha2::Sha256::digest(id.as_bytes()).into(),
             id: id.into(),
             group: group.into(),
             account: "acme".into(),
@@ -257,10 +252,17 @@ mod tests {
     fn a_claim_voids_the_siblings_once() {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("s.db")).unwrap();
-        let (a, b, other) = (link("a", "g", 100), link("b", "g", 100), link("c", "h", 100));
+        let (a, b, other) = (
+            link("a", "g", 100),
+            link("b", "g", 100),
+            link("c", "h", 100),
+        );
         s.create_actions(&[a.clone(), b.clone(), other.clone()])
             .unwrap();
-        assert_eq!(s.claim_action(&a.hash, "wrong", 10).unwrap(), Claim::BadNonce);
+        assert_eq!(
+            s.claim_action(&a.hash, "wrong", 10).unwrap(),
+            Claim::BadNonce
+        );
         assert!(matches!(
             s.claim_action(&a.hash, "nonce-a", 10).unwrap(),
             Claim::Claimed(r) if r.id == "a"
@@ -279,10 +281,7 @@ mod tests {
             s.claim_action(&other.hash, "nonce-c", 100).unwrap(),
             Claim::Expired(_)
         ));
-        assert_eq!(
-            s.claim_action(&[9; 32], "x", 10).unwrap(),
-            Claim::Unknown
-        );
+        assert_eq!(s.claim_action(&[9; 32], "x", 10).unwrap(), Claim::Unknown);
         s.release_action("g").unwrap();
         assert!(matches!(
             s.claim_action(&b.hash, "nonce-b", 12).unwrap(),
