@@ -253,12 +253,16 @@ impl Default for BlockingConfig {
 pub struct MetricsConfig {
     /// Prometheus text at /metrics.
     pub listen: Option<SocketAddr>,
+    /// Also count requests per account (one series per account and status
+    /// class): off by default, since accounts can be many.
+    pub per_account: bool,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: Some("127.0.0.1:9477".parse().expect("valid")),
+            per_account: false,
         }
     }
 }

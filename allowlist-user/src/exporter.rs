@@ -144,6 +144,20 @@ impl Collector for Metrics {
                 }
             }
         }
+        if edge.counters.per_account.load(Ordering::Relaxed) {
+            let mut m = enc.encode_descriptor(
+                "allowlist_account_requests",
+                "Requests the edge answered, by account and status class ([metrics] per_account)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (account, row) in edge.counters.accounts() {
+                for (c, v) in row.iter().enumerate() {
+                    let labels = [("account", account.as_str()), ("status", STATUS_CLASSES[c])];
+                    ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
         histogram(
             &mut enc,
             "allowlist_decision_seconds",

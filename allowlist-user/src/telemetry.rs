@@ -120,6 +120,9 @@ pub struct HistogramSnapshot {
 pub struct WorkerCounters {
     requests: [[AtomicU64; 5]; OUTCOMES],
     decide: Histogram<10>,
+    /// Requests by account and status class, with `[metrics] per_account`
+    /// only. The lock is the worker's own (uncontended).
+    accounts: std::sync::Mutex<std::collections::HashMap<String, [u64; 5]>>,
 }
 
 impl Default for WorkerCounters {
@@ -127,9 +130,13 @@ impl Default for WorkerCounters {
         WorkerCounters {
             requests: Default::default(),
             decide: Histogram::new(&DECIDE_BUCKETS),
+            accounts: Default::default(),
         }
     }
 }
+
+/// Distinct accounts one worker counts; past it new ones go to `other`.
+const MAX_ACCOUNTS: usize = 100_000;
 
 impl WorkerCounters {
     pub fn request(&self, outcome: Outcome, status: u16) {
@@ -138,6 +145,22 @@ impl WorkerCounters {
 
     pub fn decided_in(&self, ns: u64) {
         self.decide.observe_ns(ns);
+    }
+
+    /// Counts a request for its account (`[metrics] per_account`).
+    pub fn account_request(&self, account: &str, status: u16) {
+        let mut m = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let account = if account.is_empty() { "none" } else { account };
+        if let Some(row) = m.get_mut(account) {
+            row[class(status)] += 1;
+            return;
+        }
+        let name = if m.len() >= MAX_ACCOUNTS {
+            "other"
+        } else {
+            account
+        };
+        m.entry(name.to_string()).or_default()[class(status)] += 1;
     }
 }
 
@@ -149,6 +172,9 @@ pub const WORKER_SLOTS: usize = 64;
 #[derive(Debug)]
 pub struct EdgeCounters {
     workers: Box<[WorkerCounters]>,
+    /// `[metrics] per_account`: count requests per account too (one
+    /// series per account and status class: opt-in, to bound cardinality).
+    pub per_account: std::sync::atomic::AtomicBool,
 }
 
 impl Default for EdgeCounters {
@@ -157,6 +183,7 @@ impl Default for EdgeCounters {
             workers: (0..WORKER_SLOTS)
                 .map(|_| WorkerCounters::default())
                 .collect(),
+            per_account: Default::default(),
         }
     }
 }
@@ -174,6 +201,21 @@ impl EdgeCounters {
             for (o, row) in out.iter_mut().enumerate() {
                 for (c, v) in row.iter_mut().enumerate() {
                     *v += w.requests[o][c].load(Ordering::Relaxed);
+                }
+            }
+        }
+        out
+    }
+
+    /// Requests by account and status class, summed over workers.
+    pub fn accounts(&self) -> std::collections::BTreeMap<String, [u64; 5]> {
+        let mut out: std::collections::BTreeMap<String, [u64; 5]> = Default::default();
+        for w in self.workers.iter() {
+            let m = w.accounts.lock().unwrap_or_else(|p| p.into_inner());
+            for (a, row) in m.iter() {
+                let o = out.entry(a.clone()).or_default();
+                for (x, y) in o.iter_mut().zip(row) {
+                    *x += y;
                 }
             }
         }

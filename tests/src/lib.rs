@@ -14,6 +14,7 @@ pub mod client;
 pub mod net;
 pub mod proc;
 pub mod receivers;
+pub mod scrape;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -13,6 +13,7 @@ use allowlist_tests::{
     net::{Pair, SERVER_V4, Upstream, curl, wait_for},
     proc::Setup,
     receivers::{Mail, Receivers},
+    scrape::{get, scrape},
 };
 
 const EDGE: u16 = 8443;
@@ -29,8 +30,10 @@ const C: &str = "198.51.100.72";
 const D: &str = "198.51.100.73";
 const HOOK_SECRET: &str = "installation-hook-secret-0123456789";
 const ACCOUNT_HOOK_SECRET: &str = "account-hook-secret-9876543210";
+const METRICS: &str = "127.0.0.1:9477";
 
 fn config(setup: &Setup) {
+    setup.metrics(METRICS);
     setup.proxy(&format!(
         "listen = \"0.0.0.0:{EDGE}\"\nupstream = \"http://127.0.0.1:{UP}\""
     ));
@@ -38,7 +41,9 @@ fn config(setup: &Setup) {
     std::fs::write(
         &setup.config,
         format!(
-            "{cfg}[notify]\naction_base_url = \"https://{SERVER_V4}:{EDGE}\"\nretry_secs = 0.2\n\
+            // Learning never ends by itself here: the clock jump below
+            // must not raise a notice of its own.
+            "{cfg}[blocking]\nlearning_days = 3650\n[notify]\naction_base_url = \"https://{SERVER_V4}:{EDGE}\"\nretry_secs = 0.2\n\
              [notify.smtp]\nrelay = \"127.0.0.1:{SMTP}\"\nfrom = \"allowlist@edge.test\"\n\
              to = [\"ops@edge.test\"]\ntls = \"opportunistic\"\n\
              [[notify.webhooks]]\nurl = \"http://127.0.0.1:{HOOKS}/flaky\"\nsecret = \"{HOOK_SECRET}\"\n"
@@ -306,6 +311,40 @@ fn a_refusal_is_told_once_and_its_links_act_once() {
         410
     );
     assert_eq!(curl(c, D, &url("/v1/things"), &["-H", &new_hk]).status, 403);
+
+    // 73 h later the window is long over: D's refusal is told again.
+    assert!(
+        wait_for(Duration::from_secs(15), || rx
+            .mails_to("owner@acme.test")
+            .len()
+            == 4),
+        "{:?}",
+        rx.mails()
+    );
+
+    // What /metrics says of it all, once every delivery is done.
+    let mut s = scrape(&pair, METRICS);
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            s = scrape(&pair, METRICS);
+            get(&s, "allowlist_notify_queue", &[]) == 0.0
+        }),
+        "deliveries still queued"
+    );
+    let webhook = [("channel", "webhook")];
+    assert_eq!(get(&s, "allowlist_notify_retried_total", &webhook), 2.0);
+    assert_eq!(get(&s, "allowlist_notify_failed_total", &webhook), 0.0);
+    // Four notices, each to the flaky and the account's webhook.
+    assert_eq!(get(&s, "allowlist_notify_sent_total", &webhook), 8.0);
+    // Four to the owner and four to the installation's recipients.
+    assert_eq!(
+        get(&s, "allowlist_notify_sent_total", &[("channel", "email")]),
+        8.0
+    );
+    assert!(get(&s, "allowlist_notices_suppressed_total", &[]) >= 1.0);
+    assert_eq!(get(&s, "allowlist_actions_used_total", &[]), 2.0);
+    // Forged, no nonce, used twice, the void sibling, expired.
+    assert_eq!(get(&s, "allowlist_actions_refused_total", &[]), 5.0);
 }
 
 #[test]

@@ -176,6 +176,10 @@ async fn run(config: Config, no_kernel: bool) -> anyhow::Result<()> {
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stats = Arc::new(proxy::EdgeStats::default());
+    edge_stats.counters.per_account.store(
+        config.metrics.per_account,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // The usage log: its queue lives as long as the process (the edge's
     // workers hold a plain reference to it, no reference count).
     let log_writer = if config.logs.enabled {

@@ -264,11 +264,13 @@ impl Edge {
         let mut note = Note::default();
         let resp = self.respond(req, conn, source, &mut note).await;
         let status = resp.status().as_u16();
-        self.shared
-            .stats
-            .counters
-            .worker(self.slot)
-            .request(note.outcome, status);
+        let counters = &self.shared.stats.counters;
+        counters.worker(self.slot).request(note.outcome, status);
+        if counters.per_account.load(Ordering::Relaxed) {
+            counters
+                .worker(self.slot)
+                .account_request(&note.account, status);
+        }
         let done = logs.map(|sink| usage::Done {
             record: LogRecord {
                 at_ms,
