@@ -414,3 +414,45 @@ pub struct LogsQuery {
 pub struct LogList {
     pub entries: Vec<crate::logs::LogRow>,
 }
+
+/// `GET /v1/notify`: where an account's notifications go.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NotifySettings {
+    pub account: String,
+    pub emails: Vec<String>,
+    /// The account's own webhooks (their secrets are never shown).
+    pub webhooks: Vec<WebhookView>,
+    /// Whether the installation sends e-mail at all (`[notify.smtp]`).
+    pub smtp_configured: bool,
+    /// Installation-wide webhooks, which also receive this account's.
+    pub installation_webhooks: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WebhookView {
+    pub url: String,
+    pub created_at: i64,
+    pub created_by: String,
+}
+
+/// `PUT /v1/notify/emails`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetEmails {
+    pub emails: Vec<String>,
+}
+
+/// `POST /v1/notify/webhooks`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewWebhook {
+    pub url: String,
+    pub secret: String,
+}
+
+/// `DELETE /v1/notify/webhooks?url=`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookQuery {
+    pub url: String,
+}

@@ -258,12 +258,16 @@ impl Default for BlockingConfig {
 pub struct MetricsConfig {
     /// Prometheus text at /metrics.
     pub listen: Option<SocketAddr>,
+    /// Also count requests per account (one series per account and status
+    /// class): off by default, since accounts can be many.
+    pub per_account: bool,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: Some("127.0.0.1:9477".parse().expect("valid")),
+            per_account: false,
         }
     }
 }
@@ -271,7 +275,20 @@ impl Default for MetricsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NotifyConfig {
+    /// Where action links point: the edge as the account owners reach it.
     pub action_base_url: String,
+    /// An address refused with a key is told once per this many seconds.
+    pub window_secs: u64,
+    /// Action links expire after this many seconds.
+    pub action_ttl_secs: u64,
+    /// A rotation's grace is announced this many seconds before it ends.
+    pub grace_warning_secs: u64,
+    /// Attempts per delivery (e-mail or webhook), with exponential backoff
+    /// from `retry_secs`, before it is given up and logged.
+    pub attempts: u32,
+    pub retry_secs: f64,
+    /// Deliveries queued or being tried; past it one is counted and dropped.
+    pub queue: usize,
     pub smtp: Option<SmtpConfig>,
     pub webhooks: Vec<WebhookConfig>,
 }
@@ -280,18 +297,43 @@ impl Default for NotifyConfig {
     fn default() -> Self {
         NotifyConfig {
             action_base_url: "https://127.0.0.1:8443".into(),
+            window_secs: 3600,
+            action_ttl_secs: 72 * 3600,
+            grace_warning_secs: 3600,
+            attempts: 6,
+            retry_secs: 1.0,
+            queue: 1024,
             smtp: None,
             webhooks: Vec::new(),
         }
     }
 }
 
+/// How the SMTP connection is protected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// STARTTLS when the relay offers it, plain otherwise.
+    #[default]
+    Opportunistic,
+    /// STARTTLS or fail.
+    Required,
+    /// Plain SMTP (a relay on loopback).
+    None,
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpConfig {
+    /// host:port of the relay.
     pub relay: String,
     pub from: String,
+    /// The installation's recipients: every account's notices, besides
+    /// the account's own recipients.
+    #[serde(default)]
     pub to: Vec<String>,
+    #[serde(default)]
+    pub tls: SmtpTls,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -528,6 +570,7 @@ impl Config {
                 format!("{} is out of range 1..=3650", self.blocking.learning_days),
             ));
         }
+        self.check_notify(path)?;
         for hook in &self.notify.webhooks {
             let ok = hook
                 .url
@@ -548,6 +591,103 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    fn check_notify(&self, path: &std::path::Path) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        let n = &self.notify;
+        let base = n.action_base_url.trim_end_matches('/');
+        let ok = base
+            .parse::<hyper::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !ok {
+            return Err(invalid(
+                "[notify] action_base_url",
+                format!(
+                    "{:?} must be an http:// or https:// URL of the edge, like \"https://api.example.com\"",
+                    n.action_base_url
+                ),
+            ));
+        }
+        let ranges: [(&'static str, u64, u64, u64); 3] = [
+            ("[notify] window_secs", n.window_secs, 1, 30 * 86_400),
+            (
+                "[notify] action_ttl_secs",
+                n.action_ttl_secs,
+                60,
+                30 * 86_400,
+            ),
+            (
+                "[notify] grace_warning_secs",
+                n.grace_warning_secs,
+                60,
+                2 * 86_400,
+            ),
+        ];
+        for (what, v, lo, hi) in ranges {
+            if !(lo..=hi).contains(&v) {
+                return Err(invalid(what, format!("{v} is out of range {lo}..={hi}")));
+            }
+        }
+        if !(1..=20).contains(&n.attempts) {
+            return Err(invalid(
+                "[notify] attempts",
+                format!("{} is out of range 1..=20", n.attempts),
+            ));
+        }
+        if !(n.retry_secs >= 0.01 && n.retry_secs <= 600.0) {
+            return Err(invalid(
+                "[notify] retry_secs",
+                format!("{} is out of range 0.01..=600", n.retry_secs),
+            ));
+        }
+        if !(1..=1_000_000).contains(&n.queue) {
+            return Err(invalid(
+                "[notify] queue",
+                format!("{} is out of range 1..=1000000", n.queue),
+            ));
+        }
+        if let Some(smtp) = &n.smtp {
+            let port_ok = smtp
+                .relay
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !port_ok {
+                return Err(invalid(
+                    "[notify.smtp] relay",
+                    format!("{:?} must be host:port, like \"127.0.0.1:25\"", smtp.relay),
+                ));
+            }
+            for (what, addr) in std::iter::once(("[notify.smtp] from", &smtp.from))
+                .chain(smtp.to.iter().map(|t| ("[notify.smtp] to", t)))
+            {
+                check_mailbox(addr).map_err(|m| invalid(what, m))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An e-mail address as notifications need it: one `local@domain`, no
+/// display name, no spaces or line breaks (they would reach the headers).
+pub fn check_mailbox(addr: &str) -> Result<(), String> {
+    let bad = || format!("{addr:?} is not an e-mail address like ops@example.com");
+    let (local, domain) = addr.rsplit_once('@').ok_or_else(bad)?;
+    if local.is_empty()
+        || domain.is_empty()
+        || addr.len() > 254
+        || addr.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';' | '"')
+        })
+    {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

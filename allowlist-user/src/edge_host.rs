@@ -25,6 +25,13 @@ pub enum SideEffect {
         key_id: String,
         at_ms: i64,
     },
+    /// A key reached 80 % or 100 % of its rate limit (at most once a
+    /// minute per key and level).
+    RateLimit {
+        account: String,
+        key_id: String,
+        percent: u8,
+    },
     /// A refusal for the source address (for the unauthorized list).
     Refused {
         account: String,
@@ -46,6 +53,39 @@ pub fn effects_channel() -> (
     tokio::sync::mpsc::channel(BATCHES)
 }
 
+/// An action link's request, as the edge hands it over.
+pub struct ActionRequest {
+    pub method: ActionMethod,
+    /// The last path segment of `/_allowlist/actions/{token}`.
+    pub token: String,
+    /// The body of a POST (a small form; bounded by the edge).
+    pub form: Vec<u8>,
+    /// Who clicked (for the log).
+    pub client: IpAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActionMethod {
+    Get,
+    Post,
+    /// HEAD and the rest: 405.
+    Other,
+}
+
+/// The page the edge sends back.
+pub struct ActionReply {
+    pub status: u16,
+    pub html: String,
+}
+
+/// Serves the one-click action links of notifications (`notify`).
+pub trait ActionHandler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        req: ActionRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ActionReply> + Send + '_>>;
+}
+
 /// What the edge needs of the application.
 pub trait EdgeHost: Send + Sync + 'static {
     /// The current policy, loaded without a lock.
@@ -60,4 +100,6 @@ pub trait EdgeHost: Send + Sync + 'static {
     fn unregister(&self, id: u64);
     /// Where usage-log records go (set once at start; `None` before).
     fn logs(&self) -> Option<&'static LogSink>;
+    /// The action links' handler, when notifications are set up.
+    fn actions(&self) -> Option<&Arc<dyn ActionHandler>>;
 }

@@ -63,6 +63,70 @@ fn histogram(
     m.encode_histogram::<NoLabelSet>(h.sum, count, &buckets, None)
 }
 
+/// Notices, deliveries per channel and action links.
+fn notify_metrics(enc: &mut DescriptorEncoder, daemon: &Daemon) -> fmt::Result {
+    let n = &telemetry::NOTIFY;
+    let per_channel = [
+        (
+            "allowlist_notify_sent",
+            "Notifications delivered (relay accepted; webhook answered 2xx), by channel",
+            &n.sent,
+        ),
+        (
+            "allowlist_notify_retried",
+            "Notification attempts that failed and were retried with backoff, by channel",
+            &n.retried,
+        ),
+        (
+            "allowlist_notify_failed",
+            "Notifications given up after the last attempt (each logged), by channel",
+            &n.failed,
+        ),
+        (
+            "allowlist_notify_dropped",
+            "Notifications not queued because the delivery queue was full, by channel",
+            &n.dropped,
+        ),
+    ];
+    for (name, help, values) in per_channel {
+        let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (channel, v) in telemetry::CHANNELS.iter().zip(values) {
+            ConstCounter::new(v.load(Ordering::Relaxed))
+                .encode(m.encode_family(&[("channel", *channel)])?)?;
+        }
+    }
+    gauge(
+        enc,
+        "allowlist_notify_queue",
+        "Notices waiting for the notifier plus deliveries queued or being tried",
+        (daemon.notices.depth() as u64 + n.pending.load(Ordering::Relaxed)) as f64,
+    )?;
+    counter(
+        enc,
+        "allowlist_notices_dropped",
+        "Notices dropped because the notifier's queue was full",
+        daemon.notices.dropped.load(Ordering::Relaxed),
+    )?;
+    counter(
+        enc,
+        "allowlist_notices_suppressed",
+        "Notices not sent again within their window (one message per address and key)",
+        n.suppressed.load(Ordering::Relaxed),
+    )?;
+    counter(
+        enc,
+        "allowlist_actions_used",
+        "One-click action links used",
+        n.actions_used.load(Ordering::Relaxed),
+    )?;
+    counter(
+        enc,
+        "allowlist_actions_refused",
+        "One-click action POSTs refused (unknown, used, expired or without the page's nonce)",
+        n.actions_refused.load(Ordering::Relaxed),
+    )
+}
+
 impl Collector for Metrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let edge = &self.edge;
@@ -76,6 +140,20 @@ impl Collector for Metrics {
             for (o, row) in edge.counters.requests().iter().enumerate() {
                 for (c, v) in row.iter().enumerate() {
                     let labels = [("reason", Outcome::name(o)), ("status", STATUS_CLASSES[c])];
+                    ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        if edge.counters.per_account.load(Ordering::Relaxed) {
+            let mut m = enc.encode_descriptor(
+                "allowlist_account_requests",
+                "Requests the edge answered, by account and status class ([metrics] per_account)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (account, row) in edge.counters.accounts() {
+                for (c, v) in row.iter().enumerate() {
+                    let labels = [("account", account.as_str()), ("status", STATUS_CLASSES[c])];
                     ConstCounter::new(*v).encode(m.encode_family(&labels)?)?;
                 }
             }
@@ -114,6 +192,7 @@ impl Collector for Metrics {
             "Store operations that failed",
             telemetry::STORE_ERRORS.load(Ordering::Relaxed),
         )?;
+        notify_metrics(&mut enc, &self.daemon)?;
         if let Some(sink) = self.daemon.logs.get() {
             counter(
                 &mut enc,

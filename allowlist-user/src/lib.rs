@@ -22,6 +22,7 @@ pub mod flood;
 pub mod kernel;
 pub mod live;
 pub mod logs;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

@@ -16,10 +16,12 @@ pub enum Outcome {
     BadRequest,
     /// The upstream did not answer (502).
     UpstreamError,
+    /// An action link's page, answered by the edge itself.
+    Action,
 }
 
 /// Outcomes counted: every reason, then the two others.
-pub const OUTCOMES: usize = Reason::ALL.len() + 2;
+pub const OUTCOMES: usize = Reason::ALL.len() + 3;
 
 impl Outcome {
     fn index(self) -> usize {
@@ -27,6 +29,7 @@ impl Outcome {
             Outcome::Decided(r) => r as usize,
             Outcome::BadRequest => Reason::ALL.len(),
             Outcome::UpstreamError => Reason::ALL.len() + 1,
+            Outcome::Action => Reason::ALL.len() + 2,
         }
     }
 
@@ -40,7 +43,8 @@ impl Outcome {
         match Reason::ALL.get(i) {
             Some(r) => r.as_str(),
             None if i == Reason::ALL.len() => "bad_request",
-            None => "upstream_error",
+            None if i == Reason::ALL.len() + 1 => "upstream_error",
+            None => "action",
         }
     }
 }
@@ -116,6 +120,9 @@ pub struct HistogramSnapshot {
 pub struct WorkerCounters {
     requests: [[AtomicU64; 5]; OUTCOMES],
     decide: Histogram<10>,
+    /// Requests by account and status class, with `[metrics] per_account`
+    /// only. The lock is the worker's own (uncontended).
+    accounts: std::sync::Mutex<std::collections::HashMap<String, [u64; 5]>>,
 }
 
 impl Default for WorkerCounters {
@@ -123,9 +130,13 @@ impl Default for WorkerCounters {
         WorkerCounters {
             requests: Default::default(),
             decide: Histogram::new(&DECIDE_BUCKETS),
+            accounts: Default::default(),
         }
     }
 }
+
+/// Distinct accounts one worker counts; past it new ones go to `other`.
+const MAX_ACCOUNTS: usize = 100_000;
 
 impl WorkerCounters {
     pub fn request(&self, outcome: Outcome, status: u16) {
@@ -134,6 +145,22 @@ impl WorkerCounters {
 
     pub fn decided_in(&self, ns: u64) {
         self.decide.observe_ns(ns);
+    }
+
+    /// Counts a request for its account (`[metrics] per_account`).
+    pub fn account_request(&self, account: &str, status: u16) {
+        let mut m = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let account = if account.is_empty() { "none" } else { account };
+        if let Some(row) = m.get_mut(account) {
+            row[class(status)] += 1;
+            return;
+        }
+        let name = if m.len() >= MAX_ACCOUNTS {
+            "other"
+        } else {
+            account
+        };
+        m.entry(name.to_string()).or_default()[class(status)] += 1;
     }
 }
 
@@ -145,6 +172,9 @@ pub const WORKER_SLOTS: usize = 64;
 #[derive(Debug)]
 pub struct EdgeCounters {
     workers: Box<[WorkerCounters]>,
+    /// `[metrics] per_account`: count requests per account too (one
+    /// series per account and status class: opt-in, to bound cardinality).
+    pub per_account: std::sync::atomic::AtomicBool,
 }
 
 impl Default for EdgeCounters {
@@ -153,6 +183,7 @@ impl Default for EdgeCounters {
             workers: (0..WORKER_SLOTS)
                 .map(|_| WorkerCounters::default())
                 .collect(),
+            per_account: Default::default(),
         }
     }
 }
@@ -176,6 +207,21 @@ impl EdgeCounters {
         out
     }
 
+    /// Requests by account and status class, summed over workers.
+    pub fn accounts(&self) -> std::collections::BTreeMap<String, [u64; 5]> {
+        let mut out: std::collections::BTreeMap<String, [u64; 5]> = Default::default();
+        for w in self.workers.iter() {
+            let m = w.accounts.lock().unwrap_or_else(|p| p.into_inner());
+            for (a, row) in m.iter() {
+                let o = out.entry(a.clone()).or_default();
+                for (x, y) in o.iter_mut().zip(row) {
+                    *x += y;
+                }
+            }
+        }
+        out
+    }
+
     /// The decision latency histogram, summed over workers.
     pub fn decide(&self) -> HistogramSnapshot {
         let mut h = HistogramSnapshot::default();
@@ -189,6 +235,43 @@ impl EdgeCounters {
 /// Store operations that failed (every caller that sees one counts it).
 pub static STORE_ERRORS: AtomicU64 = AtomicU64::new(0);
 
+/// Notification deliveries, per channel (`CHANNELS`): the counters the
+/// notifier keeps and `/metrics` reads.
+pub struct NotifyCounters {
+    /// Delivered (a relay accepted the message; a webhook answered 2xx).
+    pub sent: [AtomicU64; 2],
+    /// Attempts that failed and were tried again later.
+    pub retried: [AtomicU64; 2],
+    /// Given up after the last attempt (logged at WARN each).
+    pub failed: [AtomicU64; 2],
+    /// Not queued: the delivery queue was full.
+    pub dropped: [AtomicU64; 2],
+    /// Deliveries queued or being tried.
+    pub pending: AtomicU64,
+    /// Notices not sent again inside their window (one per address and key).
+    pub suppressed: AtomicU64,
+    /// Action links used, and refused (unknown, used, expired, bad nonce).
+    pub actions_used: AtomicU64,
+    pub actions_refused: AtomicU64,
+}
+
+/// The delivery channels, in the order of [`NotifyCounters`]' arrays.
+pub const CHANNELS: [&str; 2] = ["email", "webhook"];
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
+
+pub static NOTIFY: NotifyCounters = NotifyCounters {
+    sent: [ZERO; 2],
+    retried: [ZERO; 2],
+    failed: [ZERO; 2],
+    dropped: [ZERO; 2],
+    pending: ZERO,
+    suppressed: ZERO,
+    actions_used: ZERO,
+    actions_refused: ZERO,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,8 +284,9 @@ mod tests {
         e.worker(65).request(Outcome::UpstreamError, 502);
         let r = e.requests();
         assert_eq!(r[Reason::Ok as usize][1], 2);
-        assert_eq!(r[OUTCOMES - 1][4], 1);
-        assert_eq!(Outcome::name(OUTCOMES - 1), "upstream_error");
+        assert_eq!(r[OUTCOMES - 2][4], 1);
+        assert_eq!(Outcome::name(OUTCOMES - 2), "upstream_error");
+        assert_eq!(Outcome::name(OUTCOMES - 1), "action");
         assert_eq!(Outcome::name(Reason::Denied as usize), "denied");
         e.worker(0).decided_in(900); // 0.9 µs: the 1 µs bucket
         e.worker(3).decided_in(5_000_000); // 5 ms: above every bound

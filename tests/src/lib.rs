@@ -13,6 +13,8 @@ pub mod bpf;
 pub mod client;
 pub mod net;
 pub mod proc;
+pub mod receivers;
+pub mod scrape;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -466,7 +466,7 @@ pub fn curl(ns: &Netns, src: &str, url: &str, args: &[&str]) -> Reply {
             "exec",
             &ns.name,
             "curl",
-            "-sk",
+            "-skS",
             "--max-time",
             "10",
             "--interface",
@@ -499,7 +499,16 @@ pub fn curl(ns: &Netns, src: &str, url: &str, args: &[&str]) -> Reply {
         status,
         http_version,
         headers,
-        body: body.to_string(),
+        // A failed transfer says why instead.
+        body: if status == 0 {
+            format!(
+                "curl exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        } else {
+            body.to_string()
+        },
     }
 }
 

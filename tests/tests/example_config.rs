@@ -110,6 +110,7 @@ fn the_example_configuration_shows_every_option() {
         relay: "r".into(),
         from: "f".into(),
         to: vec![],
+        tls: Default::default(),
     });
     all.notify.webhooks = vec![WebhookConfig {
         url: "u".into(),

@@ -2,50 +2,16 @@
 //! (Debian's python3-prometheus-client), its values checked against the
 //! traffic this test made through the real edge.
 
-use std::collections::HashMap;
-
 use allowlist_tests::{
     kernel_tests_enabled,
-    net::{Pair, SERVER_V4, Upstream, curl, python},
+    net::{Pair, SERVER_V4, Upstream, curl},
     proc::Setup,
+    scrape::{get, scrape},
 };
 
 const EDGE: u16 = 8443;
 const UP: u16 = 8080;
 const METRICS: &str = "127.0.0.1:9477";
-
-type Labels = Vec<(String, String)>;
-/// `(name, sorted labels)` -> value, for every sample.
-type Samples = HashMap<(String, Labels), f64>;
-
-fn scrape(pair: &Pair) -> Samples {
-    let script = format!(
-        r#"
-import json, urllib.request
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-text = urllib.request.urlopen("http://{METRICS}/metrics", timeout=5).read().decode()
-out = []
-for fam in text_string_to_metric_families(text):
-    for s in fam.samples:
-        out.append([s.name, sorted(s.labels.items()), s.value])
-print(json.dumps(out))
-"#
-    );
-    let out = python(&pair.server, 15, &script);
-    let rows: Vec<(String, Labels, f64)> =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    rows.into_iter().map(|(n, l, v)| ((n, l), v)).collect()
-}
-
-fn get(s: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut l: Vec<(String, String)> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    l.sort();
-    *s.get(&(name.to_string(), l))
-        .unwrap_or_else(|| panic!("no sample {name} {labels:?}"))
-}
 
 #[test]
 fn metrics_count_what_the_edge_answered() {
@@ -62,6 +28,12 @@ fn metrics_count_what_the_edge_answered() {
         "listen = \"0.0.0.0:{EDGE}\"\nupstream = \"http://127.0.0.1:{UP}\""
     ));
     setup.metrics(METRICS);
+    // The opt-in series per account.
+    let cfg = std::fs::read_to_string(&setup.config).unwrap().replace(
+        &format!("listen = \"{METRICS}\""),
+        &format!("listen = \"{METRICS}\"\nper_account = true"),
+    );
+    std::fs::write(&setup.config, cfg).unwrap();
     let _d = setup.start(Some(&pair.server), &[]);
     let k = setup.ctl_json(&[
         "keys",
@@ -93,7 +65,7 @@ fn metrics_count_what_the_edge_answered() {
     assert_eq!(call("198.51.100.61", "/v1/things", key), 403);
     assert_eq!(call("198.51.100.60", "/a%2Fb", key), 400);
 
-    let s = scrape(&pair);
+    let s = scrape(&pair, METRICS);
     let req = |reason: &str, status: &str| {
         get(
             &s,
@@ -127,6 +99,26 @@ fn metrics_count_what_the_edge_answered() {
         0.0
     );
     assert_eq!(get(&s, "allowlist_api_guard_armed", &[]), 0.0);
+    assert_eq!(
+        get(
+            &s,
+            "allowlist_account_requests_total",
+            &[("account", "default"), ("status", "2xx")]
+        ),
+        3.0
+    );
+    let per_account_4xx: f64 = s
+        .iter()
+        .filter(|((n, l), _)| {
+            n == "allowlist_account_requests_total"
+                && l.iter().any(|(k, v)| k == "status" && v == "4xx")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(
+        per_account_4xx, 4.0,
+        "every refusal is counted under some account"
+    );
     assert_eq!(get(&s, "allowlist_store_errors_total", &[]), 0.0);
     assert_eq!(
         get(

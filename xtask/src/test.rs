@@ -280,6 +280,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
         "python3-prometheus-client",
     ),
     ("haproxy", "haproxy"),
+    // The notification tests receive e-mail with a real SMTP server.
+    ("/usr/bin/python3 -c 'import aiosmtpd'", "python3-aiosmtpd"),
     ("setpriv", "util-linux"),
     ("systemd-analyze", "systemd"),
     ("strace", "strace"),

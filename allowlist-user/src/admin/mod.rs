@@ -16,6 +16,7 @@ use axum::{
 mod auth;
 mod listen;
 mod logs;
+mod notify;
 mod socket;
 
 pub use auth::{Ctx, Operators, Peer};
@@ -83,6 +84,12 @@ fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/logs", get(logs::list))
         .route("/v1/logs/csv", get(logs::csv))
+        .route("/v1/notify", get(notify::show))
+        .route("/v1/notify/emails", axum::routing::put(notify::set_emails))
+        .route(
+            "/v1/notify/webhooks",
+            post(notify::add_webhook).delete(notify::remove_webhook),
+        )
         .route("/v1/accounts", get(list_accounts).post(create_account))
         .route(
             "/v1/accounts/{name}",

@@ -308,6 +308,23 @@ const ROUTES: &[Route] = &[
         true,
     ),
     r("GET", "/v1/accounts/acme", "", Need::Read, 200, true),
+    r("GET", "/v1/notify?account=acme", "", Need::Read, 200, true),
+    r(
+        "PUT",
+        "/v1/notify/emails?account=acme",
+        r#"{"emails":["owner@example.com"]}"#,
+        Need::Keys,
+        200,
+        true,
+    ),
+    r(
+        "POST",
+        "/v1/notify/webhooks?account=acme",
+        r#"{"url":"https://hooks.example.com/a","secret":"0123456789abcdef"}"#,
+        Need::Keys,
+        201,
+        true,
+    ),
     r(
         "POST",
         "/v1/accounts/acme/enforce",

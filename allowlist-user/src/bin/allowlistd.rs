@@ -169,6 +169,10 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let edge_stats = Arc::new(proxy::EdgeStats::default());
+    edge_stats.counters.per_account.store(
+        config.metrics.per_account,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // The usage log: its queue lives as long as the process (the edge's
     // workers hold a plain reference to it, no reference count).
     let log_writer = if config.logs.enabled {
@@ -189,6 +193,9 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
     } else {
         None
     };
+    // Before the edge: it serves the action links from the first request.
+    let notifier = allowlist::notify::Notifier::new(daemon.clone(), config.notify.clone());
+    let notify_task = notifier.start();
     let (effects_tx, effects_rx) = allowlist::edge_host::effects_channel();
     let effects = tokio::spawn(daemon.clone().apply_effects(effects_rx));
     let edge = tokio::spawn(proxy::serve(
@@ -381,6 +388,9 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
         let _ = t.await;
     }
     let _ = effects.await;
+    if let Some(t) = notify_task {
+        t.abort();
+    }
     sweeper.abort();
     housekeeping.abort();
     guard_drops.abort();

@@ -11,22 +11,6 @@ use crate::{
 
 /// E-mail addresses: something@something, no spaces or control bytes (the
 /// relay checks the rest).
-fn check_email(e: &str) -> Result<(), String> {
-    let ok = e.len() <= 254
-        && e.split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
-        && !e
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{e:?} is not an e-mail address; write it like ops@example.com"
-        ))
-    }
-}
-
 impl Daemon {
     fn account_view(&self, st: &State, a: &AccountState) -> AccountView {
         let (api_in_force, smtp_in_force) = Self::modes_in_force(st, a);
@@ -56,7 +40,7 @@ impl Daemon {
         let name = req.name.trim().to_string();
         check_account_name(&name).map_err(DaemonError::Invalid)?;
         for e in &req.emails {
-            check_email(e).map_err(DaemonError::Invalid)?;
+            crate::config::check_mailbox(e).map_err(DaemonError::Invalid)?;
         }
         let now = self.clock.now_ms() / 1000;
         let mut record = AccountRecord {

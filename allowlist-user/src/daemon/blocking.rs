@@ -215,6 +215,9 @@ impl Daemon {
                 days = self.config.blocking.learning_days,
                 "API blocking switched to active by itself: no new address was learned in the quiet period"
             );
+            self.notices.raise(super::Notice::BlockingActivated {
+                account: account.clone(),
+            });
             switched.push(account);
         }
         Ok(switched)

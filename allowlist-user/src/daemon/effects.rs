@@ -55,6 +55,10 @@ impl EdgeHost for Daemon {
     fn logs(&self) -> Option<&'static crate::logs::LogSink> {
         self.logs.get().copied()
     }
+
+    fn actions(&self) -> Option<&Arc<dyn crate::edge_host::ActionHandler>> {
+        self.actions.get()
+    }
 }
 
 impl Daemon {
@@ -88,6 +92,15 @@ impl Daemon {
                             tracing::warn!(error = %err, %net, "learning an address");
                         }
                     }
+                    SideEffect::RateLimit {
+                        account,
+                        key_id,
+                        percent,
+                    } => daemon.notices.raise(super::Notice::RateLimit {
+                        account,
+                        key_id,
+                        percent,
+                    }),
                     SideEffect::Success {
                         addr,
                         key_id,
@@ -132,6 +145,15 @@ fn flush_refused(
         return Vec::new();
     }
     let batch: Vec<UnauthorizedRecord> = refused.drain().map(|(_, v)| v).collect();
+    // The notifier keeps one message per address and key per window.
+    for r in &batch {
+        daemon.notices.raise(super::Notice::Blocked {
+            account: r.account.clone(),
+            addr: r.addr,
+            key_id: r.key_id.clone(),
+            service: "api",
+        });
+    }
     let mut sources: std::collections::HashMap<IpAddr, u64> = Default::default();
     for r in &batch {
         *sources.entry(r.addr).or_default() += r.attempts.max(0) as u64;

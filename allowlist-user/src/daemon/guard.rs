@@ -77,6 +77,14 @@ impl Daemon {
         let evicted = self
             .store
             .record_unauthorized(&batch, self.config.blocking.unauthorized_max)?;
+        for r in &batch {
+            self.notices.raise(super::Notice::Blocked {
+                account: r.account.clone(),
+                addr: r.addr,
+                key_id: String::new(),
+                service: if r.service == "smtp" { "smtp" } else { "api" },
+            });
+        }
         self.unauthorized_evicted
             .fetch_add(evicted, Ordering::Relaxed);
         Ok(())

@@ -11,6 +11,8 @@ mod guard;
 mod keys;
 mod lists;
 mod logs;
+mod notices;
+mod recipients;
 mod settings;
 mod tokens;
 mod usage;
@@ -18,6 +20,7 @@ mod usage;
 pub use crate::state::State;
 pub use keys::{DEFAULT_GRACE_SECS, MAX_GRACE_SECS};
 pub use lists::{Authorize, DenyRequest};
+pub use notices::{Notice, Notices};
 pub use tokens::{Caller, TOKEN_PREFIX};
 
 use std::{
@@ -152,6 +155,10 @@ pub struct Daemon {
     pub change_latency: crate::telemetry::Histogram<10>,
     /// Admin API tokens by id (hash of the secret only).
     pub(crate) tokens: Mutex<std::collections::HashMap<String, crate::store::TokenRecord>>,
+    /// What owners must be told about, for the notifier.
+    pub notices: Notices,
+    /// Serves action links on the edge (set once the notifier starts).
+    pub actions: std::sync::OnceLock<Arc<dyn crate::edge_host::ActionHandler>>,
     /// Live proxy connections that presented a key, for the cut-off.
     pub live: Mutex<std::collections::HashMap<u64, Arc<crate::live::LiveConn>>>,
 }
@@ -283,6 +290,8 @@ impl Daemon {
             tokens: Mutex::new(Default::default()),
             logs: std::sync::OnceLock::new(),
             change_latency: crate::telemetry::Histogram::new(&crate::telemetry::CHANGE_BUCKETS),
+            notices: Notices::default(),
+            actions: std::sync::OnceLock::new(),
             live: Mutex::new(Default::default()),
         })
     }

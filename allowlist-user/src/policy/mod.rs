@@ -234,6 +234,30 @@ pub struct KeyRuntime {
     pub last_used_ms: AtomicI64,
     /// Requests since the last flush.
     pub requests: AtomicU64,
+    /// When a rate-limit notice was last raised at 80 % and at 100 %
+    /// (Unix ms): a key held at its limit raises one a minute, not one per
+    /// request.
+    pub rate_told: [AtomicI64; 2],
+}
+
+impl KeyRuntime {
+    /// Whether to raise the rate-limit notice of `level` (0: 80 %, 1:
+    /// 100 %) now; true at most once a minute per level.
+    pub fn tell_rate(&self, level: usize, now_ms: i64) -> bool {
+        let Some(slot) = self.rate_told.get(level) else {
+            return false;
+        };
+        let last = slot.load(std::sync::atomic::Ordering::Relaxed);
+        now_ms - last >= 60_000
+            && slot
+                .compare_exchange(
+                    last,
+                    now_ms,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+    }
 }
 
 /// A key allowlist's answer for one address.

@@ -41,6 +41,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
+mod actions;
 mod client_addr;
 mod forward;
 mod idle;
@@ -263,11 +264,13 @@ impl Edge {
         let mut note = Note::default();
         let resp = self.respond(req, conn, source, &mut note).await;
         let status = resp.status().as_u16();
-        self.shared
-            .stats
-            .counters
-            .worker(self.slot)
-            .request(note.outcome, status);
+        let counters = &self.shared.stats.counters;
+        counters.worker(self.slot).request(note.outcome, status);
+        if counters.per_account.load(Ordering::Relaxed) {
+            counters
+                .worker(self.slot)
+                .account_request(&note.account, status);
+        }
         let done = logs.map(|sink| usage::Done {
             record: LogRecord {
                 at_ms,
@@ -357,6 +360,12 @@ impl Edge {
         let path = normal.as_deref().unwrap_or_else(|| req.uri().path());
         note.client = Some(client);
         note.path = bounded(path);
+        if path.starts_with(actions::PREFIX) {
+            // The edge's own pages: no key, never forwarded.
+            note.outcome = Outcome::Action;
+            let path = path.to_string();
+            return actions::answer(self.shared.host.actions(), req, &path, client).await;
+        }
         let now_ms = self.shared.host.now_ms();
         let (d, bearer): (Decision, bool) = {
             let cred = credential(req.headers());
@@ -395,6 +404,25 @@ impl Edge {
                 k.rate.map(|limit| k.runtime.limiter.peek(&limit, now_ms))
             })
         };
+        if let (Some(k), Some(info)) = (&d.key, &rate) {
+            // 80 %: a fifth or less of the budget left.
+            let level = if d.reason == Reason::RateLimited {
+                Some(1)
+            } else if u64::from(info.remaining) * 5 <= u64::from(info.limit) {
+                Some(0)
+            } else {
+                None
+            };
+            if let Some(level) = level
+                && k.runtime.tell_rate(level, now_ms)
+            {
+                self.effect(SideEffect::RateLimit {
+                    account: d.account_name().unwrap_or_default().to_string(),
+                    key_id: k.id.clone(),
+                    percent: if level == 1 { 100 } else { 80 },
+                });
+            }
+        }
         if !d.allowed() {
             tracing::debug!(%client, key = %key_id(), reason = ?d.reason, rule = %d.rule, "refused");
             if matches!(

@@ -146,4 +146,31 @@ pub(super) const MIGRATIONS: &[&str] = &[
         created_by TEXT NOT NULL
     );
     CREATE UNIQUE INDEX tokens_hash ON tokens(hash);",
+    // 4: notifications: per-account webhooks, and the one-click action
+    // links sent with each notification (only the token's hash is kept).
+    "CREATE TABLE webhooks (
+        account TEXT NOT NULL,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        PRIMARY KEY (account, url)
+    );
+    CREATE TABLE actions (
+        hash BLOB PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        grp TEXT NOT NULL,
+        account TEXT NOT NULL,
+        action TEXT NOT NULL,
+        addr TEXT NOT NULL DEFAULT '',
+        key_id TEXT NOT NULL DEFAULT '',
+        key_name TEXT NOT NULL DEFAULT '',
+        nonce TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER,
+        used_by TEXT
+    );
+    CREATE INDEX actions_grp ON actions(grp);
+    CREATE INDEX actions_expires ON actions(expires_at);",
 ];

@@ -384,14 +384,87 @@ pub trait AccessStore {
     fn audit_log(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
+/// A webhook an account registered for its own notifications.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookRecord {
+    pub account: String,
+    pub url: String,
+    /// Keys the HMAC signature; never shown after it is set.
+    pub secret: String,
+    pub created_at: i64,
+    pub created_by: String,
+}
+
+/// A one-click action link sent with a notification. Only the hash of its
+/// token is stored; the links of one notification share a `group`, and
+/// using one voids the others.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActionRecord {
+    pub hash: [u8; 32],
+    /// Public id, the actor in the audit log (`action:ID`).
+    pub id: String,
+    pub group: String,
+    pub account: String,
+    /// "authorize", "deny_rotate" or "deactivate".
+    pub action: String,
+    pub addr: String,
+    pub key_id: String,
+    pub key_name: String,
+    /// Shown on the confirmation page and required by the POST, so only a
+    /// rendered page can act.
+    pub nonce: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub used_at: Option<i64>,
+    /// The id of the link of this group that was used.
+    pub used_by: Option<String>,
+}
+
+/// The outcome of claiming an action link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// Claimed now: its siblings are void.
+    Claimed(ActionRecord),
+    /// No link has this token.
+    Unknown,
+    /// It, or a sibling, was used already.
+    Used(ActionRecord),
+    Expired(ActionRecord),
+    /// The nonce is not the one its page showed.
+    BadNonce,
+}
+
+/// Notification settings an account keeps in the store, and action links.
+pub trait NotifyStore {
+    /// One account's webhooks, or every account's.
+    fn list_webhooks(&self, account: Option<&str>) -> Result<Vec<WebhookRecord>, StoreError>;
+    /// Adds or replaces (same account and URL) a webhook; true if replaced.
+    fn put_webhook(&self, rec: &WebhookRecord, actor: &str) -> Result<bool, StoreError>;
+    /// False when the account has no webhook at this URL.
+    fn remove_webhook(&self, account: &str, url: &str, actor: &str) -> Result<bool, StoreError>;
+    fn create_actions(&self, recs: &[ActionRecord]) -> Result<(), StoreError>;
+    fn find_action(&self, hash: &[u8; 32]) -> Result<Option<ActionRecord>, StoreError>;
+    /// In one transaction: checks that the link exists, that `nonce` is
+    /// its page's, that neither it nor a sibling was used and that it has
+    /// not expired at `now`, then marks the whole group used by it.
+    fn claim_action(&self, hash: &[u8; 32], nonce: &str, now: i64) -> Result<Claim, StoreError>;
+    /// Undoes a claim whose action then failed, so the link can be tried again.
+    fn release_action(&self, group: &str) -> Result<(), StoreError>;
+    /// Deletes links that expired before `before`; returns how many.
+    fn sweep_actions(&self, before: i64) -> Result<usize, StoreError>;
+}
+
 /// The store interface, one trait per room; a PostgreSQL implementation
 /// can sit beside the SQLite one without touching callers.
 pub trait Store:
-    AccountStore + KeyStore + ListStore + DropStore + AccessStore + Send + Sync
+    AccountStore + KeyStore + ListStore + DropStore + AccessStore + NotifyStore + Send + Sync
 {
 }
 
-impl<T: AccountStore + KeyStore + ListStore + DropStore + AccessStore + Send + Sync> Store for T {}
+impl<T> Store for T where
+    T: AccountStore + KeyStore + ListStore + DropStore + AccessStore + NotifyStore + Send + Sync
+{
+}
 
 mod migrations;
 mod sqlite;

@@ -13,6 +13,7 @@ mod error;
 mod ips;
 mod keys;
 mod logs;
+mod notify;
 mod stats;
 mod tokens;
 mod transport;
@@ -97,6 +98,9 @@ enum Command {
     Audit(audit::AuditArgs),
     /// The usage log: every request the edge answered, newest first.
     Logs(logs::LogsArgs),
+    /// Where the account's notifications go: e-mail recipients and webhooks.
+    #[command(subcommand)]
+    Notify(notify::NotifyCmd),
 }
 
 /// What a command prints: JSON for `--json`, text otherwise.
@@ -199,6 +203,7 @@ fn main() -> ExitCode {
             Command::Events => stats::events(&client).await,
             Command::Audit(args) => audit::run(&client, args).await,
             Command::Logs(args) => logs::run(&client, args).await,
+            Command::Notify(cmd) => notify::run(&client, cmd).await,
         }
     });
     match result {

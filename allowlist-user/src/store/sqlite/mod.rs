@@ -15,6 +15,7 @@ mod accounts;
 mod drops;
 mod keys;
 mod lists;
+mod notify;
 
 /// A `drops` row as read: cidr, kind, reason, created_at, expires_at,
 /// created_by.
