@@ -17,6 +17,7 @@ use allowlist_tests::{
     kernel_tests_enabled,
     net::{Pair, SERVER_IF, SERVER_V4, Upstream, curl, wait_for},
     proc::{Setup, Start, TestCgroup, bin},
+    receivers::Receivers,
     tool_available,
 };
 
@@ -214,8 +215,10 @@ fn syscalls_in(trace: &str) -> BTreeSet<String> {
 
 /// The daemon under strace, doing what it does in production — XDP on an
 /// interface, the hooks on its unit's cgroup (`INVOCATION_ID`), the edge
-/// over HTTP/1.1 and HTTP/2, the admin socket and metrics, a SIGHUP reload
-/// and a SIGTERM stop — calls nothing the unit's filter would refuse.
+/// over HTTP/1.1 and HTTP/2, the admin socket, a refusal told by e-mail
+/// (STARTTLS offered or not, the relay decides) and by a signed webhook, a
+/// SIGHUP reload and a SIGTERM stop — calls nothing the unit's filter
+/// would refuse.
 #[test]
 fn the_daemon_stays_within_the_units_system_call_filter() {
     let test = "the_daemon_stays_within_the_units_system_call_filter";
@@ -228,6 +231,7 @@ fn the_daemon_stays_within_the_units_system_call_filter() {
     let allowed = allowed_syscalls();
     let pair = Pair::new();
     pair.client_addr("198.51.100.80");
+    pair.client_addr("198.51.100.81");
     let _up = Upstream::start(&pair.server, 8080);
     let unit = TestCgroup::new();
     let setup = Setup::new(
@@ -235,6 +239,26 @@ fn the_daemon_stays_within_the_units_system_call_filter() {
         &format!("interfaces = [\"{SERVER_IF}\"]\nxdp_mode = \"generic\""),
     );
     setup.proxy("listen = \"0.0.0.0:8443\"\nupstream = \"http://127.0.0.1:8080\"");
+    let (smtp, hooks, secret) = (2525, 9000, "unit-filter-hook-secret-0123");
+    let cfg = std::fs::read_to_string(&setup.config).unwrap();
+    std::fs::write(
+        &setup.config,
+        format!(
+            "{cfg}[notify]\naction_base_url = \"https://{SERVER_V4}:8443\"\n\
+             [notify.smtp]\nrelay = \"127.0.0.1:{smtp}\"\nfrom = \"allowlist@edge.test\"\n\
+             to = [\"ops@edge.test\"]\n\
+             [[notify.webhooks]]\nurl = \"http://127.0.0.1:{hooks}/hook\"\nsecret = \"{secret}\"\n"
+        ),
+    )
+    .unwrap();
+    let rx = Receivers::start(
+        &pair.server,
+        setup.dir.path(),
+        smtp,
+        hooks,
+        &[("/hook", secret)],
+        &[],
+    );
     let trace = setup.dir.path().join("strace.log");
     let trace_arg = trace.display().to_string();
     let mut d = setup.start_with(Start {
@@ -253,20 +277,29 @@ fn the_daemon_stays_within_the_units_system_call_filter() {
         .and_then(|p| p.parse().ok())
         .expect("strace's child");
 
-    let key = setup.ctl_json(&["keys", "create", "--name", "k", "--allow", "198.51.100.80"])["key"]
+    let key = setup.ctl_json(&["keys", "create", "--name", "k"])["key"]
         .as_str()
         .unwrap()
         .to_string();
     let url = format!("https://{SERVER_V4}:8443/");
+    let hk = format!("api-key: {key}");
+    setup.ctl_json(&["ips", "authorize", "198.51.100.80"]);
+    setup.ctl_json(&["blocking", "api", "activate", "--force"]);
     for http in ["--http1.1", "--http2"] {
-        let r = curl(
-            &pair.client,
-            "198.51.100.80",
-            &url,
-            &[http, "-H", &format!("api-key: {key}")],
-        );
+        let r = curl(&pair.client, "198.51.100.80", &url, &[http, "-H", &hk]);
         assert_eq!(r.status, 200, "{http}: {r:?}");
     }
+    // A refused caller, told by e-mail and webhook.
+    let r = curl(&pair.client, "198.51.100.81", &url, &["-H", &hk]);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert!(
+        wait_for(Duration::from_secs(15), || !rx.mails().is_empty()
+            && rx.hooks().iter().any(|h| h.status == 200)),
+        "no notification arrived: {:?} {:?}\n{}",
+        rx.mails(),
+        rx.hooks(),
+        d.log_plain()
+    );
     setup.ctl_json(&["drop", "add", "203.0.113.0/24", "--ttl", "10m"]);
     setup.ctl_json(&["stats"]);
     // SAFETY: signalling the daemon this test started.
