@@ -200,6 +200,12 @@ impl Collector for Metrics {
                 "Usage-log records written",
                 sink.written.load(Ordering::Relaxed),
             )?;
+            gauge(
+                &mut enc,
+                "allowlist_log_queue",
+                "Usage-log records waiting for the writer",
+                sink.depth() as f64,
+            )?;
             counter(
                 &mut enc,
                 "allowlist_log_dropped",

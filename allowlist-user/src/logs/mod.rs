@@ -1,8 +1,9 @@
 //! Usage logs: every request the edge answers (refused ones included) and
 //! samples of kernel drops, per account.
 //!
-//! The request path hands a [`LogRecord`] to a [`LogSink`]: a bounded
-//! queue it never waits on (when full, the record is counted and dropped).
+//! The request path hands a [`LogRecord`] to a [`LogSink`]: bounded
+//! per-thread queues it never waits on (when full, the record is counted
+//! and dropped).
 //! One writer thread takes what the queue holds every flush interval and
 //! inserts it in one transaction per day into that day's own SQLite file
 //! (`requests-YYYY-MM-DD.db`), apart from the policy store and its lock.
@@ -25,8 +26,7 @@ use std::{
     net::IpAddr,
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
-        mpsc::{Receiver, SyncSender, TrySendError},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -56,11 +56,23 @@ pub struct LogRecord {
     pub bytes_out: u64,
 }
 
-/// Where records go: a bounded queue the writer drains.
+/// Queues the edge's threads write to; each thread keeps to one, so a
+/// record costs an uncontended lock and a push, not a shared channel slot.
+const SHARDS: usize = 16;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Vec<LogRecord>>);
+
+/// Where records go: bounded per-thread queues the writer drains.
 #[derive(Debug)]
 pub struct LogSink {
-    tx: SyncSender<LogRecord>,
-    rx: Mutex<Option<Receiver<LogRecord>>>,
+    shards: Box<[Shard]>,
+    /// Records queued and not yet taken by the writer (the bound).
+    queued: AtomicUsize,
+    capacity: usize,
+    /// Whether the writer has started (a second one is refused).
+    taken: AtomicBool,
     /// Records dropped because the queue was full.
     pub dropped: AtomicU64,
     /// Records written.
@@ -73,28 +85,63 @@ pub struct LogSink {
 impl LogSink {
     /// A sink holding at most `buffer` records between two writes.
     pub fn new(buffer: usize) -> LogSink {
-        let (tx, rx) = std::sync::mpsc::sync_channel(buffer);
         LogSink {
-            tx,
-            rx: Mutex::new(Some(rx)),
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            queued: AtomicUsize::new(0),
+            capacity: buffer,
+            taken: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
         }
     }
 
-    /// Queues a record; never blocks.
+    /// Queues a record; never blocks (beyond a lock only this thread and,
+    /// every flush, the writer take).
     pub fn submit(&self, r: LogRecord) {
-        match self.tx.try_send(r) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let shard = &self.shards[shard_of_thread()];
+        shard.0.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+    }
+
+    /// Records waiting for the writer.
+    pub fn depth(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Moves everything queued into `into` (the writer's batch); `spare`
+    /// vectors are swapped in so the edge's threads do not regrow theirs.
+    fn drain(&self, into: &mut Vec<LogRecord>, spare: &mut Vec<Vec<LogRecord>>) {
+        for shard in self.shards.iter() {
+            let mut q = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+            if q.is_empty() {
+                continue;
             }
+            let fresh = spare.pop().unwrap_or_default();
+            let taken = std::mem::replace(&mut *q, fresh);
+            drop(q);
+            self.queued.fetch_sub(taken.len(), Ordering::Relaxed);
+            let mut taken = taken;
+            into.append(&mut taken);
+            spare.push(taken);
         }
     }
 
-    /// The receiving end, once (for the writer).
-    fn take_receiver(&self) -> Option<Receiver<LogRecord>> {
-        self.rx.lock().unwrap_or_else(|p| p.into_inner()).take()
+    /// Claims the sink for its one writer.
+    fn claim(&self) -> bool {
+        !self.taken.swap(true, Ordering::Relaxed)
     }
+}
+
+/// This thread's queue: threads are spread over the shards in turn.
+fn shard_of_thread() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|s| *s)
 }

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
 use super::{LogRecord, LogSink, day_file, day_of_ms, parse_day_file};
 
@@ -95,9 +95,11 @@ pub fn start(
     today: impl Fn() -> i64 + Send + 'static,
 ) -> std::io::Result<LogWriter> {
     std::fs::create_dir_all(&dir)?;
-    let rx = sink
-        .take_receiver()
-        .ok_or_else(|| std::io::Error::other("the usage-log writer is already running"))?;
+    if !sink.claim() {
+        return Err(std::io::Error::other(
+            "the usage-log writer is already running",
+        ));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let retention = Arc::new(Retention {
@@ -109,6 +111,7 @@ pub fn start(
         .name("usage-log".into())
         .spawn(move || {
             let mut open: HashMap<i64, Connection> = HashMap::new();
+            let mut spare: Vec<Vec<LogRecord>> = Vec::new();
             let mut swept_day = i64::MIN;
             loop {
                 let stopping = flag.load(Ordering::Relaxed);
@@ -118,7 +121,8 @@ pub fn start(
                     open.retain(|d, _| *d >= today - 1);
                     swept_day = today;
                 }
-                let batch: Vec<LogRecord> = rx.try_iter().collect();
+                let mut batch: Vec<LogRecord> = Vec::new();
+                sink.drain(&mut batch, &mut spare);
                 if !batch.is_empty() {
                     write(sink, &dir, &mut open, batch);
                 }
@@ -164,11 +168,92 @@ fn sweep(dir: &Path, today: i64, retention_days: u32) {
     }
 }
 
+/// Rows per multi-row INSERT: one statement step per 64 rows instead of
+/// per row (12 x 64 parameters, far below SQLite's limit).
+const CHUNK: usize = 64;
+
+const COLUMNS: &str = "INSERT INTO requests(at_ms, account, key_id, client, method, path, status, reason, \
+     rule, latency_us, bytes_in, bytes_out) VALUES ";
+
+fn insert_sql(rows: usize) -> String {
+    let one = "(?,?,?,?,?,?,?,?,?,?,?,?)";
+    let mut sql = String::with_capacity(COLUMNS.len() + rows * (one.len() + 1));
+    sql.push_str(COLUMNS);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(one);
+    }
+    sql
+}
+
+/// Text columns formatted per row into buffers reused across rows (no
+/// allocation per row once they have grown).
+#[derive(Default)]
+struct Texts {
+    rule: Vec<String>,
+    client: Vec<String>,
+}
+
+impl Texts {
+    fn fill(&mut self, rows: &[LogRecord]) {
+        use std::fmt::Write as _;
+        if self.rule.len() < rows.len() {
+            self.rule.resize(rows.len(), String::new());
+            self.client.resize(rows.len(), String::new());
+        }
+        for (i, r) in rows.iter().enumerate() {
+            let (rule, client) = (&mut self.rule[i], &mut self.client[i]);
+            rule.clear();
+            client.clear();
+            let _ = match &r.rule {
+                Some(x) => write!(rule, "{x}"),
+                None => write!(rule, "{}", r.note),
+            };
+            if let Some(c) = r.client {
+                let _ = write!(client, "{c}");
+            }
+        }
+    }
+}
+
+/// Binds `rows` (and their formatted texts) to a statement of as many
+/// rows, and runs it.
+fn insert(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    rows: &[LogRecord],
+    rule: &[String],
+    client: &[String],
+) -> rusqlite::Result<()> {
+    let mut n = 0;
+    let mut bind = |v: &dyn rusqlite::ToSql| {
+        n += 1;
+        stmt.raw_bind_parameter(n, v)
+    };
+    for (i, r) in rows.iter().enumerate() {
+        bind(&r.at_ms)?;
+        bind(&r.account)?;
+        bind(&r.key_id)?;
+        bind(&client[i])?;
+        bind(&r.method)?;
+        bind(&r.path)?;
+        bind(&r.status)?;
+        bind(&r.reason)?;
+        bind(&rule[i])?;
+        bind(&(r.latency_us as i64))?;
+        bind(&(r.bytes_in as i64))?;
+        bind(&(r.bytes_out as i64))?;
+    }
+    stmt.raw_execute().map(|_| ())
+}
+
 fn write(sink: &LogSink, dir: &Path, open: &mut HashMap<i64, Connection>, batch: Vec<LogRecord>) {
     let mut by_day: HashMap<i64, Vec<LogRecord>> = HashMap::new();
     for r in batch {
         by_day.entry(day_of_ms(r.at_ms)).or_default().push(r);
     }
+    let mut texts = Texts::default();
     for (day, rows) in by_day {
         let n = rows.len() as u64;
         let result = (|| {
@@ -177,31 +262,23 @@ fn write(sink: &LogSink, dir: &Path, open: &mut HashMap<i64, Connection>, batch:
                 std::collections::hash_map::Entry::Vacant(e) => e.insert(open_day(dir, day)?),
             };
             let tx = conn.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO requests(at_ms, account, key_id, client, method, path, status, reason,
-                       rule, latency_us, bytes_in, bytes_out)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )?;
-                for r in &rows {
-                    let rule = match &r.rule {
-                        Some(rule) => rule.to_string(),
-                        None => r.note.to_string(),
-                    };
-                    stmt.execute(params![
-                        r.at_ms,
-                        r.account,
-                        r.key_id,
-                        r.client.map(|c| c.to_string()).unwrap_or_default(),
-                        r.method,
-                        r.path,
-                        r.status,
-                        r.reason,
-                        rule,
-                        r.latency_us as i64,
-                        r.bytes_in as i64,
-                        r.bytes_out as i64,
-                    ])?;
+            for chunk in rows.chunks(CHUNK) {
+                texts.fill(chunk);
+                // Full chunks share one cached statement; the remainder
+                // goes row by row, so at most two statements are cached.
+                if chunk.len() == CHUNK {
+                    let mut stmt = tx.prepare_cached(&insert_sql(CHUNK))?;
+                    insert(&mut stmt, chunk, &texts.rule, &texts.client)?;
+                } else {
+                    let mut stmt = tx.prepare_cached(&insert_sql(1))?;
+                    for (i, r) in chunk.iter().enumerate() {
+                        insert(
+                            &mut stmt,
+                            std::slice::from_ref(r),
+                            &texts.rule[i..=i],
+                            &texts.client[i..=i],
+                        )?;
+                    }
                 }
             }
             tx.commit()
