@@ -23,6 +23,20 @@ pub const LIVE: &[(&str, &[&str])] = &[
     ("proxy", &["cert", "key", "trusted_proxies"]),
     ("admin", &["cert", "key"]),
     ("logs", &["retention_days"]),
+    (
+        "notify",
+        &[
+            "action_base_url",
+            "window_secs",
+            "action_ttl_secs",
+            "grace_warning_secs",
+            "attempts",
+            "retry_secs",
+            "queue",
+            "smtp",
+            "webhooks",
+        ],
+    ),
 ];
 
 fn is_live(section: &str, key: &str) -> bool {
@@ -119,6 +133,7 @@ impl Reloader {
             .await;
         self.admin(new, loaded.admin, &mut in_force, &mut report);
         self.logs(old, new, &mut in_force, &mut report);
+        self.notify(old, new, &mut in_force, &mut report);
         report.restart = changed_keys(&in_force, new)
             .into_iter()
             .filter(|(s, k)| !is_live(s, k))
@@ -216,6 +231,26 @@ impl Reloader {
                 old.logs.retention_days, new.logs.retention_days
             ));
         }
+    }
+}
+
+impl Reloader {
+    /// `[notify]`: relay, recipients, webhooks, windows and retries, for
+    /// every notice from now on (deliveries in flight keep theirs).
+    fn notify(&self, old: &Config, new: &Config, in_force: &mut Config, report: &mut Report) {
+        let changed: Vec<String> = changed_keys(old, new)
+            .into_iter()
+            .filter(|(s, _)| s == "notify")
+            .map(|(_, k)| format!("[notify] {k}"))
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        in_force.notify = new.notify.clone();
+        self.daemon
+            .notify_config
+            .store(Arc::new(new.notify.clone()));
+        report.applied.extend(changed);
     }
 }
 

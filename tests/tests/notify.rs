@@ -414,3 +414,64 @@ fn rate_limits_and_ending_graces_are_told() {
         assert!(!m.raw.contains(key), "never the secret");
     }
 }
+
+#[test]
+fn a_reload_sends_the_next_notice_to_the_new_webhook() {
+    if !kernel_tests_enabled("a_reload_sends_the_next_notice_to_the_new_webhook") {
+        return;
+    }
+    let pair = Pair::new();
+    pair.client_addr(A);
+    pair.client_addr(B);
+    let _up = Upstream::start(&pair.server, UP);
+    let setup = Setup::new(false, "");
+    config(&setup);
+    let rx = Receivers::start(
+        &pair.server,
+        setup.dir.path(),
+        SMTP,
+        HOOKS,
+        &[("/flaky", HOOK_SECRET), ("/after", HOOK_SECRET)],
+        &[],
+    );
+    let d = setup.start(Some(&pair.server), &["--no-kernel"]);
+    let k = setup.ctl_json(&["keys", "create", "--name", "w", "--allow", A]);
+    let hk = format!("api-key: {}", k["key"].as_str().unwrap());
+    let url = format!("https://{SERVER_V4}:{EDGE}/v1/things");
+    // The webhook moves to /after; nothing else changes.
+    let cfg = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace(&format!("{HOOKS}/flaky"), &format!("{HOOKS}/after"));
+    std::fs::write(&setup.config, cfg).unwrap();
+    d.hup();
+    assert!(
+        wait_for(Duration::from_secs(10), || d
+            .log_plain()
+            .contains("SIGHUP: configuration reloaded")),
+        "{}",
+        d.log_plain()
+    );
+    let line = d
+        .log_plain()
+        .lines()
+        .find(|l| l.contains("SIGHUP: configuration reloaded"))
+        .unwrap()
+        .to_string();
+    assert!(line.contains("applied=[notify] webhooks"), "{line}");
+    assert!(line.contains("restart_needed=none"), "{line}");
+    assert_eq!(curl(&pair.client, B, &url, &["-H", &hk]).status, 403);
+    assert!(
+        wait_for(Duration::from_secs(15), || rx.hooks().iter().any(|h| h
+            .path
+            == "/after"
+            && h.valid
+            && h.status == 200)),
+        "{:?}",
+        rx.hooks()
+    );
+    assert!(
+        rx.hooks().iter().all(|h| h.path == "/after"),
+        "{:?}",
+        rx.hooks()
+    );
+}

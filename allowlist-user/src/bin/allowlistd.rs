@@ -194,7 +194,7 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
         None
     };
     // Before the edge: it serves the action links from the first request.
-    let notifier = allowlist::notify::Notifier::new(daemon.clone(), config.notify.clone());
+    let notifier = allowlist::notify::Notifier::new(daemon.clone());
     let notify_task = notifier.start();
     let (effects_tx, effects_rx) = allowlist::edge_host::effects_channel();
     let effects = tokio::spawn(daemon.clone().apply_effects(effects_rx));

@@ -157,6 +157,8 @@ pub struct Daemon {
     pub(crate) tokens: Mutex<std::collections::HashMap<String, crate::store::TokenRecord>>,
     /// What owners must be told about, for the notifier.
     pub notices: Notices,
+    /// `[notify]` as in force (SIGHUP replaces it).
+    pub notify_config: arc_swap::ArcSwap<crate::config::NotifyConfig>,
     /// Serves action links on the edge (set once the notifier starts).
     pub actions: std::sync::OnceLock<Arc<dyn crate::edge_host::ActionHandler>>,
     /// Live proxy connections that presented a key, for the cut-off.
@@ -270,6 +272,7 @@ impl Daemon {
             config.proxy.trusted_proxies.clone(),
             &config.blocking.smtp_account,
         );
+        let notify_config = arc_swap::ArcSwap::from_pointee(config.notify.clone());
         Ok(Daemon {
             config,
             store,
@@ -291,6 +294,7 @@ impl Daemon {
             logs: std::sync::OnceLock::new(),
             change_latency: crate::telemetry::Histogram::new(&crate::telemetry::CHANGE_BUCKETS),
             notices: Notices::default(),
+            notify_config,
             actions: std::sync::OnceLock::new(),
             live: Mutex::new(Default::default()),
         })

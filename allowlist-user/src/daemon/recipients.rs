@@ -32,8 +32,8 @@ impl Daemon {
             account: account.to_string(),
             emails,
             webhooks,
-            smtp_configured: self.config.notify.smtp.is_some(),
-            installation_webhooks: self.config.notify.webhooks.len(),
+            smtp_configured: self.notify_config.load().smtp.is_some(),
+            installation_webhooks: self.notify_config.load().webhooks.len(),
         })
     }
 

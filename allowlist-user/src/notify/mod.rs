@@ -22,7 +22,6 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 
 use crate::{
@@ -71,23 +70,18 @@ impl Delivery {
 
 pub struct Notifier {
     daemon: Arc<Daemon>,
-    config: ArcSwap<NotifyConfig>,
     tls: Arc<rustls::ClientConfig>,
 }
 
 impl Notifier {
-    pub fn new(daemon: Arc<Daemon>, config: NotifyConfig) -> Arc<Notifier> {
+    /// Reads `[notify]` from the daemon's copy on every notice, so a
+    /// SIGHUP reload applies to the next one (deliveries in flight keep
+    /// the settings they started with).
+    pub fn new(daemon: Arc<Daemon>) -> Arc<Notifier> {
         Arc::new(Notifier {
             daemon,
-            config: ArcSwap::from_pointee(config),
             tls: webhook::tls_client(),
         })
-    }
-
-    /// Applies a reloaded `[notify]` (SIGHUP); deliveries in flight keep
-    /// the settings they started with.
-    pub fn reload(&self, config: NotifyConfig) {
-        self.config.store(Arc::new(config));
     }
 
     /// Starts the notifier and the action-link handler; returns the task.
@@ -114,7 +108,7 @@ impl Notifier {
                     None => break,
                 },
                 _ = sweep.tick() => {
-                    let cfg = self.config.load();
+                    let cfg = self.daemon.notify_config.load();
                     let now = self.daemon.clock.now_ms() / 1000;
                     self.daemon
                         .raise_grace_notices(cfg.grace_warning_secs as i64);
@@ -127,7 +121,7 @@ impl Notifier {
                     continue;
                 }
             };
-            let cfg = self.config.load_full();
+            let cfg = self.daemon.notify_config.load_full();
             let now = self.daemon.clock.now_ms() / 1000;
             if let Some(key) = dedup_key(&notice) {
                 match told.get(&key) {
