@@ -261,6 +261,22 @@ fn a_refusal_is_told_once_and_its_links_act_once() {
         .map(|e| e["actor"].as_str().unwrap())
         .collect();
     assert_eq!(actors.len(), 1, "one link acted: {audit}");
+    // The usage log (which viewers read) has the clicks, not the tokens.
+    let token = |link: &str| link.rsplit('/').next().unwrap().to_string();
+    let clicks = allowlist_tests::net::wait_for(Duration::from_secs(5), || {
+        setup
+            .ctl_json(&["logs", "--limit", "1000"])
+            .to_string()
+            .contains("/_allowlist/actions/(token)")
+    });
+    assert!(clicks, "the clicks are logged");
+    let logged = setup.ctl_json(&["logs", "--limit", "1000"]).to_string();
+    for l in mail.links() {
+        assert!(
+            !logged.contains(&token(&l)),
+            "a token in the usage log: {logged}"
+        );
+    }
 
     // C: deny and rotate by link. The old secret stops at once; the new
     // one, shown once on the answer, works (from an authorized address).

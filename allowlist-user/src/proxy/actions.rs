@@ -14,6 +14,14 @@ use crate::edge_host::{ActionHandler, ActionMethod, ActionRequest};
 pub const PREFIX: &str = "/_allowlist/";
 const ACTIONS: &str = "/_allowlist/actions/";
 
+/// `path` as the usage log may keep it: an action link's token replaced.
+pub fn redacted(path: &str) -> String {
+    match path.strip_prefix(ACTIONS) {
+        Some(_) => format!("{ACTIONS}(token)"),
+        None => path.chars().take(2048).collect(),
+    }
+}
+
 /// A confirmation form is a few dozen bytes.
 const MAX_FORM: usize = 4096;
 
