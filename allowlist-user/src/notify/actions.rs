@@ -253,7 +253,7 @@ impl ActionDesk {
         }
         ActionReply {
             status: 200,
-            html: page::confirm(&rec, kind),
+            html: page::confirm(&rec, &kind.describe(&rec.addr, &rec.key_id)),
         }
     }
 
@@ -297,7 +297,11 @@ impl ActionDesk {
                 );
                 ActionReply {
                     status: 200,
-                    html: page::done(&rec, kind, secret.as_deref()),
+                    html: page::done(
+                        &rec,
+                        &kind.describe(&rec.addr, &rec.key_id),
+                        secret.as_deref(),
+                    ),
                 }
             }
             Err(e) => {

@@ -3,8 +3,6 @@
 
 use crate::store::ActionRecord;
 
-use super::actions::ActionKind;
-
 /// HTML-escapes text for element content and quoted attributes.
 pub fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -50,23 +48,23 @@ fn facts(rec: &ActionRecord) -> String {
     out + "</dl>"
 }
 
-/// GET of a live link: what it does, and the one form that does it.
-pub fn confirm(rec: &ActionRecord, kind: ActionKind) -> String {
-    let what = kind.describe(&rec.addr, &rec.key_id);
+/// GET of a live link: what it does (`what`, the button's words), and the
+/// one form that does it.
+pub fn confirm(rec: &ActionRecord, what: &str) -> String {
     frame(
-        &what,
+        what,
         &format!(
             "{}<p>This changes the account's policy at once. Nothing happens until you confirm.</p>\
              <form method=\"post\"><input type=\"hidden\" name=\"nonce\" value=\"{}\">\
              <button type=\"submit\">{}</button></form>",
             facts(rec),
             esc(&rec.nonce),
-            esc(&what)
+            esc(what)
         ),
     )
 }
 
-pub fn done(rec: &ActionRecord, kind: ActionKind, secret: Option<&str>) -> String {
+pub fn done(rec: &ActionRecord, what: &str, secret: Option<&str>) -> String {
     let mut body = format!(
         "{}<p>Done. The other links of this notification no longer work.</p>",
         facts(rec)
@@ -78,10 +76,7 @@ pub fn done(rec: &ActionRecord, kind: ActionKind, secret: Option<&str>) -> Strin
             esc(s)
         );
     }
-    frame(
-        &format!("{}: done", kind.describe(&rec.addr, &rec.key_id)),
-        &body,
-    )
+    frame(&format!("{what}: done"), &body)
 }
 
 pub fn used(rec: &ActionRecord) -> String {
@@ -158,7 +153,7 @@ mod tests {
             used_at: None,
             used_by: None,
         };
-        let html = confirm(&rec, ActionKind::Authorize);
+        let html = confirm(&rec, "Authorize 192.0.2.1");
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("&lt;script&gt;"));
         assert!(html.contains("value=\"n&quot;&gt;&lt;x\""));
