@@ -123,7 +123,8 @@ impl Notifier {
             };
             let cfg = self.daemon.notify_config.load_full();
             let now = self.daemon.clock.now_ms() / 1000;
-            if let Some(key) = dedup_key(&notice) {
+            let key = dedup_key(&notice);
+            if let Some(key) = key.clone() {
                 match told.get(&key) {
                     Some(at) if now - *at < cfg.window_secs as i64 => {
                         NOTIFY.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -146,6 +147,10 @@ impl Notifier {
                     }
                 }
                 Err(e) => {
+                    // Not told: the next refusal of the window tries again.
+                    if let Some(key) = &key {
+                        told.remove(key);
+                    }
                     tracing::warn!(account = notice.account(), error = %e, "preparing a notification")
                 }
             }
