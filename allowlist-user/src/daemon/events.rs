@@ -54,10 +54,10 @@ impl Daemon {
         if let Some(sink) = self.logs.get() {
             sink.submit(crate::logs::LogRecord {
                 at_ms: (at * 1000.0) as i64,
-                account: account.to_string(),
+                account: account.to_string().into(),
                 key_id: String::new(),
                 client: Some(source),
-                method: String::new(),
+                method: "".into(),
                 path: String::new(),
                 status: 0,
                 reason: "kernel_drop",

@@ -23,6 +23,7 @@ pub use query::{CSV_HEADER, LogQuery, LogRow, scan};
 pub use writer::{LogWriter, Retention, start};
 
 use std::{
+    borrow::Cow,
     net::IpAddr,
     sync::{
         Mutex,
@@ -38,10 +39,12 @@ use crate::policy::Rule;
 pub struct LogRecord {
     /// Unix milliseconds when the request arrived.
     pub at_ms: i64,
-    pub account: String,
+    /// Borrowed when static (`default`, the common methods): no
+    /// allocation on the request path, no free on the writer's.
+    pub account: Cow<'static, str>,
     pub key_id: String,
     pub client: Option<IpAddr>,
-    pub method: String,
+    pub method: Cow<'static, str>,
     /// The normalized path (what scope was decided on).
     pub path: String,
     pub status: u16,

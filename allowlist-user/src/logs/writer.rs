@@ -233,10 +233,10 @@ fn insert(
     };
     for (i, r) in rows.iter().enumerate() {
         bind(&r.at_ms)?;
-        bind(&r.account)?;
+        bind(&r.account.as_ref())?;
         bind(&r.key_id)?;
         bind(&client[i])?;
-        bind(&r.method)?;
+        bind(&r.method.as_ref())?;
         bind(&r.path)?;
         bind(&r.status)?;
         bind(&r.reason)?;

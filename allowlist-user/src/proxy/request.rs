@@ -127,13 +127,13 @@ impl Edge {
         let (at_ms, method, bytes_in) = match logs {
             Some(_) => (
                 self.shared.host.now_ms(),
-                req.method().as_str().to_string(),
+                method_name(req.method()),
                 req.headers()
                     .get(hyper::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse().ok())
                     .unwrap_or(0),
             ),
-            None => (0, String::new(), 0),
+            None => (0, std::borrow::Cow::Borrowed(""), 0),
         };
         let mut note = Note::default();
         let resp = self.respond(req, conn, source, &mut note).await;
@@ -267,7 +267,11 @@ impl Edge {
             note.key_id = k.id.clone();
         }
         if let Some(a) = d.account_name() {
-            note.account = a.to_string();
+            note.account = if a == policy::DEFAULT_ACCOUNT {
+                policy::DEFAULT_ACCOUNT.into()
+            } else {
+                a.to_string().into()
+            };
         }
         let key_id = || d.key.as_ref().map(|k| k.id.clone()).unwrap_or_default();
         // Rate headers on every keyed response when the key has a limit —
@@ -429,7 +433,7 @@ impl Edge {
 /// How one request ended, filled in as `respond` learns it.
 struct Note {
     outcome: Outcome,
-    account: String,
+    account: std::borrow::Cow<'static, str>,
     key_id: String,
     /// The client the checks judged (a forwarded one behind a balancer).
     client: Option<std::net::IpAddr>,
@@ -444,7 +448,7 @@ impl Default for Note {
             // request itself; a request no key ties to an account is the
             // installation's (`default`'s).
             outcome: Outcome::BadRequest,
-            account: policy::DEFAULT_ACCOUNT.to_string(),
+            account: policy::DEFAULT_ACCOUNT.into(),
             key_id: String::new(),
             client: None,
             path: String::new(),
@@ -463,4 +467,23 @@ fn bounded(path: &str) -> String {
         end -= 1;
     }
     path[..end].to_string()
+}
+
+/// The method for the log: the common ones without an allocation.
+fn method_name(m: &hyper::Method) -> std::borrow::Cow<'static, str> {
+    use hyper::Method;
+    let known: Option<&'static str> = match *m {
+        Method::GET => Some("GET"),
+        Method::POST => Some("POST"),
+        Method::PUT => Some("PUT"),
+        Method::DELETE => Some("DELETE"),
+        Method::PATCH => Some("PATCH"),
+        Method::HEAD => Some("HEAD"),
+        Method::OPTIONS => Some("OPTIONS"),
+        _ => None,
+    };
+    match known {
+        Some(s) => s.into(),
+        None => m.as_str().to_string().into(),
+    }
 }
