@@ -38,6 +38,8 @@ pub enum SideEffect {
         addr: IpAddr,
         key_id: String,
         at: i64,
+        /// Refused by the key's own allowlist (not the account's list).
+        by_key: bool,
     },
 }
 

@@ -370,6 +370,7 @@ fn rate_limits_and_ending_graces_are_told() {
     }
     let pair = Pair::new();
     pair.client_addr(A);
+    pair.client_addr(B);
     let _up = Upstream::start(&pair.server, UP);
     let setup = Setup::new(false, "");
     config(&setup);
@@ -429,6 +430,51 @@ fn rate_limits_and_ending_graces_are_told() {
     for m in &ops {
         assert!(!m.raw.contains(key), "never the secret");
     }
+
+    // A refusal by the key's own allowlist: its link allows the address
+    // on that key (authorizing it for the account would not admit it).
+    let narrow = setup.ctl_json(&["keys", "create", "--name", "narrow", "--allow", A]);
+    let (nid, nkey) = (
+        narrow["id"].as_str().unwrap(),
+        narrow["key"].as_str().unwrap(),
+    );
+    let nhk = format!("api-key: {nkey}");
+    assert_eq!(curl(&pair.client, B, &url, &["-H", &nhk]).status, 403);
+    let told = |rx: &Receivers| {
+        rx.mails_to("ops@edge.test")
+            .into_iter()
+            .find(|m| m.subject.contains(B))
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), || told(&rx).is_some()),
+        "{:?}",
+        rx.mails()
+    );
+    let mail = told(&rx).unwrap();
+    assert!(mail.body.contains("own allowlist"), "{}", mail.body);
+    assert_eq!(
+        mail.links().len(),
+        2,
+        "allow on the key, deny and rotate: {}",
+        mail.body
+    );
+    let allow = link(&mail, &format!("Allow {B} on key {nid}"));
+    let n = nonce(&curl(&pair.client, A, allow, &[]).body);
+    let done = curl(&pair.client, A, allow, &["-d", &format!("nonce={n}")]);
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(curl(&pair.client, B, &url, &["-H", &nhk]).status, 200);
+    let shown = setup.ctl_json(&["keys", "show", nid]).to_string();
+    assert!(shown.contains(&format!("{B}/32")), "{shown}");
+    assert!(
+        wait_for(Duration::from_secs(15), || rx
+            .hooks()
+            .iter()
+            .any(
+                |h| h.body["refused_by"] == "key_allowlist" && h.body["address"] == B
+            )),
+        "{:?}",
+        rx.hooks()
+    );
 }
 
 #[test]

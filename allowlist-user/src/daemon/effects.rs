@@ -66,7 +66,7 @@ impl Daemon {
     /// impact of activating blocking) and the unauthorized list.
     pub async fn apply_effects(self: Arc<Self>, mut rx: mpsc::Receiver<Vec<SideEffect>>) {
         let daemon = self;
-        let mut refused: std::collections::HashMap<(IpAddr, String), UnauthorizedRecord> =
+        let mut refused: std::collections::HashMap<(IpAddr, String), (UnauthorizedRecord, bool)> =
             Default::default();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -111,6 +111,7 @@ impl Daemon {
                         addr,
                         key_id,
                         at,
+                        by_key,
                     } => {
                         // Bounded: a spray of distinct sources between two
                         // writes is counted, not held.
@@ -120,12 +121,14 @@ impl Daemon {
                             daemon.refusals_dropped.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
-                        refused
-                            .entry((addr, key_id.clone()))
-                            .or_insert_with(|| {
-                                UnauthorizedRecord::refused(&account, addr, "api", key_id, 0, at)
-                            })
-                            .hit(at);
+                        let e = refused.entry((addr, key_id.clone())).or_insert_with(|| {
+                            (
+                                UnauthorizedRecord::refused(&account, addr, "api", key_id, 0, at),
+                                by_key,
+                            )
+                        });
+                        e.0.hit(at);
+                        e.1 = by_key;
                     }
                 }
             }
@@ -139,19 +142,21 @@ impl Daemon {
 /// with its refusals, for promotion.
 fn flush_refused(
     daemon: &Daemon,
-    refused: &mut std::collections::HashMap<(IpAddr, String), UnauthorizedRecord>,
+    refused: &mut std::collections::HashMap<(IpAddr, String), (UnauthorizedRecord, bool)>,
 ) -> Vec<(IpAddr, u64)> {
     if refused.is_empty() {
         return Vec::new();
     }
-    let batch: Vec<UnauthorizedRecord> = refused.drain().map(|(_, v)| v).collect();
+    let (batch, by_key): (Vec<UnauthorizedRecord>, Vec<bool>) =
+        refused.drain().map(|(_, v)| v).unzip();
     // The notifier keeps one message per address and key per window.
-    for r in &batch {
+    for (r, by_key) in batch.iter().zip(by_key) {
         daemon.notices.raise(super::Notice::Blocked {
             account: r.account.clone(),
             addr: r.addr,
             key_id: r.key_id.clone(),
             service: "api",
+            by_key,
         });
     }
     let mut sources: std::collections::HashMap<IpAddr, u64> = Default::default();

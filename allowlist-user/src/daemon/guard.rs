@@ -83,6 +83,7 @@ impl Daemon {
                 addr: r.addr,
                 key_id: String::new(),
                 service: if r.service == "smtp" { "smtp" } else { "api" },
+                by_key: false,
             });
         }
         self.unauthorized_evicted

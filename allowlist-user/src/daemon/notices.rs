@@ -26,6 +26,9 @@ pub enum Notice {
         key_id: String,
         /// "api" or "smtp".
         service: &'static str,
+        /// Refused by the key's own allowlist: authorizing the address for
+        /// the account would not admit it; allowing it on the key would.
+        by_key: bool,
     },
     /// API blocking switched to active by itself after the quiet period.
     BlockingActivated { account: String },

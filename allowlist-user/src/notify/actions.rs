@@ -26,6 +26,8 @@ use super::page;
 pub enum ActionKind {
     /// Authorize the refused address (its /64 for IPv6).
     Authorize,
+    /// Add the address to the key's own allowlist (a refusal by it).
+    AllowOnKey,
     /// Deny the address and rotate the key it used, with no grace.
     DenyRotate,
     /// Deny the address (a refusal without a key: nothing to rotate).
@@ -38,6 +40,7 @@ impl ActionKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ActionKind::Authorize => "authorize",
+            ActionKind::AllowOnKey => "allow_on_key",
             ActionKind::DenyRotate => "deny_rotate",
             ActionKind::Deny => "deny",
             ActionKind::DeactivateApi => "deactivate_api",
@@ -48,6 +51,7 @@ impl ActionKind {
     fn parse(s: &str) -> Option<ActionKind> {
         [
             ActionKind::Authorize,
+            ActionKind::AllowOnKey,
             ActionKind::DenyRotate,
             ActionKind::Deny,
             ActionKind::DeactivateApi,
@@ -61,6 +65,7 @@ impl ActionKind {
     pub fn describe(self, addr: &str, key: &str) -> String {
         match self {
             ActionKind::Authorize => format!("Authorize {addr}"),
+            ActionKind::AllowOnKey => format!("Allow {addr} on key {key}"),
             ActionKind::DenyRotate => format!("Deny {addr} and rotate key {key}"),
             ActionKind::Deny => format!("Deny {addr}"),
             ActionKind::DeactivateApi => "Deactivate API blocking".into(),
@@ -71,6 +76,13 @@ impl ActionKind {
     /// The links a notice carries.
     pub fn for_notice(n: &Notice) -> Vec<ActionKind> {
         match n {
+            // The key's own allowlist refused it: only the key can admit
+            // it (the account's list and its blocking mode do not).
+            Notice::Blocked {
+                by_key: true,
+                key_id,
+                ..
+            } if !key_id.is_empty() => vec![ActionKind::AllowOnKey, ActionKind::DenyRotate],
             Notice::Blocked {
                 key_id, service, ..
             } => {
@@ -356,6 +368,18 @@ impl ActionDesk {
                 d.authorize(account, req, actor).await?;
                 Ok(None)
             }
+            ActionKind::AllowOnKey => {
+                let cidr = unit()?;
+                d.key_allow(
+                    account,
+                    &rec.key_id,
+                    &cidr,
+                    Some("allowed from a notification".into()),
+                    actor,
+                )
+                .await?;
+                Ok(None)
+            }
             ActionKind::DenyRotate | ActionKind::Deny => {
                 let out = d
                     .deny(
@@ -435,6 +459,7 @@ mod tests {
             addr: "192.0.2.1".parse().unwrap(),
             key_id: "k".into(),
             service: "api",
+            by_key: false,
         };
         assert_eq!(
             ActionKind::for_notice(&n),
@@ -443,6 +468,17 @@ mod tests {
                 ActionKind::DenyRotate,
                 ActionKind::DeactivateApi
             ]
+        );
+        let by_key = Notice::Blocked {
+            account: "acme".into(),
+            addr: "192.0.2.1".parse().unwrap(),
+            key_id: "k".into(),
+            service: "api",
+            by_key: true,
+        };
+        assert_eq!(
+            ActionKind::for_notice(&by_key),
+            vec![ActionKind::AllowOnKey, ActionKind::DenyRotate]
         );
     }
 }

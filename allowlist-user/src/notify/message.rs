@@ -29,6 +29,9 @@ pub struct Payload {
     pub address: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<&'static str>,
+    /// Which list refused it: `key_allowlist` or `account_list`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_by: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +67,7 @@ pub fn render(
         account: notice.account().to_string(),
         address: None,
         service: None,
+        refused_by: None,
         key_id: None,
         key_name: None,
         percent: None,
@@ -84,11 +88,25 @@ pub fn render(
             addr,
             key_id,
             service,
+            by_key,
         } => {
             p.event = "address_blocked";
             p.address = Some(addr.to_string());
             p.service = Some(service);
-            if !key_id.is_empty() {
+            p.refused_by = Some(if *by_key {
+                "key_allowlist"
+            } else {
+                "account_list"
+            });
+            if *by_key && !key_id.is_empty() {
+                p.key_id = Some(key_id.clone());
+                p.key_name = Some(key_name.to_string());
+                p.summary = format!(
+                    "{addr} called account {account}'s API with key {} and was refused: the key's own \
+                     allowlist does not include the address.",
+                    key(key_id)
+                );
+            } else if !key_id.is_empty() {
                 p.key_id = Some(key_id.clone());
                 p.key_name = Some(key_name.to_string());
                 p.summary = format!(

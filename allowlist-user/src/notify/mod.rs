@@ -312,6 +312,7 @@ fn dedup_key(n: &Notice) -> Option<String> {
             addr,
             key_id,
             service,
+            ..
         } => Some(format!("blocked {account} {service} {addr} {key_id}")),
         Notice::RateLimit {
             account,

@@ -314,6 +314,7 @@ impl Edge {
                     addr: policy::source_unit(client),
                     key_id: key_id(),
                     at: now_ms / 1000,
+                    by_key: d.reason == Reason::KeyAllowlist,
                 });
             }
             let mut resp = error_response(d.reason);
