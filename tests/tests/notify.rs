@@ -52,6 +52,40 @@ fn config(setup: &Setup) {
     .unwrap();
 }
 
+/// The stage every test here starts from: the namespaces with the client
+/// addresses, the upstream, a configuration with `[notify]`, and the
+/// receivers. Fields drop in order: the receivers before the namespaces.
+struct Stage {
+    rx: Receivers,
+    setup: Setup,
+    _up: Upstream,
+    pair: Pair,
+}
+
+fn stage(clients: &[&str], secrets: &[(&str, &str)], failures: &[(&str, u32)]) -> Stage {
+    let pair = Pair::new();
+    for a in clients {
+        pair.client_addr(a);
+    }
+    let up = Upstream::start(&pair.server, UP);
+    let setup = Setup::new(false, "");
+    config(&setup);
+    let rx = Receivers::start(
+        &pair.server,
+        setup.dir.path(),
+        SMTP,
+        HOOKS,
+        secrets,
+        failures,
+    );
+    Stage {
+        rx,
+        setup,
+        _up: up,
+        pair,
+    }
+}
+
 /// The nonce on a confirmation page.
 fn nonce(page: &str) -> String {
     let at = page
@@ -76,18 +110,10 @@ fn a_refusal_is_told_once_and_its_links_act_once() {
     if !kernel_tests_enabled("a_refusal_is_told_once_and_its_links_act_once") {
         return;
     }
-    let pair = Pair::new();
-    for a in [A, B, C, D] {
-        pair.client_addr(a);
-    }
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = Setup::new(false, "");
-    config(&setup);
-    let rx = Receivers::start(
-        &pair.server,
-        setup.dir.path(),
-        SMTP,
-        HOOKS,
+    let Stage {
+        rx, setup, pair, ..
+    } = &stage(
+        &[A, B, C, D],
         &[("/flaky", HOOK_SECRET), ("/acme", ACCOUNT_HOOK_SECRET)],
         &[("/flaky", 2)],
     );
@@ -339,10 +365,10 @@ fn a_refusal_is_told_once_and_its_links_act_once() {
     );
 
     // What /metrics says of it all, once every delivery is done.
-    let mut s = scrape(&pair, METRICS);
+    let mut s = scrape(pair, METRICS);
     assert!(
         wait_for(Duration::from_secs(15), || {
-            s = scrape(&pair, METRICS);
+            s = scrape(pair, METRICS);
             get(&s, "allowlist_notify_queue", &[]) == 0.0
         }),
         "deliveries still queued"
@@ -368,20 +394,9 @@ fn rate_limits_and_ending_graces_are_told() {
     if !kernel_tests_enabled("rate_limits_and_ending_graces_are_told") {
         return;
     }
-    let pair = Pair::new();
-    pair.client_addr(A);
-    pair.client_addr(B);
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = Setup::new(false, "");
-    config(&setup);
-    let rx = Receivers::start(
-        &pair.server,
-        setup.dir.path(),
-        SMTP,
-        HOOKS,
-        &[("/flaky", HOOK_SECRET)],
-        &[],
-    );
+    let Stage {
+        rx, setup, pair, ..
+    } = &stage(&[A, B], &[("/flaky", HOOK_SECRET)], &[]);
     let _d = setup.start(Some(&pair.server), &["--no-kernel"]);
     let k = setup.ctl_json(&["keys", "create", "--name", "batch", "--rate", "10/minute"]);
     let (id, key) = (k["id"].as_str().unwrap(), k["key"].as_str().unwrap());
@@ -446,11 +461,11 @@ fn rate_limits_and_ending_graces_are_told() {
             .find(|m| m.subject.contains(B))
     };
     assert!(
-        wait_for(Duration::from_secs(15), || told(&rx).is_some()),
+        wait_for(Duration::from_secs(15), || told(rx).is_some()),
         "{:?}",
         rx.mails()
     );
-    let mail = told(&rx).unwrap();
+    let mail = told(rx).unwrap();
     assert!(mail.body.contains("own allowlist"), "{}", mail.body);
     assert_eq!(
         mail.links().len(),
@@ -482,17 +497,10 @@ fn a_reload_sends_the_next_notice_to_the_new_webhook() {
     if !kernel_tests_enabled("a_reload_sends_the_next_notice_to_the_new_webhook") {
         return;
     }
-    let pair = Pair::new();
-    pair.client_addr(A);
-    pair.client_addr(B);
-    let _up = Upstream::start(&pair.server, UP);
-    let setup = Setup::new(false, "");
-    config(&setup);
-    let rx = Receivers::start(
-        &pair.server,
-        setup.dir.path(),
-        SMTP,
-        HOOKS,
+    let Stage {
+        rx, setup, pair, ..
+    } = &stage(
+        &[A, B],
         &[("/flaky", HOOK_SECRET), ("/after", HOOK_SECRET)],
         &[],
     );
