@@ -28,12 +28,13 @@ impl Daemon {
                 created_by: w.created_by,
             })
             .collect();
+        let installation = self.notify_config.load();
         Ok(NotifySettings {
             account: account.to_string(),
             emails,
             webhooks,
-            smtp_configured: self.notify_config.load().smtp.is_some(),
-            installation_webhooks: self.notify_config.load().webhooks.len(),
+            smtp_configured: installation.smtp.is_some(),
+            installation_webhooks: installation.webhooks.len(),
         })
     }
 

@@ -41,7 +41,7 @@ pub fn tls_client() -> Arc<rustls::ClientConfig> {
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-/// POSTs `body` to `url`; Ok on a 2xx answer.
+/// POSTs `body` to `url`; Ok on a 2xx answer within 15 s.
 pub async fn post(
     url: &str,
     secret: &str,
@@ -50,86 +50,75 @@ pub async fn post(
     delivery: &str,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<(), String> {
-    tokio::time::timeout(
-        Duration::from_secs(15),
-        post_inner(url, secret, body, event, delivery, tls),
-    )
-    .await
-    .map_err(|_| format!("{url}: no answer within 15 s"))?
-}
-
-async fn post_inner(
-    url: &str,
-    secret: &str,
-    body: Bytes,
-    event: &str,
-    delivery: &str,
-    tls: &Arc<rustls::ClientConfig>,
-) -> Result<(), String> {
-    let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let https = uri.scheme_str() == Some("https");
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("{url}: no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| format!("{url}: connecting: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let io: Box<dyn Io> = if https {
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| format!("{url}: {e}"))?;
-        let stream = tokio_rustls::TlsConnector::from(tls.clone())
-            .connect(name, tcp)
+    let attempt = async {
+        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let https = uri.scheme_str() == Some("https");
+        let host = uri
+            .host()
+            .ok_or_else(|| format!("{url}: no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
-            .map_err(|e| format!("{url}: TLS: {e}"))?;
-        Box::new(stream)
-    } else {
-        Box::new(tcp)
+            .map_err(|e| format!("{url}: connecting: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = if https {
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| format!("{url}: {e}"))?;
+            let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("{url}: TLS: {e}"))?;
+            Box::new(stream)
+        } else {
+            Box::new(tcp)
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let conn = tokio::spawn(conn);
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .unwrap_or(host);
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
+        let req = Request::post(path)
+            .header("host", authority)
+            .header("content-type", "application/json")
+            .header(
+                "user-agent",
+                concat!("allowlist/", env!("CARGO_PKG_VERSION")),
+            )
+            .header("x-allowlist-event", event)
+            .header("x-allowlist-delivery", delivery)
+            .header("x-allowlist-signature", signature(secret, &body))
+            .body(Full::new(body))
+            .map_err(|e| format!("{url}: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status();
+        // Read (a bounded amount of) the answer so the connection ends cleanly.
+        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await;
+        conn.abort();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("{url}: answered {status}"))
+        }
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    tokio::time::timeout(Duration::from_secs(15), attempt)
         .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or(host);
-    let path = uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
-    let req = Request::post(path)
-        .header("host", authority)
-        .header("content-type", "application/json")
-        .header(
-            "user-agent",
-            concat!("allowlist/", env!("CARGO_PKG_VERSION")),
-        )
-        .header("x-allowlist-event", event)
-        .header("x-allowlist-delivery", delivery)
-        .header("x-allowlist-signature", signature(secret, &body))
-        .body(Full::new(body))
-        .map_err(|e| format!("{url}: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let status = resp.status();
-    // Read (a bounded amount of) the answer so the connection ends cleanly.
-    let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
-        .collect()
-        .await;
-    conn.abort();
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("{url}: answered {status}"))
-    }
+        .map_err(|_| format!("{url}: no answer within 15 s"))?
 }
 
 #[cfg(test)]
