@@ -241,6 +241,12 @@ pub struct AuthorizedView {
     /// account's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_by: Option<String>,
+    /// Unix seconds of the latest keyed API call this entry admitted.
+    #[serde(default)]
+    pub last_seen_at: Option<i64>,
+    /// Keyed API calls this entry admitted (for this account).
+    #[serde(default)]
+    pub hits: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -408,6 +414,60 @@ pub struct LogsQuery {
     /// CSV export streams every row.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// JSON only: skip this many matching rows first (paging; give a fixed
+    /// `until` so new rows do not shift the pages).
+    #[serde(default)]
+    pub offset: Option<usize>,
+    /// `/v1/logs/summary` only: how many time buckets (default 24).
+    #[serde(default)]
+    pub buckets: Option<usize>,
+}
+
+pub use crate::logs::{LogBucket, LogSummary, ReasonCount};
+
+/// `GET /v1/whoami`: the caller as the admin API sees it (what the
+/// console shows and offers).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhoAmI {
+    /// What the audit log records for this caller (`token:ID`, `uid:N`).
+    pub actor: String,
+    pub role: Role,
+    /// The account an account token belongs to; none for operators.
+    pub account: Option<String>,
+}
+
+/// `GET /v1/ips/check?addr=&key=`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckQuery {
+    pub addr: String,
+    /// Also check this key's own allowlist.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// Which rule admits or refuses an address, per layer, as the policy in
+/// force decides it now.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AddressCheck {
+    pub addr: std::net::IpAddr,
+    pub account: String,
+    /// The account's layer for keyed API calls (authorized list, blocking
+    /// mode, denied addresses, `always_allow`).
+    pub api: Verdict,
+    /// The account's SMTP blocking (the kernel enforces it on the SMTP
+    /// ports of `[blocking] smtp_account`).
+    pub smtp: Verdict,
+    /// The key's own allowlist, when a key was named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<Verdict>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    pub admitted: bool,
+    /// The rule, in words: "authorized entry 203.0.113.0/24 (office)".
+    pub rule: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

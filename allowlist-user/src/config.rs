@@ -127,6 +127,13 @@ pub struct AdminConfig {
     /// the certificate written next to the store, or `--insecure`).
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// The web console at `/console/` on `listen`; false = the API only.
+    pub console: bool,
+    /// A console session ends after this many minutes without a request,
+    /// and after `console_session_hours` in any case (signing in again
+    /// needs the token).
+    pub console_idle_mins: u32,
+    pub console_session_hours: u32,
 }
 
 impl Default for AdminConfig {
@@ -137,6 +144,9 @@ impl Default for AdminConfig {
             listen: String::new(),
             cert: None,
             key: None,
+            console: true,
+            console_idle_mins: 30,
+            console_session_hours: 12,
         }
     }
 }
@@ -446,6 +456,21 @@ impl Config {
             return Err(invalid(
                 "[admin] cert",
                 "give both cert and key, or neither for a generated self-signed pair".into(),
+            ));
+        }
+        if !(1..=1440).contains(&self.admin.console_idle_mins) {
+            return Err(invalid(
+                "[admin] console_idle_mins",
+                format!("{} is out of range 1..=1440", self.admin.console_idle_mins),
+            ));
+        }
+        if !(1..=720).contains(&self.admin.console_session_hours) {
+            return Err(invalid(
+                "[admin] console_session_hours",
+                format!(
+                    "{} is out of range 1..=720",
+                    self.admin.console_session_hours
+                ),
             ));
         }
         if !(1..=3650).contains(&self.logs.retention_days) {

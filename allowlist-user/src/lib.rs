@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod defense;
 pub mod edge_host;

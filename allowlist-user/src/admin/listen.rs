@@ -21,7 +21,7 @@ use rustls::{
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::{config::Config, daemon::Daemon, proxy::CertStore};
+use crate::{config::Config, proxy::CertStore};
 
 /// Where the generated admin certificate is kept: next to the store.
 pub fn admin_cert_path(config: &Config) -> Option<PathBuf> {
@@ -115,12 +115,12 @@ fn server_config(certs: Arc<CertStore>) -> Arc<ServerConfig> {
     Arc::new(cfg)
 }
 
-/// Binds `[admin] listen` and serves the token router with the
-/// certificate `certs` holds until `stop` fires. Errors at bind time are
-/// returned (the daemon refuses to start); each connection's errors are
-/// its own.
+/// Binds `[admin] listen` and serves `app` (the token router, and the
+/// console beside it) with the certificate `certs` holds until `stop`
+/// fires. Errors at bind time are returned (the daemon refuses to start);
+/// each connection's errors are its own.
 pub async fn serve_tls(
-    daemon: Arc<Daemon>,
+    app: axum::Router,
     addr: SocketAddr,
     certs: Arc<CertStore>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -130,7 +130,6 @@ pub async fn serve_tls(
         .await
         .map_err(|e| anyhow::anyhow!("[admin] listen {addr}: {e}"))?;
     tracing::info!(%addr, "admin API listening (TLS, bearer tokens)");
-    let app = super::token_router(daemon);
     Ok(tokio::spawn(async move {
         loop {
             let (tcp, _) = tokio::select! {

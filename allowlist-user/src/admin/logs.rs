@@ -34,11 +34,17 @@ pub(super) async fn list(
             format!("limit {limit} is out of range 1..=10000; use the CSV export for more"),
         ));
     }
+    let offset = q.offset.unwrap_or(0);
     let lq = d.log_query(&account, &q)?;
     let dir = d.config.logs_dir();
     let rows = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
+        let mut skip = offset;
         logs::scan(&dir, &lq, |r| {
+            if skip > 0 {
+                skip -= 1;
+                return true;
+            }
             out.push(r);
             out.len() < limit
         })
@@ -48,6 +54,42 @@ pub(super) async fn list(
     .map_err(|e| internal(e.to_string()))?
     .map_err(internal)?;
     Ok(Json(api::LogList { entries: rows }))
+}
+
+/// Requests over time by status class and refusals by reason, over the
+/// query's range (the last 24 hours when it gives none).
+pub(super) async fn summary(
+    State(d): State<Arc<Daemon>>,
+    Extension(cx): Cx,
+    q: Q<api::LogsQuery>,
+) -> ApiResult<api::LogSummary> {
+    let account = cx.account()?;
+    cx.require(Need::Read)?;
+    let q = query(q)?;
+    let buckets = q.buckets.unwrap_or(24);
+    if !(1..=500).contains(&buckets) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("buckets {buckets} is out of range 1..=500"),
+        ));
+    }
+    let lq = d.log_query(&account, &q)?;
+    let until = lq.until_ms.unwrap_or_else(|| d.clock.now_ms());
+    let since = lq.since_ms.unwrap_or(until - 24 * 3_600_000);
+    if since > until {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "--since is after --until".into(),
+        ));
+    }
+    let dir = d.config.logs_dir();
+    let s = tokio::task::spawn_blocking(move || logs::summary(&dir, &lq, (since, until), buckets))
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(internal)?;
+    Ok(Json(s))
 }
 
 fn internal(m: String) -> ApiError {

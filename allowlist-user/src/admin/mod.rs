@@ -84,6 +84,8 @@ fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/logs", get(logs::list))
         .route("/v1/logs/csv", get(logs::csv))
+        .route("/v1/logs/summary", get(logs::summary))
+        .route("/v1/whoami", get(whoami))
         .route("/v1/notify", get(notify::show))
         .route("/v1/notify/emails", axum::routing::put(notify::set_emails))
         .route(
@@ -106,6 +108,7 @@ fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/v1/ips", get(list_ips).post(authorize).delete(unauthorize))
         .route("/v1/ips/unauthorized", get(list_unauthorized))
         .route("/v1/ips/deny", post(deny))
+        .route("/v1/ips/check", get(check_address))
         .route("/v1/blocking", get(blocking))
         .route("/v1/blocking/api", post(set_api))
         .route("/v1/blocking/smtp", post(set_smtp))
@@ -184,6 +187,29 @@ async fn audit(
         _ => Some(cx.account()?),
     };
     Ok(Json(d.audit(account.as_deref(), &q)?))
+}
+
+async fn whoami(Extension(cx): Cx) -> ApiResult<api::WhoAmI> {
+    Ok(Json(api::WhoAmI {
+        actor: cx.caller.actor.clone(),
+        role: cx.caller.role,
+        account: cx.caller.account.clone(),
+    }))
+}
+
+async fn check_address(
+    State(d): State<Arc<Daemon>>,
+    Extension(cx): Cx,
+    q: Q<api::CheckQuery>,
+) -> ApiResult<api::AddressCheck> {
+    let account = cx.account()?;
+    cx.require(Need::Read)?;
+    let q = query(q)?;
+    Ok(Json(d.check_address(
+        &account,
+        &q.addr,
+        q.key.as_deref(),
+    )?))
 }
 
 async fn list_accounts(

@@ -334,8 +334,15 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
         Some(addr) => {
             let (ck, fp) = admin::load_admin_cert(&config, addr)?;
             let admin_certs = proxy::CertStore::new(ck, fp);
-            let task = admin::serve_tls(daemon.clone(), addr, admin_certs.clone(), stop_rx.clone())
-                .await?;
+            let api = admin::token_router(daemon.clone());
+            // The console calls the same API router in-process, so it can
+            // do nothing a token could not do over HTTP.
+            let app = if config.admin.console {
+                allowlist::console::mount(daemon.clone(), api)
+            } else {
+                api
+            };
+            let task = admin::serve_tls(app, addr, admin_certs.clone(), stop_rx.clone()).await?;
             (Some(task), Some((admin_certs, addr)))
         }
         None => (None, None),

@@ -33,12 +33,16 @@ impl Daemon {
                 .map(|e| AuthorizedView {
                     entry: e.clone(),
                     shared_by: None,
+                    last_seen_at: None,
+                    hits: 0,
                 })
                 .collect();
             if let Some(org) = st.parent_of(account) {
                 out.extend(org.shared().map(|e| AuthorizedView {
                     entry: e.clone(),
                     shared_by: Some(org.record.name.clone()),
+                    last_seen_at: None,
+                    hits: 0,
                 }));
             }
             Ok(out)

@@ -4,6 +4,7 @@
 mod accounts;
 mod blocking;
 mod change;
+mod check;
 mod drops;
 mod effects;
 mod events;

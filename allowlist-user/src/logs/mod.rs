@@ -19,7 +19,7 @@ mod query;
 mod writer;
 
 pub use day::{day_file, day_of_ms, parse_day_file};
-pub use query::{CSV_HEADER, LogQuery, LogRow, scan};
+pub use query::{CSV_HEADER, LogBucket, LogQuery, LogRow, LogSummary, ReasonCount, scan, summary};
 pub use writer::{LogWriter, Retention, start};
 
 use std::{

@@ -82,9 +82,141 @@ impl LogRow {
     }
 }
 
-/// Calls `each` with every row `q` selects, newest first, until it returns
-/// false. Reads only the day partitions the time range covers.
-pub fn scan(dir: &Path, q: &LogQuery, mut each: impl FnMut(LogRow) -> bool) -> Result<(), String> {
+/// `GET /v1/logs/summary`: requests over time by status class, and
+/// refusals by reason, for the rows a `LogsQuery` selects.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LogSummary {
+    /// Unix ms: the range the buckets cover (`since` .. `until`).
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub bucket_ms: i64,
+    pub buckets: Vec<LogBucket>,
+    /// Refused requests by reason, most first.
+    pub refusals: Vec<ReasonCount>,
+    pub total: u64,
+}
+
+/// Requests in one time bucket by status class.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBucket {
+    /// Unix ms of the bucket's start.
+    pub at_ms: i64,
+    pub s2xx: u64,
+    pub s3xx: u64,
+    pub s4xx: u64,
+    pub s5xx: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasonCount {
+    pub reason: String,
+    pub count: u64,
+}
+
+/// Counts what `q` selects in `buckets` equal slices of
+/// `since_ms..=until_ms` by status class, and refusals by reason, with one
+/// grouped query per day partition (the rows are never read one by one
+/// unless an address filter asks for it).
+pub fn summary(
+    dir: &Path,
+    q: &LogQuery,
+    (since_ms, until_ms): (i64, i64),
+    buckets: usize,
+) -> Result<LogSummary, String> {
+    let buckets = buckets.clamp(1, 500);
+    let span = (until_ms - since_ms).max(1);
+    let bucket_ms = (span + buckets as i64 - 1) / buckets as i64;
+    let mut out = LogSummary {
+        since_ms,
+        until_ms,
+        bucket_ms,
+        buckets: (0..buckets)
+            .map(|i| LogBucket {
+                at_ms: since_ms + i as i64 * bucket_ms,
+                ..LogBucket::default()
+            })
+            .collect(),
+        ..LogSummary::default()
+    };
+    let mut refusals: std::collections::HashMap<String, u64> = Default::default();
+    let q = LogQuery {
+        since_ms: Some(since_ms),
+        until_ms: Some(until_ms),
+        ..q.clone()
+    };
+    for path in partitions(dir, &q)? {
+        let conn = open_partition(&path)?;
+        // The client is grouped on only when an address filter must see it.
+        let client = if q.ip.is_some() { "client" } else { "''" };
+        let sql = format!(
+            "SELECT (at_ms - ?8) / ?9, status, reason, {client}, count(*)
+               FROM requests
+              WHERE account = ?1 AND at_ms >= ?2 AND at_ms <= ?3
+                AND (?4 IS NULL OR key_id = ?4) AND (?5 IS NULL OR method = ?5)
+                AND (?6 IS NULL OR status = ?6) AND (?7 IS NULL OR reason = ?7)
+              GROUP BY 1, 2, 3, 4"
+        );
+        let mut stmt = match conn.prepare(&sql) {
+            Ok(s) => s,
+            Err(e) if e.to_string().contains("no such table") => continue,
+            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+        };
+        let rows = stmt
+            .query_map(
+                params![
+                    q.account, since_ms, until_ms, q.key, q.method, q.status, q.reason, since_ms,
+                    bucket_ms
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, u16>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                },
+            )
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        for row in rows {
+            let (bucket, status, reason, client, n) =
+                row.map_err(|e| format!("reading {}: {e}", path.display()))?;
+            if let Some(net) = &q.ip
+                && !client
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| net.contains(&crate::policy::normalize(a)))
+            {
+                continue;
+            }
+            let n = n as u64;
+            out.total += n;
+            if let Some(b) = usize::try_from(bucket)
+                .ok()
+                .and_then(|i| out.buckets.get_mut(i))
+            {
+                match status / 100 {
+                    2 => b.s2xx += n,
+                    3 => b.s3xx += n,
+                    4 => b.s4xx += n,
+                    _ => b.s5xx += n,
+                }
+            }
+            if reason != "ok" {
+                *refusals.entry(reason).or_default() += n;
+            }
+        }
+    }
+    out.refusals = refusals
+        .into_iter()
+        .map(|(reason, count)| ReasonCount { reason, count })
+        .collect();
+    out.refusals
+        .sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.reason.cmp(&b.reason)));
+    Ok(out)
+}
+
+/// The day partitions `q`'s time range covers, newest first.
+fn partitions(dir: &Path, q: &LogQuery) -> Result<Vec<std::path::PathBuf>, String> {
     let mut days: Vec<i64> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .flatten()
@@ -97,14 +229,27 @@ pub fn scan(dir: &Path, q: &LogQuery, mut each: impl FnMut(LogRow) -> bool) -> R
     let last = q.until_ms.map(day_of_ms).unwrap_or(i64::MAX);
     days.retain(|d| (first..=last).contains(d));
     days.sort_unstable_by(|a, b| b.cmp(a));
-    for day in days {
-        let path = dir.join(super::day_file(day));
-        let conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
-        let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
+    Ok(days
+        .into_iter()
+        .map(|d| dir.join(super::day_file(d)))
+        .collect())
+}
+
+fn open_partition(path: &Path) -> Result<Connection, String> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
+    Ok(conn)
+}
+
+/// Calls `each` with every row `q` selects, newest first, until it returns
+/// false. Reads only the day partitions the time range covers.
+pub fn scan(dir: &Path, q: &LogQuery, mut each: impl FnMut(LogRow) -> bool) -> Result<(), String> {
+    for path in partitions(dir, q)? {
+        let conn = open_partition(&path)?;
         let stmt = conn.prepare(
             "SELECT at_ms, account, key_id, client, method, path, status, reason, rule,
                         latency_us, bytes_in, bytes_out

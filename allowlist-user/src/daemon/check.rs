@@ -1,0 +1,148 @@
+//! "Check an address": which rule admits or refuses it, per layer, as the
+//! policy in force decides now (the same snapshot the edge reads).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::{
+    api::{AddressCheck, Verdict},
+    daemon::{Daemon, DaemonError, no_account},
+    policy::{self, Admit, ApiMode, SmtpMode},
+};
+
+fn verdict(admitted: bool, rule: String) -> Verdict {
+    Verdict { admitted, rule }
+}
+
+impl Daemon {
+    pub fn check_address(
+        &self,
+        account: &str,
+        addr: &str,
+        key: Option<&str>,
+    ) -> Result<AddressCheck, DaemonError> {
+        let parsed: IpAddr = addr.trim().parse().map_err(|_| {
+            DaemonError::Invalid(format!(
+                "{addr:?} is not an IP address; write it like 203.0.113.7 or 2001:db8::7"
+            ))
+        })?;
+        let addr = policy::normalize(parsed);
+        let snap = self.policy.load();
+        let a = snap
+            .account_named(account)
+            .ok_or_else(|| no_account(account))?;
+        let listed = a.list.longest_match(addr);
+        let entry_words = |net: IpNet| -> String {
+            let (label, shared_by) = self.with_state(|st| {
+                if let Some(e) = st.account(account).and_then(|s| s.authorized.get(&net)) {
+                    return (e.label.clone(), None);
+                }
+                let org = st.parent_of(account);
+                let shared = org.and_then(|o| o.shared().find(|e| e.cidr == net).cloned());
+                (
+                    shared.map(|e| e.label).unwrap_or_default(),
+                    org.map(|o| o.record.name.clone()),
+                )
+            });
+            let mut w = format!("authorized entry {net}");
+            if !label.is_empty() {
+                w.push_str(&format!(" ({label})"));
+            }
+            if let Some(org) = shared_by {
+                w.push_str(&format!(", shared by {org}"));
+            }
+            w
+        };
+        let always = snap.always_allow.longest_match(addr);
+        let denied = a.denied.contains(&policy::source_unit(addr));
+        let api = if let Some(net) = always {
+            verdict(true, format!("[blocking] always_allow {net}"))
+        } else if denied {
+            verdict(
+                false,
+                format!("{addr} was denied; authorizing it lifts the denial"),
+            )
+        } else {
+            match (a.api, listed) {
+                (_, Some(net)) => verdict(true, entry_words(net)),
+                (ApiMode::Active, None) => verdict(
+                    false,
+                    format!("API blocking is active and no authorized entry covers {addr}"),
+                ),
+                (ApiMode::Learning, None) => verdict(
+                    true,
+                    format!(
+                        "API blocking is learning: a keyed call from it would authorize {}",
+                        policy::learned_network(addr)
+                    ),
+                ),
+                (ApiMode::Inactive, None) => {
+                    verdict(true, "API blocking is inactive: any address passes".into())
+                }
+            }
+        };
+        let smtp = if let Some(net) = always {
+            verdict(true, format!("[blocking] always_allow {net}"))
+        } else {
+            match (a.smtp, listed) {
+                (SmtpMode::Inactive, _) => {
+                    verdict(true, "SMTP blocking is inactive: any address passes".into())
+                }
+                (SmtpMode::Active, Some(net)) => verdict(true, entry_words(net)),
+                (SmtpMode::Active, None) => verdict(
+                    false,
+                    format!("SMTP blocking is active and no authorized entry covers {addr}"),
+                ),
+            }
+        };
+        let key = match key.map(str::trim).filter(|k| !k.is_empty()) {
+            None => None,
+            Some(id) => {
+                let k = snap
+                    .key(id)
+                    .filter(|k| snap.account_of(k).is_some_and(|o| o.idx == a.idx))
+                    .ok_or_else(|| {
+                        DaemonError::NotFound(format!(
+                            "no key {id:?} in account {account}; `allowlistctl keys list` shows them"
+                        ))
+                    })?;
+                Some(if !k.usable() {
+                    verdict(false, format!("key {id} is {:?}", k.status).to_lowercase())
+                } else {
+                    match k.admits(addr) {
+                        Admit::Any => verdict(
+                            true,
+                            format!("key {id} has an empty allowlist: any address"),
+                        ),
+                        Admit::Entry(net) => {
+                            let label = self.with_state(|st| {
+                                st.account(account)
+                                    .and_then(|s| s.keys.get(id))
+                                    .and_then(|k| k.allow.iter().find(|e| e.cidr == net))
+                                    .map(|e| e.label.clone())
+                                    .unwrap_or_default()
+                            });
+                            let mut w = format!("key {id}'s allowlist entry {net}");
+                            if !label.is_empty() {
+                                w.push_str(&format!(" ({label})"));
+                            }
+                            verdict(true, w)
+                        }
+                        Admit::Refused => verdict(
+                            false,
+                            format!("no entry of key {id}'s allowlist covers {addr}"),
+                        ),
+                    }
+                })
+            }
+        };
+        Ok(AddressCheck {
+            addr,
+            account: account.to_string(),
+            api,
+            smtp,
+            key,
+        })
+    }
+}
