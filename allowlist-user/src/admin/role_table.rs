@@ -307,6 +307,23 @@ const ROUTES: &[Route] = &[
         200,
         true,
     ),
+    r(
+        "GET",
+        "/v1/logs/summary?account=acme",
+        "",
+        Need::Read,
+        200,
+        true,
+    ),
+    r("GET", "/v1/whoami", "", Need::Read, 200, false),
+    r(
+        "GET",
+        "/v1/ips/check?addr=198.51.100.9&key={K}&account=acme",
+        "",
+        Need::Read,
+        200,
+        true,
+    ),
     r("GET", "/v1/accounts/acme", "", Need::Read, 200, true),
     r("GET", "/v1/notify?account=acme", "", Need::Read, 200, true),
     r(

@@ -146,3 +146,87 @@ impl Daemon {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        api::NewKey,
+        config::Config,
+        daemon::{Authorize, Clock},
+        store::{SqliteStore, Store},
+    };
+
+    #[tokio::test]
+    async fn each_layer_names_the_rule_that_decides() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let mut config = Config::default();
+        config.store.url = format!("sqlite://{}", db.display());
+        config.blocking.always_allow = vec!["192.0.2.0/28".parse().unwrap()];
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
+        let d = Daemon::new(config, store, None, Clock::from_env()).unwrap();
+        d.init_policy().unwrap();
+        let key = d
+            .create_key(
+                "default",
+                NewKey {
+                    name: "web".into(),
+                    description: String::new(),
+                    scopes: vec![],
+                    allow: vec!["203.0.113.0/24=office".into()],
+                    rate: None,
+                },
+                "uid:0",
+            )
+            .await
+            .unwrap()
+            .id;
+        let req = Authorize {
+            cidr: "198.51.100.0/24",
+            label: Some("branch".into()),
+            source: "manual",
+            key_id: None,
+            share: false,
+        };
+        d.authorize("default", req, "uid:0").await.unwrap();
+        let c = d
+            .check_address("default", "198.51.100.9", Some(&key))
+            .unwrap();
+        assert!(c.api.admitted, "{c:?}");
+        assert_eq!(c.api.rule, "authorized entry 198.51.100.0/24 (branch)");
+        let k = c.key.unwrap();
+        assert!(!k.admitted);
+        assert!(k.rule.contains("no entry of key"), "{k:?}");
+        let c = d
+            .check_address("default", "203.0.113.5", Some(&key))
+            .unwrap();
+        assert!(c.key.as_ref().unwrap().admitted);
+        assert!(c.key.unwrap().rule.ends_with("203.0.113.0/24 (office)"));
+        // Learning (the default): admitted, and what it would learn.
+        assert!(c.api.admitted && c.api.rule.contains("203.0.113.0/24"), "{:?}", c.api);
+        d.set_api_blocking("default", ApiMode::Active, true, "uid:0")
+            .await
+            .unwrap();
+        let c = d.check_address("default", "203.0.113.5", None).unwrap();
+        assert!(!c.api.admitted);
+        assert!(c.api.rule.contains("API blocking is active"), "{:?}", c.api);
+        assert!(c.smtp.admitted, "SMTP blocking is inactive");
+        let c = d.check_address("default", "192.0.2.3", None).unwrap();
+        assert!(c.api.admitted && c.api.rule.contains("always_allow"));
+        assert!(matches!(
+            d.check_address("default", "not-an-ip", None),
+            Err(DaemonError::Invalid(m)) if m.contains("not an IP address")
+        ));
+        assert!(matches!(
+            d.check_address("default", "192.0.2.3", Some("0000000000000000")),
+            Err(DaemonError::NotFound(_))
+        ));
+        assert!(matches!(
+            d.check_address("nope", "192.0.2.3", None),
+            Err(DaemonError::NotFound(_))
+        ));
+    }
+}

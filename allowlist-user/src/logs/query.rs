@@ -355,4 +355,65 @@ mod tests {
         .unwrap();
         assert_eq!(n, 0);
     }
+
+    #[test]
+    fn the_summary_counts_by_bucket_class_and_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 20_000;
+        let base = day * 86_400_000;
+        let conn = Connection::open(dir.path().join(crate::logs::day_file(day))).unwrap();
+        conn.execute_batch(crate::logs::writer::SCHEMA).unwrap();
+        let rows = [
+            (0, "acme", "192.0.2.1", 200, "ok"),
+            (10, "acme", "192.0.2.1", 200, "ok"),
+            (999, "acme", "192.0.2.2", 403, "key_allowlist"),
+            (1_000, "acme", "198.51.100.1", 403, "key_allowlist"),
+            (1_500, "acme", "198.51.100.1", 429, "rate_limited"),
+            (1_999, "acme", "198.51.100.1", 502, "ok"),
+            (1_000, "other", "192.0.2.1", 200, "ok"),
+            // Past `until`: left out.
+            (2_001, "acme", "192.0.2.1", 200, "ok"),
+        ];
+        for (at, account, client, status, reason) in rows {
+            conn.execute(
+                "INSERT INTO requests VALUES (?1, ?2, 'k', ?3, 'GET', '/', ?4, ?5, '', 1, 0, 0)",
+                params![base + at, account, client, status, reason],
+            )
+            .unwrap();
+        }
+        let q = LogQuery {
+            account: "acme".into(),
+            ..LogQuery::default()
+        };
+        let s = summary(dir.path(), &q, (base, base + 1_999), 2).unwrap();
+        assert_eq!(s.bucket_ms, 1_000);
+        assert_eq!(s.total, 6);
+        let classes: Vec<[u64; 4]> = s
+            .buckets
+            .iter()
+            .map(|b| [b.s2xx, b.s3xx, b.s4xx, b.s5xx])
+            .collect();
+        assert_eq!(classes, [[2, 0, 1, 0], [0, 0, 2, 1]]);
+        assert_eq!(
+            s.refusals,
+            [
+                ReasonCount {
+                    reason: "key_allowlist".into(),
+                    count: 2
+                },
+                ReasonCount {
+                    reason: "rate_limited".into(),
+                    count: 1
+                },
+            ]
+        );
+        // An address filter sees the client of every row.
+        let q = LogQuery {
+            ip: Some("198.51.100.0/24".parse().unwrap()),
+            ..q
+        };
+        let s = summary(dir.path(), &q, (base, base + 1_999), 2).unwrap();
+        assert_eq!(s.total, 3);
+        assert_eq!(s.buckets[0], LogBucket { at_ms: base, ..LogBucket::default() });
+    }
 }

@@ -16,7 +16,7 @@ use rusqlite::Connection;
 
 use super::{LogRecord, LogSink, day_file, day_of_ms, parse_day_file};
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
+pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
     at_ms INTEGER NOT NULL,
     account TEXT NOT NULL,
     key_id TEXT NOT NULL,
