@@ -108,15 +108,18 @@ impl Daemon {
             list.sort_by_key(|n| (n.addr(), n.prefix_len()));
             list.dedup();
         }
+        let idx = account.record.idx;
+        let mut usage = self.entry_usage.lock().unwrap_or_else(|p| p.into_inner());
         AccountPolicy::new(
             account.record.name.clone(),
-            account.record.idx,
+            idx,
             (account.rev, parent.map_or(0, |p| p.rev)),
             Self::modes_in_force(state, account),
             list,
             account.denied.iter().copied().collect(),
             keys,
         )
+        .with_usage(|net| usage.entry((idx, net)).or_default().clone())
     }
 
     /// The installation-wide part of a snapshot: the one in force, which
@@ -145,6 +148,17 @@ impl Daemon {
         let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
         runtimes.retain(|id, _| ids.contains(id.as_str()));
         drop(runtimes);
+        let pieces: Vec<Arc<AccountPolicy>> = pieces;
+        let live: std::collections::HashSet<(u32, IpNet)> = pieces
+            .iter()
+            .flat_map(|p| p.list_entries.iter().map(|n| (p.idx, *n)))
+            .collect();
+        // Unflushed hits of entries that left are lost with them: the
+        // store deletes their counts too.
+        self.entry_usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| live.contains(k));
         Snapshot::build(self.snapshot_base(), pieces)
     }
 
@@ -200,6 +214,20 @@ impl Daemon {
             }
         }
         drop(runtimes);
+        let mut usage = self.entry_usage.lock().unwrap_or_else(|p| p.into_inner());
+        for piece in &changed {
+            if let Some(old) = prev.accounts.get(&piece.idx) {
+                for n in &old.list_entries {
+                    if piece.list_entries.binary_search(n).is_err() {
+                        usage.remove(&(piece.idx, *n));
+                    }
+                }
+            }
+        }
+        for idx in &removed {
+            usage.retain(|(i, _), _| i != idx);
+        }
+        drop(usage);
         prev.with_accounts(changed, &removed)
     }
 

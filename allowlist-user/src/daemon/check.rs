@@ -206,7 +206,11 @@ mod tests {
         assert!(c.key.as_ref().unwrap().admitted);
         assert!(c.key.unwrap().rule.ends_with("203.0.113.0/24 (office)"));
         // Learning (the default): admitted, and what it would learn.
-        assert!(c.api.admitted && c.api.rule.contains("203.0.113.0/24"), "{:?}", c.api);
+        assert!(
+            c.api.admitted && c.api.rule.contains("203.0.113.0/24"),
+            "{:?}",
+            c.api
+        );
         d.set_api_blocking("default", ApiMode::Active, true, "uid:0")
             .await
             .unwrap();
@@ -228,5 +232,103 @@ mod tests {
             d.check_address("nope", "192.0.2.3", None),
             Err(DaemonError::NotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_entrys_hits_are_counted_flushed_and_forgotten_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("a.db");
+        let mut config = Config::default();
+        config.store.url = format!("sqlite://{}", db.display());
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
+        let d = Daemon::new(config, store, None, Clock::from_env()).unwrap();
+        d.init_policy().unwrap();
+        let secret = d
+            .create_key(
+                "default",
+                NewKey {
+                    name: "web".into(),
+                    description: String::new(),
+                    scopes: vec![],
+                    allow: vec![],
+                    rate: None,
+                },
+                "uid:0",
+            )
+            .await
+            .unwrap()
+            .key
+            .unwrap();
+        for cidr in ["198.51.100.0/24", "198.51.100.7"] {
+            let req = Authorize {
+                cidr,
+                label: None,
+                source: "manual",
+                key_id: None,
+                share: false,
+            };
+            d.authorize("default", req, "uid:0").await.unwrap();
+        }
+        let call = |addr: &str, at: i64| {
+            let dec = d
+                .policy
+                .load()
+                .decide(Some(&secret), "GET", "/", addr.parse().unwrap(), at);
+            assert!(dec.allowed(), "{:?}", dec.reason);
+        };
+        let hits = |cidr: &str| {
+            let list = d.list_authorized("default").unwrap();
+            let v = list
+                .iter()
+                .find(|v| v.entry.cidr.to_string() == cidr)
+                .unwrap();
+            (v.hits, v.last_seen_at)
+        };
+        call("198.51.100.9", 5_000);
+        call("198.51.100.9", 7_000);
+        // The longest entry admits: the /32, not the /24.
+        call("198.51.100.7", 6_000);
+        assert_eq!(hits("198.51.100.0/24"), (2, Some(7)));
+        assert_eq!(hits("198.51.100.7/32"), (1, Some(6)));
+        d.flush_usage().unwrap();
+        call("198.51.100.10", 9_000);
+        assert_eq!(hits("198.51.100.0/24"), (3, Some(9)), "flushed plus live");
+        // Another change to the account keeps the counters.
+        d.authorize(
+            "default",
+            Authorize {
+                cidr: "203.0.113.0/24",
+                label: None,
+                source: "manual",
+                key_id: None,
+                share: false,
+            },
+            "uid:0",
+        )
+        .await
+        .unwrap();
+        assert_eq!(hits("198.51.100.0/24"), (3, Some(9)));
+        d.flush_usage().unwrap();
+        d.unauthorize("default", "198.51.100.0/24", "uid:0")
+            .await
+            .unwrap();
+        d.authorize(
+            "default",
+            Authorize {
+                cidr: "198.51.100.0/24",
+                label: None,
+                source: "manual",
+                key_id: None,
+                share: false,
+            },
+            "uid:0",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            hits("198.51.100.0/24"),
+            (0, None),
+            "authorized again: from zero"
+        );
     }
 }

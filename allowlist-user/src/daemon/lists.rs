@@ -25,7 +25,7 @@ pub struct Authorize<'a> {
 
 impl Daemon {
     pub fn list_authorized(&self, account: &str) -> Result<Vec<AuthorizedView>, DaemonError> {
-        self.with_state(|st| {
+        let mut out = self.with_state(|st| {
             let a = st.account(account).ok_or_else(|| no_account(account))?;
             let mut out: Vec<AuthorizedView> = a
                 .authorized
@@ -45,8 +45,16 @@ impl Daemon {
                     hits: 0,
                 }));
             }
-            Ok(out)
-        })
+            Ok::<_, DaemonError>(out)
+        })?;
+        let hits = self.entry_hits(account)?;
+        for v in &mut out {
+            if let Some(&(h, last)) = hits.get(&v.entry.cidr) {
+                v.hits = h;
+                v.last_seen_at = last;
+            }
+        }
+        Ok(out)
     }
 
     pub async fn authorize(

@@ -144,6 +144,8 @@ pub struct Daemon {
     pub policy: arc_swap::ArcSwap<crate::policy::Snapshot>,
     pub(crate) state: Mutex<crate::state::State>,
     pub(crate) runtimes: Mutex<std::collections::HashMap<String, Arc<crate::policy::KeyRuntime>>>,
+    /// (account index, authorized entry) -> its hits, across snapshots.
+    pub(crate) entry_usage: Mutex<EntryUsageMap>,
     /// (source, key id) -> last successful call (Unix ms), for the impact
     /// of activating blocking.
     pub(crate) recent_successes: Mutex<std::collections::HashMap<(std::net::IpAddr, String), i64>>,
@@ -165,6 +167,9 @@ pub struct Daemon {
     /// Live proxy connections that presented a key, for the cut-off.
     pub live: Mutex<std::collections::HashMap<u64, Arc<crate::live::LiveConn>>>,
 }
+
+pub(crate) type EntryUsageMap =
+    std::collections::HashMap<(u32, IpNet), Arc<crate::policy::EntryUsage>>;
 
 /// The error for an account that does not exist (or that the caller may
 /// not know of: the same answer).
@@ -288,6 +293,7 @@ impl Daemon {
             policy: arc_swap::ArcSwap::from_pointee(settings),
             state: Mutex::new(crate::state::State::default()),
             runtimes: Mutex::new(Default::default()),
+            entry_usage: Mutex::new(Default::default()),
             recent_successes: Mutex::new(Default::default()),
             clock,
             conns: None,

@@ -414,6 +414,12 @@ mod tests {
         };
         let s = summary(dir.path(), &q, (base, base + 1_999), 2).unwrap();
         assert_eq!(s.total, 3);
-        assert_eq!(s.buckets[0], LogBucket { at_ms: base, ..LogBucket::default() });
+        assert_eq!(
+            s.buckets[0],
+            LogBucket {
+                at_ms: base,
+                ..LogBucket::default()
+            }
+        );
     }
 }

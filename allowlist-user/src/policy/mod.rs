@@ -260,6 +260,17 @@ impl KeyRuntime {
     }
 }
 
+/// Keyed API calls one authorized entry admitted for one account, counted
+/// by the edge and flushed to the store with the key counters. Lives
+/// across snapshot swaps, like [`KeyRuntime`].
+#[derive(Debug, Default)]
+pub struct EntryUsage {
+    /// Hits since the last flush.
+    pub hits: AtomicU64,
+    /// Unix ms of the latest hit.
+    pub last_ms: AtomicI64,
+}
+
 /// A key allowlist's answer for one address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admit {

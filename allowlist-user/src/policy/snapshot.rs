@@ -16,8 +16,8 @@ use ipnet::IpNet;
 use subtle::ConstantTimeEq;
 
 use super::{
-    AccountMatch, Admit, ApiMode, KeyPolicy, KeyStatus, PrefixSet, Reason, RouteScopes, Rule,
-    SmtpMode, hash_secret, learned_network, normalize, parse_credential, source_unit,
+    AccountMatch, Admit, ApiMode, EntryUsage, KeyPolicy, KeyStatus, PrefixSet, Reason, RouteScopes,
+    Rule, SmtpMode, hash_secret, learned_network, normalize, parse_credential, source_unit,
 };
 
 /// Shards of the key index: a change rebuilds only the shards its keys
@@ -47,7 +47,10 @@ pub struct AccountPolicy {
     /// have not moved.
     pub rev: u64,
     pub parent_rev: u64,
+    /// The list's entries, sorted.
     pub list_entries: Vec<IpNet>,
+    /// Each entry's hits, in the order of `list_entries`.
+    pub usage: Vec<Arc<EntryUsage>>,
     pub keys: Vec<Arc<KeyPolicy>>,
     /// Every source some usable key of this account may call from (see
     /// [`AccountPolicy::api_sources`]), computed once per piece.
@@ -61,11 +64,14 @@ impl AccountPolicy {
         idx: u32,
         (rev, parent_rev): (u64, u64),
         (api, smtp): (ApiMode, SmtpMode),
-        list_entries: Vec<IpNet>,
+        mut list_entries: Vec<IpNet>,
         denied: HashSet<IpAddr>,
         keys: Vec<Arc<KeyPolicy>>,
     ) -> AccountPolicy {
+        list_entries.sort_unstable();
+        list_entries.dedup();
         let list = PrefixSet::new(list_entries.iter().copied());
+        let usage = list_entries.iter().map(|_| Arc::default()).collect();
         let mut a = AccountPolicy {
             name,
             idx,
@@ -75,12 +81,29 @@ impl AccountPolicy {
             smtp,
             list,
             list_entries,
+            usage,
             denied,
             keys,
             api_sources: Vec::new(),
         };
         a.api_sources = a.compute_api_sources();
         a
+    }
+
+    /// Takes each entry's counters from `usage_of` (the daemon keeps them
+    /// across snapshots) instead of fresh ones.
+    pub fn with_usage(mut self, mut usage_of: impl FnMut(IpNet) -> Arc<EntryUsage>) -> Self {
+        self.usage = self.list_entries.iter().map(|n| usage_of(*n)).collect();
+        self
+    }
+
+    /// Counts a keyed call `net` admitted.
+    pub fn count_hit(&self, net: IpNet, now_ms: i64) {
+        if let Ok(i) = self.list_entries.binary_search(&net) {
+            let u = &self.usage[i];
+            u.hits.fetch_add(1, Ordering::Relaxed);
+            u.last_ms.fetch_max(now_ms, Ordering::Relaxed);
+        }
     }
 
     /// Whether the account layer admits `addr` now (`always_allow` is the
@@ -491,6 +514,9 @@ impl Snapshot {
         }
         key.runtime.last_used_ms.store(now_ms, Ordering::Relaxed);
         key.runtime.requests.fetch_add(1, Ordering::Relaxed);
+        if let AccountMatch::Listed(net) = &account_rule {
+            account.count_hit(*net, now_ms);
+        }
         Decision {
             reason: Reason::Ok,
             key: Some(key),

@@ -173,4 +173,14 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX actions_grp ON actions(grp);
     CREATE INDEX actions_expires ON actions(expires_at);",
+    // 5: how often each authorized entry admitted a keyed call, and when
+    // last, per account (an organization's shared entry counts in each
+    // sub-account that used it).
+    "CREATE TABLE entry_usage (
+        account TEXT NOT NULL,
+        cidr TEXT NOT NULL,
+        hits INTEGER NOT NULL DEFAULT 0,
+        last_seen_ms INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, cidr)
+    );",
 ];

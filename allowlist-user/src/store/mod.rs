@@ -339,6 +339,13 @@ pub trait ListStore {
         cidr: &IpNet,
         actor: &str,
     ) -> Result<Option<AuthorizedRecord>, StoreError>;
+    /// Adds hits counted in memory: `(account, entry, last seen ms, hits)`.
+    fn flush_entry_usage(&self, usage: &[(String, IpNet, i64, u64)]) -> Result<(), StoreError>;
+    /// An account's entries' hits and last use (Unix ms), as flushed.
+    fn entry_usage(
+        &self,
+        account: &str,
+    ) -> Result<std::collections::HashMap<IpNet, (u64, i64)>, StoreError>;
     /// Records refusals (one upsert per account/source/key/port), batched,
     /// then keeps at most `cap` entries per account and service by evicting
     /// the least recent (denied entries are never evicted: they are

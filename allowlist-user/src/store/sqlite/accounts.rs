@@ -192,6 +192,7 @@ impl AccountStore for SqliteStore {
         for sql in [
             "DELETE FROM keys WHERE account = ?1",
             "DELETE FROM authorized WHERE account = ?1",
+            "DELETE FROM entry_usage WHERE account = ?1",
             "DELETE FROM unauthorized WHERE account = ?1",
             "UPDATE tokens SET revoked_at = CAST(strftime('%s', 'now') AS INTEGER)
                WHERE account = ?1 AND revoked_at IS NULL",

@@ -109,6 +109,58 @@ impl ListStore for SqliteStore {
         Ok(true)
     }
 
+    fn flush_entry_usage(&self, usage: &[(String, IpNet, i64, u64)]) -> Result<(), StoreError> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction()
+            .map_err(self.err("flushing entry usage"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO entry_usage(account, cidr, hits, last_seen_ms) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(account, cidr) DO UPDATE SET
+                       hits = hits + excluded.hits,
+                       last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+                )
+                .map_err(self.err("flushing entry usage"))?;
+            for (account, cidr, last, n) in usage {
+                stmt.execute(params![account, cidr.to_string(), *n as i64, last])
+                    .map_err(self.err("flushing entry usage"))?;
+            }
+        }
+        tx.commit().map_err(self.err("committing"))
+    }
+
+    fn entry_usage(
+        &self,
+        account: &str,
+    ) -> Result<std::collections::HashMap<IpNet, (u64, i64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached("SELECT cidr, hits, last_seen_ms FROM entry_usage WHERE account = ?1")
+            .map_err(self.err("reading entry usage"))?;
+        let rows = stmt
+            .query_map([account], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(self.err("reading entry usage"))?;
+        let mut out = std::collections::HashMap::new();
+        for row in rows {
+            let (cidr, hits, last) = row.map_err(self.err("reading entry usage"))?;
+            if let Ok(net) = cidr.parse::<IpNet>() {
+                out.insert(net, (hits.max(0) as u64, last));
+            }
+        }
+        Ok(out)
+    }
+
     fn remove_authorized(
         &self,
         account: &str,
@@ -144,6 +196,14 @@ impl ListStore for SqliteStore {
         };
         tx.execute(
             "DELETE FROM authorized WHERE account = ?1 AND cidr = ?2",
+            params![account, cidr.to_string()],
+        )
+        .map_err(self.err("removing authorized"))?;
+        // Its hits go with it (a shared entry's, in every sub-account), so
+        // an entry authorized again starts from zero.
+        tx.execute(
+            "DELETE FROM entry_usage WHERE cidr = ?2
+               AND (account = ?1 OR account IN (SELECT name FROM accounts WHERE parent = ?1))",
             params![account, cidr.to_string()],
         )
         .map_err(self.err("removing authorized"))?;
