@@ -1,7 +1,10 @@
 //! `allowlistctl ips ...`
 
 use allowlist::{
-    api::{Authorize, AuthorizedList, AuthorizedView, Deny, DenyOutcome, UnauthorizedList},
+    api::{
+        AddressCheck, Authorize, AuthorizedList, AuthorizedView, Deny, DenyOutcome,
+        UnauthorizedList, Verdict,
+    },
     store::AuthorizedRecord,
 };
 use clap::Subcommand;
@@ -29,6 +32,14 @@ pub enum IpsCmd {
     Remove { cidr: String },
     /// Refused addresses.
     Unauthorized,
+    /// Which rule admits or refuses an address now, per layer (the
+    /// account's API and SMTP blocking; a key's allowlist with --key).
+    Check {
+        addr: String,
+        /// Also check this key's own allowlist.
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Deny a refused address: it stays refused.
     Deny {
         addr: String,
@@ -51,10 +62,21 @@ fn entry(v: &AuthorizedView) -> String {
         None if e.shared => "  (shared with the sub-accounts)".into(),
         None => String::new(),
     };
+    let last = v
+        .last_seen_at
+        .map(|t| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "-".into());
     format!(
-        "{:<43} {:<12} {}{whose}\n",
+        "{:<43} {:<12} {:>8} hits  last {:<20} {}{whose}\n",
         e.cidr.to_string(),
         e.source,
+        v.hits,
+        last,
         e.label
     )
 }
@@ -91,6 +113,27 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
                 .await?;
             let text = format!("removed {} from the authorized list\n", r.cidr);
             Output::new(&r, text)
+        }
+        IpsCmd::Check { addr, key } => {
+            let mut path = format!("/v1/ips/check?addr={}", query_value(&addr));
+            if let Some(k) = &key {
+                path.push_str(&format!("&key={}", query_value(k)));
+            }
+            let c: AddressCheck = client.get(&path).await?;
+            let line = |layer: &str, v: &Verdict| {
+                format!(
+                    "{layer:<14} {:<9} {}\n",
+                    if v.admitted { "admitted" } else { "refused" },
+                    v.rule
+                )
+            };
+            let mut text = String::new();
+            if let Some(k) = &c.key {
+                text.push_str(&line("key allowlist", k));
+            }
+            text.push_str(&line("api", &c.api));
+            text.push_str(&line("smtp", &c.smtp));
+            Output::new(&c, text)
         }
         IpsCmd::Unauthorized => {
             let list: UnauthorizedList = client.get("/v1/ips/unauthorized").await?;

@@ -4,7 +4,7 @@
 
 use std::io::{IsTerminal, Write};
 
-use allowlist::api::LogList;
+use allowlist::api::{LogList, LogSummary};
 use clap::Args;
 
 use crate::{
@@ -40,9 +40,21 @@ pub struct LogsArgs {
     /// At most this many rows (not with --csv, which exports every row).
     #[arg(long, default_value_t = 100)]
     limit: usize,
+    /// Skip this many matching rows first (paging; give --until too so
+    /// new rows do not shift the pages).
+    #[arg(long, default_value_t = 0)]
+    offset: usize,
     /// Every matching row as CSV (RFC 4180, header row) on stdout.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "summary")]
     csv: bool,
+    /// Counts instead of rows: requests over time by status class (in
+    /// --buckets slices; the last 24 h without --since) and refusals by
+    /// reason.
+    #[arg(long)]
+    summary: bool,
+    /// With --summary: how many time slices.
+    #[arg(long, default_value_t = 24, requires = "summary")]
+    buckets: usize,
 }
 
 impl LogsArgs {
@@ -89,7 +101,48 @@ pub async fn run(client: &Client, args: LogsArgs) -> Result<Output, CtlError> {
         }
         return Ok(Output::empty());
     }
-    let path = format!("/v1/logs?limit={}&{filters}", args.limit);
+    if args.summary {
+        let path = format!("/v1/logs/summary?buckets={}&{filters}", args.buckets);
+        let s: LogSummary = client.get(&path).await?;
+        let at = |ms: i64| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+            )
+        };
+        let mut text = format!(
+            "{} requests from {} to {}\n{:<22} {:>9} {:>9} {:>9} {:>9}\n",
+            s.total,
+            at(s.since_ms),
+            at(s.until_ms),
+            "from",
+            "2xx",
+            "3xx",
+            "4xx",
+            "5xx"
+        );
+        for b in &s.buckets {
+            text.push_str(&format!(
+                "{:<22} {:>9} {:>9} {:>9} {:>9}\n",
+                at(b.at_ms).to_string(),
+                b.s2xx,
+                b.s3xx,
+                b.s4xx,
+                b.s5xx
+            ));
+        }
+        text.push_str("refusals by reason:\n");
+        for r in &s.refusals {
+            text.push_str(&format!("  {:<20} {}\n", r.reason, r.count));
+        }
+        if s.refusals.is_empty() {
+            text.push_str("  none\n");
+        }
+        return Output::new(&s, text);
+    }
+    let path = format!(
+        "/v1/logs?limit={}&offset={}&{filters}",
+        args.limit, args.offset
+    );
     let list: LogList = client.get(&path).await?;
     let mut text = String::new();
     for r in &list.entries {

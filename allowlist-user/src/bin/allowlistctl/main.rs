@@ -101,6 +101,8 @@ enum Command {
     /// Where the account's notifications go: e-mail recipients and webhooks.
     #[command(subcommand)]
     Notify(notify::NotifyCmd),
+    /// Who the admin API takes this caller for: actor, role, account.
+    Whoami,
 }
 
 /// What a command prints: JSON for `--json`, text otherwise.
@@ -204,6 +206,7 @@ fn main() -> ExitCode {
             Command::Audit(args) => audit::run(&client, args).await,
             Command::Logs(args) => logs::run(&client, args).await,
             Command::Notify(cmd) => notify::run(&client, cmd).await,
+            Command::Whoami => tokens::whoami(&client).await,
         }
     });
     match result {

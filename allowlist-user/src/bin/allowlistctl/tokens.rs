@@ -115,3 +115,18 @@ pub async fn run(client: &Client, cmd: TokensCmd) -> Result<Output, CtlError> {
         }
     }
 }
+
+/// `allowlistctl whoami`
+pub async fn whoami(client: &Client) -> Result<Output, CtlError> {
+    let w: allowlist::api::WhoAmI = client.get("/v1/whoami").await?;
+    let text = format!(
+        "{} ({}{})\n",
+        w.actor,
+        format!("{:?}", w.role).to_lowercase(),
+        w.account
+            .as_deref()
+            .map(|a| format!(" of account {a}"))
+            .unwrap_or_default()
+    );
+    Output::new(&w, text)
+}
