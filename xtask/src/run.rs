@@ -65,6 +65,27 @@ pub fn run(repo: &Repo, release: bool, extra: &[OsString]) -> Result<()> {
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", daemon.display()))?;
+    let ctl = repo.bin_dir(release).join("allowlistctl");
+    let console = console_url(&config);
+    let (dir, ctl_path) = (run_dir.clone(), ctl.clone());
+    std::thread::spawn(move || match console {
+        Some(url) => match console_token(&dir, &ctl_path) {
+            Ok(file) => say(
+                "run",
+                format_args!(
+                    "web console: open {url} and sign in with the token in {} \
+                     (the certificate is self-signed: accept it once)",
+                    file.display()
+                ),
+            ),
+            Err(e) => say("run", format_args!("no console token: {e:#}")),
+        },
+        None => say(
+            "run",
+            "web console: off; set [admin] listen in .run/allowlist.toml \
+             (or delete the file to regenerate it with the console on)",
+        ),
+    });
     // The terminal sends Ctrl-C to the whole foreground process group, so the
     // daemon gets it directly; xtask only has to survive it to clean up.
     // SAFETY: installing SIG_IGN has no preconditions.
@@ -121,6 +142,7 @@ fn dev_config(run_dir: &Path, kernel: bool) -> Result<String> {
          upstream = \"http://127.0.0.1:8080\"\n\
          [admin]\n\
          socket = {socket}\n\
+         listen = \"127.0.0.1:9443\"\n\
          [store]\n\
          url = {store}\n\
          [kernel]\n\
@@ -132,6 +154,86 @@ fn dev_config(run_dir: &Path, kernel: bool) -> Result<String> {
         socket = toml_str(&format!("{dir}/admin.sock")),
         store = toml_str(&format!("sqlite://{dir}/allowlist.db")),
     ))
+}
+
+/// The console's address when the config's `[admin]` table has a
+/// `listen` (a line scan, as for `[kernel] enabled`).
+fn console_url(config: &str) -> Option<String> {
+    let mut in_admin = false;
+    for line in config.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.starts_with('[') {
+            in_admin = line == "[admin]";
+        } else if in_admin
+            && let Some((k, v)) = line.split_once('=')
+            && k.trim() == "listen"
+        {
+            let addr = v.trim().trim_matches('"');
+            return (!addr.is_empty()).then(|| format!("https://{addr}/console/"));
+        }
+    }
+    None
+}
+
+/// An operator token for the dev console, made once over the admin socket
+/// and kept in `.run/console.token` (mode 0600); made again when the store
+/// no longer knows it (the dev store was deleted, or it was revoked).
+fn console_token(run_dir: &Path, ctl: &Path) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let socket = run_dir.join("admin.sock");
+    let file = run_dir.join("console.token");
+    let ctl_json = |args: &[&str]| -> Result<serde_json::Value> {
+        let out = Command::new(ctl)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--json")
+            .args(args)
+            .output()
+            .with_context(|| format!("running {}", ctl.display()))?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    // The daemon opens its socket within a few seconds of starting.
+    let mut tokens = None;
+    for _ in 0..100 {
+        if let Ok(t) = ctl_json(&["tokens", "list"]) {
+            tokens = Some(t);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(150));
+    }
+    let tokens = tokens.context("the daemon's admin socket did not answer within 15 s")?;
+    if let Ok(kept) = fs::read_to_string(&file) {
+        let id = kept.trim().split('_').nth(1).unwrap_or("");
+        let live = tokens["tokens"].as_array().is_some_and(|list| {
+            list.iter()
+                .any(|t| t["id"] == id && t["revoked_at"].is_null())
+        });
+        if live {
+            return Ok(file);
+        }
+    }
+    let made = ctl_json(&[
+        "tokens",
+        "create",
+        "--operator",
+        "--name",
+        "dev console (cargo xtask run)",
+    ])?;
+    let token = made["token"]
+        .as_str()
+        .context("tokens create gave no token")?;
+    let _ = fs::remove_file(&file);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
+    Ok(file)
 }
 
 /// Quotes a string as a TOML basic string.
@@ -178,6 +280,19 @@ mod tests {
             assert_eq!(kernel_enabled(&text), kernel);
             assert!(text.contains(r#"socket = "/tmp/a \"b\"/.run/admin.sock""#));
         }
+    }
+
+    #[test]
+    fn the_console_url_comes_from_admin_listen() {
+        let text = dev_config(Path::new("/tmp/x/.run"), false).unwrap();
+        assert_eq!(
+            console_url(&text).as_deref(),
+            Some("https://127.0.0.1:9443/console/")
+        );
+        assert_eq!(
+            console_url("[proxy]\nlisten = \"1.2.3.4:1\"\n[admin]\n"),
+            None
+        );
     }
 
     #[test]
