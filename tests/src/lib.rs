@@ -15,6 +15,7 @@ pub mod net;
 pub mod proc;
 pub mod receivers;
 pub mod scrape;
+pub mod web;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
