@@ -17,9 +17,8 @@ impl Page {
         self.headers
             .lines()
             .filter_map(|l| l.split_once(':'))
-            .filter(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+            .rfind(|(k, _)| k.trim().eq_ignore_ascii_case(name))
             .map(|(_, v)| v.trim().to_string())
-            .last()
     }
 
     pub fn set_cookies(&self) -> Vec<String> {

@@ -29,7 +29,7 @@ pub struct PageQuery {
 pub async fn page(State(c): C, headers: HeaderMap, Query(q): Query<PageQuery>) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "Authorized IPs";
     let blocking = match c.api.get::<api::Blocking>(&s, "/v1/blocking", "").await {
@@ -314,7 +314,7 @@ fn entry_of(f: &AddForm) -> Result<String, String> {
 pub async fn add(State(c): C, headers: HeaderMap, Form(f): Form<AddForm>) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let cidr = match entry_of(&f) {
         Ok(e) => e,
@@ -353,7 +353,7 @@ pub async fn confirm_delete(
 ) -> Response {
     let (_, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     layout::page(
         &s,
@@ -382,7 +382,7 @@ pub struct CidrForm {
 pub async fn delete(State(c): C, headers: HeaderMap, Form(f): Form<CidrForm>) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let q = query(&api::CidrQuery {
         cidr: f.cidr.clone(),
@@ -410,7 +410,7 @@ pub async fn confirm_mode(
 ) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "Change blocking";
     let words = if service == "smtp" { "SMTP" } else { "API" };
@@ -481,7 +481,7 @@ pub async fn set_mode(
 ) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let path = match service.as_str() {
         "api" => "/v1/blocking/api",

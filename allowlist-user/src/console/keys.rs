@@ -24,7 +24,7 @@ fn status_words(k: &KeyView) -> String {
 pub async fn page(State(c): C, headers: HeaderMap) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "API keys";
     let keys = match c.api.get::<api::KeyList>(&s, "/v1/keys", "").await {
@@ -88,7 +88,7 @@ const SCOPES: &[(&str, &str)] = &[
 pub async fn new_page(State(c): C, headers: HeaderMap) -> Response {
     let (_, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     layout::page(&s, "Create a key", new_form(&s)).into_response()
 }
@@ -141,7 +141,7 @@ pub async fn create(
     };
     let (id, s) = match c.post(&headers, &field("csrf")) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let rate = field("rate");
     let body = api::NewKey {
@@ -183,7 +183,7 @@ pub async fn create(
 pub async fn show(State(c): C, headers: HeaderMap, Path(kid): Path<String>) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let path = format!("/v1/keys/{}", encode_segment(&kid));
     let k = match c.api.get::<KeyView>(&s, &path, "").await {
@@ -286,7 +286,7 @@ pub async fn allow(
 ) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let base = format!("/v1/keys/{}/allow", encode_segment(&kid));
     let body = api::AllowEntry {
@@ -314,7 +314,7 @@ pub async fn disallow(
 ) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let base = format!("/v1/keys/{}/allow", encode_segment(&kid));
     let q = query(&api::CidrQuery {
@@ -358,7 +358,7 @@ pub async fn rotate(
 ) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let path = format!("/v1/keys/{}/rotate", encode_segment(&kid));
     let body = api::RotateKey {
@@ -386,7 +386,7 @@ pub async fn rotate(
 pub async fn confirm_revoke(State(c): C, headers: HeaderMap, Path(kid): Path<String>) -> Response {
     let (_, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let base = format!("/console/keys/{}", encode_segment(&kid));
     layout::page(
@@ -418,7 +418,7 @@ pub async fn revoke(
 ) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let path = format!("/v1/keys/{}/revoke", encode_segment(&kid));
     let r = c

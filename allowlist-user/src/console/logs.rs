@@ -75,7 +75,7 @@ impl Raw {
 pub async fn page(State(c): C, headers: HeaderMap, Query(raw): Query<Raw>) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "Usage logs";
     let form = html! {
@@ -204,7 +204,7 @@ pub async fn page(State(c): C, headers: HeaderMap, Query(raw): Query<Raw>) -> Re
 pub async fn csv(State(c): C, headers: HeaderMap, Query(raw): Query<Raw>) -> Response {
     let (_, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let q = match raw.query() {
         Ok(q) => q,

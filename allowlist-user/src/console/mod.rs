@@ -157,26 +157,26 @@ impl Console {
     }
 
     /// The signed-in session, or the sign-in page.
-    fn session(&self, headers: &HeaderMap) -> Result<(String, Session), Response> {
+    fn session(&self, headers: &HeaderMap) -> Result<(String, Session), Denied> {
         let found = session::cookie(headers, COOKIE).and_then(|id| {
             self.sessions
                 .get(id, self.now_ms(), self.lifetimes())
                 .map(|s| (id.to_string(), s))
         });
-        found.ok_or_else(|| Redirect::to("/console/signin").into_response())
+        found.ok_or(Denied::SignIn)
     }
 
     /// The session of a form post: signed in, the form's CSRF token
     /// matching the session's, and sent from this console's own pages.
-    fn post(&self, headers: &HeaderMap, csrf: &str) -> Result<(String, Session), Response> {
+    fn post(&self, headers: &HeaderMap, csrf: &str) -> Result<(String, Session), Denied> {
         if !same_origin(headers) {
-            return Err(forbidden(
+            return Err(Denied::Forbidden(
                 "This form was sent from another site, so it was refused.",
             ));
         }
         let (id, s) = self.session(headers)?;
         if !session::same(csrf, &s.csrf) {
-            return Err(forbidden(
+            return Err(Denied::Forbidden(
                 "This form is missing its security token or has an old one. Reload the page and try again.",
             ));
         }
@@ -226,6 +226,21 @@ impl Console {
             ),
         )
             .into_response()
+    }
+}
+
+/// Why a request gets no page: not signed in, or a refused form.
+enum Denied {
+    SignIn,
+    Forbidden(&'static str),
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        match self {
+            Denied::SignIn => Redirect::to("/console/signin").into_response(),
+            Denied::Forbidden(why) => forbidden(why),
+        }
     }
 }
 

@@ -23,7 +23,7 @@ pub struct CsrfForm {
 pub async fn accounts(State(c): C, headers: HeaderMap) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "Accounts";
     let list = match c.api.get::<api::AccountList>(&s, "/v1/accounts", "").await {
@@ -91,7 +91,7 @@ pub async fn create_account(
 ) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let body = api::NewAccount {
         name: f.name.trim().to_string(),
@@ -123,7 +123,7 @@ pub async fn confirm_remove_account(
 ) -> Response {
     let (_, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     layout::page(
         &s,
@@ -157,7 +157,7 @@ pub async fn remove_account(
 ) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let path = format!("/v1/accounts/{}", encode_segment(&name));
     let q = query(&api::RemoveQuery { force: f.force });
@@ -182,7 +182,7 @@ pub async fn remove_account(
 pub async fn tokens(State(c): C, headers: HeaderMap) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "Tokens";
     let list = match c.api.get::<api::TokenList>(&s, "/v1/tokens", "").await {
@@ -261,7 +261,7 @@ pub struct TokenForm {
 pub async fn create_token(State(c): C, headers: HeaderMap, Form(f): Form<TokenForm>) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let operator = f.role == "operator";
     let body = api::NewToken {
@@ -296,7 +296,7 @@ pub async fn revoke_token(
 ) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let path = format!("/v1/tokens/{}/revoke", encode_segment(&tid));
     let r = c
@@ -314,7 +314,7 @@ pub async fn revoke_token(
 pub async fn drops(State(c): C, headers: HeaderMap) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "Drop list";
     let list = match c.api.get::<api::DropList>(&s, "/v1/drop", "").await {
@@ -379,7 +379,7 @@ pub struct DropForm {
 pub async fn add_drop(State(c): C, headers: HeaderMap, Form(f): Form<DropForm>) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let body = api::AddDrop {
         cidr: f.cidr.trim().to_string(),
@@ -401,7 +401,7 @@ pub async fn add_drop(State(c): C, headers: HeaderMap, Form(f): Form<DropForm>) 
 pub async fn remove_drop(State(c): C, headers: HeaderMap, Form(f): Form<DropForm>) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let q = query(&api::CidrQuery {
         cidr: f.cidr.clone(),
@@ -423,7 +423,7 @@ pub async fn remove_drop(State(c): C, headers: HeaderMap, Form(f): Form<DropForm
 pub async fn counters(State(c): C, headers: HeaderMap, _q: Query<()>) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "Counters";
     if !s.may(Need::Operator) {

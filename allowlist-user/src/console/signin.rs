@@ -108,7 +108,7 @@ pub struct CsrfOnly {
 pub async fn signout(State(c): C, headers: HeaderMap, Form(f): Form<CsrfOnly>) -> Response {
     let (id, _) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     c.sessions.close(&id);
     let mut resp = Redirect::to("/console/signin").into_response();
@@ -133,7 +133,7 @@ pub async fn switch_account(
 ) -> Response {
     let (id, mut s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let name = f.account.trim().to_string();
     if !s.operator() {

@@ -16,7 +16,7 @@ use crate::{api, policy::Need};
 pub async fn page(State(c): C, headers: HeaderMap) -> Response {
     let (id, s) = match c.session(&headers) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let title = "Unauthorized IPs";
     let list = match c
@@ -91,7 +91,7 @@ pub struct ActForm {
 pub async fn act(State(c): C, headers: HeaderMap, Form(f): Form<ActForm>) -> Response {
     let (id, s) = match c.post(&headers, &f.csrf) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let back = "/console/unauthorized";
     match f.action.as_str() {
