@@ -10,6 +10,7 @@
 
 pub mod bench;
 pub mod bpf;
+pub mod browser;
 pub mod client;
 pub mod net;
 pub mod proc;
@@ -35,14 +36,32 @@ pub fn unique(tag: &str) -> String {
 /// Whether kernel tests can run here. Without root they are skipped with the
 /// reason, except under CI (`CI=true`), where a skip is a failure.
 pub fn kernel_tests_enabled(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if root {
+    if is_root() {
         net::sweep_leftovers();
         return true;
     }
     skip(test, "kernel tests need root (CAP_BPF, CAP_NET_ADMIN)");
     false
+}
+
+/// Like `kernel_tests_enabled`, without its sweep of leftovers, for tests
+/// that only make namespaces (removed by their guards) and load nothing
+/// into the kernel, such as the browser tests: the sweep deletes every
+/// other run's namespaces, and these may run beside another run.
+pub fn root_tests_enabled(test: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    skip(
+        test,
+        "it needs root to make network namespaces (CAP_NET_ADMIN)",
+    );
+    false
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// Whether `program` can be run here (found on PATH, or a path that

@@ -3,6 +3,7 @@
 //! compiled by `aya-build` from allowlist-user's build script; this tool only
 //! makes sure that build can find what it needs.
 
+mod axe;
 mod fuzz;
 mod run;
 mod setup;

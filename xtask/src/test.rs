@@ -53,6 +53,7 @@ pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
         ensure_tools("test", TEST_TOOLS).context("test step 'tools' failed")?;
     }
     ensure_bpffs().context("test step 'mount bpffs' failed")?;
+    let axe = crate::axe::ensure_axe(repo).context("test step 'axe-core' failed")?;
 
     // Before a further `--`: cargo's own arguments (a filter, -p, --test);
     // after it: the test binaries' arguments.
@@ -73,7 +74,8 @@ pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
     cmd.args(cargo_args)
         .args(["--", "--test-threads=1"])
         .args(bin_args)
-        .env("ALLOWLIST_BIN_DIR", repo.bin_dir(false));
+        .env("ALLOWLIST_BIN_DIR", repo.bin_dir(false))
+        .env("ALLOWLIST_AXE", &axe);
     // Tests that cannot run here (not root) write their names to this
     // file; libtest can only count them as passed, so they are moved to
     // "skipped" below.
@@ -255,7 +257,8 @@ fn bench_tools(suite: Suite) -> Result<()> {
 /// clients (curl, nghttp, Python httpx with HTTP/2), crafted packets
 /// (scapy), and for the shipped systemd unit `systemd-analyze` (verify,
 /// security, syscall-filter) and strace (the daemon's system calls against
-/// the unit's filter).
+/// the unit's filter), and a headless Chromium with chromedriver for the
+/// web console.
 /// Debian's Python packages belong to /usr/bin/python3, which the tests
 /// call by that path.
 const TEST_TOOLS: &[(&str, &str)] = &[
@@ -285,6 +288,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("systemd-analyze", "systemd"),
     ("strace", "strace"),
+    // The web console's tests drive a headless Chromium through chromedriver.
+    ("/usr/bin/chromium", "chromium"),
+    ("/usr/bin/chromedriver", "chromium-driver"),
 ];
 
 /// Checks every command in `tools` (a command line that must succeed, or a
