@@ -63,22 +63,6 @@ pub async fn page(State(c): C, headers: HeaderMap, Query(q): Query<PageQuery>) -
                 (service_card("smtp", "SMTP", &blocking, lists))
             }
         }
-        section aria-labelledby="check-h" {
-            h2 id="check-h" { "Check an address" }
-            form method="get" action="/console/ips" class="row" {
-                label for="check" { "Address" }
-                input id="check" name="check" value=[q.check.as_deref()] placeholder="203.0.113.7" required;
-                label for="check-key" { "Key id (optional)" }
-                input id="check-key" name="key" value=[q.key.as_deref()] size="18";
-                button type="submit" { "Check" }
-            }
-            @match &check {
-                None => {}
-                Some(Ok(r)) => { (check_result(r)) }
-                Some(Err(e)) => { p class="flash err" role="alert" { (e.message) } }
-            }
-        }
-        @if lists { (add_form(&s)) }
         section aria-labelledby="list-h" {
             h2 id="list-h" { "Authorized list (" (list.len()) ")" }
             @if list.is_empty() {
@@ -96,6 +80,22 @@ pub async fn page(State(c): C, headers: HeaderMap, Query(q): Query<PageQuery>) -
                         @for v in &list { (row(v, lists)) }
                     }
                 }
+            }
+        }
+        @if lists { (add_form(&s)) }
+        section aria-labelledby="check-h" {
+            h2 id="check-h" { "Check an address" }
+            form method="get" action="/console/ips" class="row" {
+                label for="check" { "Address" }
+                input id="check" name="check" value=[q.check.as_deref()] placeholder="203.0.113.7" required;
+                label for="check-key" { "Key id (optional)" }
+                input id="check-key" name="key" value=[q.key.as_deref()] size="18";
+                button type="submit" { "Check" }
+            }
+            @match &check {
+                None => {}
+                Some(Ok(r)) => { (check_result(r)) }
+                Some(Err(e)) => { p class="flash err" role="alert" { (e.message) } }
             }
         }
     };

@@ -244,15 +244,16 @@ impl IntoResponse for Denied {
     }
 }
 
-/// `Origin` (sent with every POST by current browsers) must be this host;
-/// `Sec-Fetch-Site`, when sent, must say same-origin. SameSite=Strict
-/// already keeps the cookie off cross-site posts; this refuses them even
-/// without it.
+/// Whether a post comes from this console's own pages. `Sec-Fetch-Site`
+/// (sent by every current browser) decides when present; otherwise a real
+/// `Origin` must be this host. Browsers send `Origin: null` on our pages'
+/// own posts (the pages' `Referrer-Policy: no-referrer` asks for that), so
+/// `null` alone proves nothing and is refused without `Sec-Fetch-Site`.
+/// SameSite=Strict already keeps the cookie off cross-site posts and the
+/// CSRF token is checked after this; this refuses them even without both.
 fn same_origin(headers: &HeaderMap) -> bool {
-    if let Some(site) = headers.get("sec-fetch-site")
-        && site.as_bytes() != b"same-origin"
-    {
-        return false;
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site.as_bytes() == b"same-origin";
     }
     match (headers.get(header::ORIGIN), headers.get(header::HOST)) {
         (None, _) => true,

@@ -68,7 +68,17 @@ pub struct SigninForm {
 
 pub async fn submit(State(c): C, headers: HeaderMap, Form(f): Form<SigninForm>) -> Response {
     let planted = session::cookie(&headers, SIGNIN_COOKIE);
-    if !same_origin(&headers) || !planted.is_some_and(|p| session::same(p, &f.csrf)) {
+    let why = if !same_origin(&headers) {
+        Some("sent from another origin")
+    } else if planted.is_none() {
+        Some("no sign-in cookie")
+    } else if !planted.is_some_and(|p| session::same(p, &f.csrf)) {
+        Some("the form's token is not the cookie's")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        tracing::info!(why, "console sign-in form refused");
         return forbidden(
             "This sign-in form is old or did not come from this console. Reload it and try again.",
         );

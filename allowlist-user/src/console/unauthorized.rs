@@ -64,7 +64,7 @@ pub async fn page(State(c): C, headers: HeaderMap) -> Response {
                                                 button type="submit" name="action" value="deny" class="danger" aria-label=(format!("Deny {}", u.addr)) { "Deny" }
                                                 @if keys && !u.key_id.is_empty() {
                                                     button type="submit" name="action" value="deny-rotate" class="danger"
-                                                        aria-label=(format!("Deny {} and rotate key {}", u.addr, u.key_id)) { "Deny and rotate key" }
+                                                        aria-label=(format!("Deny and rotate key {} (for {})", u.key_id, u.addr)) { "Deny and rotate key" }
                                                 }
                                             }
                                         }
