@@ -3,17 +3,13 @@
 //! recheck live connections. A failure at any step puts the earlier ones
 //! back.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use ipnet::IpNet;
 
 use crate::{
     daemon::{Daemon, DaemonError},
-    kernel::{AccountSpec, KeySpec},
-    policy::{
-        self, AccountPolicy, ApiMode, KeyPolicy, KeyStatus, PrefixSet, SmtpMode, Snapshot,
-        source_unit,
-    },
+    policy::{self, AccountPolicy, ApiMode, KeyPolicy, SmtpMode, Snapshot},
     state::AccountState,
 };
 
@@ -231,82 +227,6 @@ impl Daemon {
         prev.with_accounts(changed, &removed)
     }
 
-    /// What the kernel's account tries hold for `account`: its list in
-    /// force and `always_allow` admit; its denied sources (an IPv4 address,
-    /// an IPv6 /64) refuse unless `always_allow` covers them, and a listed
-    /// prefix inside a denied one is left out (the denial wins there, as in
-    /// `decide`). Blocking is active with API blocking in force.
-    fn account_spec(&self, account: &AccountPolicy, always: &PrefixSet) -> AccountSpec {
-        let denied: Vec<IpNet> = account
-            .denied
-            .iter()
-            .map(|a| unit_net(*a))
-            .filter(|n| !always.covers(n))
-            .collect();
-        let denied_set = PrefixSet::new(denied.iter().copied());
-        let mut entries: BTreeMap<IpNet, bool> = account
-            .list_entries
-            .iter()
-            .map(IpNet::trunc)
-            .filter(|n| !denied_set.covers(n))
-            .chain(self.config.blocking.always_allow.iter().map(IpNet::trunc))
-            .map(|n| (n, true))
-            .collect();
-        entries.extend(denied.into_iter().map(|n| (n, false)));
-        AccountSpec {
-            idx: account.idx,
-            api_active: account.api == ApiMode::Active,
-            entries: entries.into_iter().collect(),
-        }
-    }
-
-    /// Writes what `snap` means for the kernel: per-key allowlists and
-    /// states, per-account lists and modes, and, for services whose
-    /// blocking is active, the guard.
-    pub(crate) fn sync_policy_kernel(&self, snap: &Snapshot) -> Result<(), DaemonError> {
-        let Some(mut k) = self.kernel() else {
-            return Ok(());
-        };
-        let specs: Vec<KeySpec> = snap
-            .keys()
-            .map(|key| KeySpec {
-                kid: key.kid,
-                revoked: key.status == KeyStatus::Revoked,
-                allow: key.allow.clone(),
-                account: key.account,
-            })
-            .collect();
-        let accounts: Vec<AccountSpec> = snap
-            .accounts
-            .values()
-            .map(|a| self.account_spec(a, &snap.always_allow))
-            .collect();
-        k.sync_keys(&specs, &accounts)?;
-        let mut ports = Vec::new();
-        if snap.api_blocking_active() && self.api_guard_wanted() {
-            ports.push((
-                allowlist_common::PROTO_TCP,
-                self.config.proxy.listen.port(),
-                allowlist_common::SERVICE_API,
-            ));
-        }
-        if snap.smtp().is_some_and(|a| a.smtp == SmtpMode::Active) {
-            for p in &self.config.kernel.smtp_ports {
-                ports.push((
-                    allowlist_common::PROTO_TCP,
-                    *p,
-                    allowlist_common::SERVICE_SMTP,
-                ));
-            }
-        }
-        let unions = [
-            (allowlist_common::SERVICE_API, snap.api_guard_union()),
-            (allowlist_common::SERVICE_SMTP, snap.smtp_guard_union()),
-        ];
-        k.sync_guard(&unions, &ports)?;
-        Ok(())
-    }
-
     /// Applies a change: `edit` computes the new state, `persist` commits it.
     /// Returns what `persist` returned.
     pub(crate) async fn change<T>(
@@ -322,19 +242,14 @@ impl Daemon {
         edit(&mut new)?;
         let old_snap = self.policy.load_full();
         let snap = self.snapshot_after(&old_snap, &new);
-        if let Err(e) = self.sync_policy_kernel(&snap) {
-            // Each map family undoes its own failed write; one family may
-            // have landed before another failed, so put the old policy
-            // back whole.
-            if let Err(k) = self.sync_policy_kernel(&old_snap) {
-                tracing::error!(error = %k, "restoring the kernel maps after a failed change");
-            }
-            return Err(e);
-        }
+        // Only what the change touched reaches the kernel (its accounts'
+        // entries, the union prefixes whose count crossed zero); a failed
+        // write has already undone itself.
+        self.sync_policy_delta(&old_snap, &snap)?;
         let out = match persist(&new) {
             Ok(out) => out,
             Err(e) => {
-                if let Err(k) = self.sync_policy_kernel(&old_snap) {
+                if let Err(k) = self.sync_policy_delta(&snap, &old_snap) {
                     tracing::error!(error = %k, "restoring the kernel maps after a store failure");
                 }
                 return Err(e);
@@ -399,13 +314,5 @@ impl Daemon {
     /// copy is tens of milliseconds).
     pub(crate) fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         f(&self.state.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-}
-
-/// The kernel entry of a denied source: an IPv4 address, or an IPv6 /64.
-fn unit_net(addr: IpAddr) -> IpNet {
-    match source_unit(addr) {
-        IpAddr::V4(a) => IpNet::from(IpAddr::V4(a)),
-        IpAddr::V6(a) => IpNet::new(IpAddr::V6(a), policy::LEARN_V6_PREFIX).expect("valid"),
     }
 }

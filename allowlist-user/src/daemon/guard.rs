@@ -58,7 +58,7 @@ impl Daemon {
             return Ok(());
         }
         let snap = self.policy.load();
-        if let Err(e) = self.sync_policy_kernel(&snap) {
+        if let Err(e) = self.sync_guard_ports(&snap) {
             // The kernel did not take it: say what is really in force.
             self.defense.set_api_armed(!armed, before);
             return Err(e);

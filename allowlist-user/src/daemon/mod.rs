@@ -9,6 +9,7 @@ mod drops;
 mod effects;
 mod events;
 mod guard;
+mod kernel_sync;
 mod keys;
 mod lists;
 mod logs;
@@ -144,6 +145,9 @@ pub struct Daemon {
     pub policy: arc_swap::ArcSwap<crate::policy::Snapshot>,
     pub(crate) state: Mutex<crate::state::State>,
     pub(crate) runtimes: Mutex<std::collections::HashMap<String, Arc<crate::policy::KeyRuntime>>>,
+    /// How many sources put each prefix in the API guard union, as the
+    /// kernel holds it (see `kernel_sync`).
+    pub(crate) union_counts: Mutex<kernel_sync::UnionCounts>,
     /// (account index, authorized entry) -> its hits, across snapshots.
     pub(crate) entry_usage: Mutex<EntryUsageMap>,
     /// (source, key id) -> last successful call (Unix ms), for the impact
@@ -294,6 +298,7 @@ impl Daemon {
             state: Mutex::new(crate::state::State::default()),
             runtimes: Mutex::new(Default::default()),
             entry_usage: Mutex::new(Default::default()),
+            union_counts: Mutex::new(Default::default()),
             recent_successes: Mutex::new(Default::default()),
             clock,
             conns: None,

@@ -305,6 +305,91 @@ pub fn plan_keys(
     capacity: usize,
 ) -> Result<Plan<KeyRecord>, TooMany> {
     let new = wanted(keys, accounts);
+    let ops = plan_between(old, &new, old.sizes(), capacity)?;
+    Ok(Plan { ops, record: new })
+}
+
+/// What a change to some keys and accounts replaces in the record: their
+/// entries before and after.
+#[derive(Debug)]
+pub struct KeyDelta {
+    pub before: KeyRecord,
+    pub after: KeyRecord,
+}
+
+/// Plans the writes for the keys and accounts one change touched, and
+/// nothing else: `old` and `new` are their specs before and after (whole
+/// accounts, with all their keys; one in `old` only was removed, in `new`
+/// only added). `record` is what the maps hold now, for their sizes; the
+/// writes are those [`plan_keys`] would make for the whole policy, in the
+/// same order, at the cost of the change rather than of the policy.
+pub fn plan_keys_delta(
+    record: &KeyRecord,
+    old: (&[KeySpec], &[AccountSpec]),
+    new: (&[KeySpec], &[AccountSpec]),
+    capacity: usize,
+) -> Result<Plan<KeyDelta>, TooMany> {
+    let before = wanted(old.0, old.1);
+    let after = wanted(new.0, new.1);
+    let ops = plan_between(&before, &after, record.sizes(), capacity)?;
+    Ok(Plan {
+        ops,
+        record: KeyDelta { before, after },
+    })
+}
+
+impl KeyRecord {
+    fn sizes(&self) -> [(&'static str, usize); 6] {
+        [
+            ("KEY_STATE", self.state.len()),
+            ("KEY_ALLOW4", self.v4.len()),
+            ("KEY_ALLOW6", self.v6.len()),
+            ("ACCOUNT_ALLOW4", self.accounts.v4.len()),
+            ("ACCOUNT_ALLOW6", self.accounts.v6.len()),
+            ("ACCOUNT_MODE", self.accounts.mode.len()),
+        ]
+    }
+
+    /// The record after a delta's writes: its entries before replaced by
+    /// its entries after.
+    pub fn apply(&mut self, delta: KeyDelta) {
+        let KeyDelta { before, after } = delta;
+        for e in &before.v4 {
+            self.v4.remove(e);
+        }
+        for e in &before.v6 {
+            self.v6.remove(e);
+        }
+        for k in before.state.keys() {
+            self.state.remove(k);
+        }
+        for k in before.accounts.v4.keys() {
+            self.accounts.v4.remove(k);
+        }
+        for k in before.accounts.v6.keys() {
+            self.accounts.v6.remove(k);
+        }
+        for k in before.accounts.mode.keys() {
+            self.accounts.mode.remove(k);
+        }
+        self.v4.extend(after.v4);
+        self.v6.extend(after.v6);
+        self.state.extend(after.state);
+        self.accounts.v4.extend(after.accounts.v4);
+        self.accounts.v6.extend(after.accounts.v6);
+        self.accounts.mode.extend(after.accounts.mode);
+    }
+}
+
+/// The writes taking the maps from `old` to `new` (both whole, or both the
+/// same scope of a delta), checked against `capacity` from `sizes` (what
+/// each map holds now).
+fn plan_between(
+    old: &KeyRecord,
+    new: &KeyRecord,
+    sizes: [(&'static str, usize); 6],
+    capacity: usize,
+) -> Result<Ops, TooMany> {
     let active = |s: Option<&KeyState>| s.is_some_and(|s| s.state == KEY_ACTIVE);
     let state_op = |kid: u32, st: Option<KeyState>| {
         (
@@ -400,18 +485,10 @@ pub fn plan_keys(
     }
     ops.extend(activate);
 
-    let sizes = [
-        ("KEY_STATE", old.state.len()),
-        ("KEY_ALLOW4", old.v4.len()),
-        ("KEY_ALLOW6", old.v6.len()),
-        ("ACCOUNT_ALLOW4", old.accounts.v4.len()),
-        ("ACCOUNT_ALLOW6", old.accounts.v6.len()),
-        ("ACCOUNT_MODE", old.accounts.mode.len()),
-    ];
     for (map, peak) in peaks(&sizes, &ops) {
         check(map, peak, capacity)?;
     }
-    Ok(Plan { ops, record: new })
+    Ok(ops)
 }
 
 /// Plans the guard: unions grown, ports narrowed to what old and new
@@ -434,24 +511,108 @@ pub fn plan_guard(
     }
     check("GUARD4", peak(&old.v4, &new.v4), capacity)?;
     check("GUARD6", peak(&old.v6, &new.v6), capacity)?;
+    new.ports = guard_ports(ports);
+    let change = GuardChange {
+        add4: new.v4.difference(&old.v4).copied().collect(),
+        add6: new.v6.difference(&old.v6).copied().collect(),
+        remove4: old.v4.difference(&new.v4).copied().collect(),
+        remove6: old.v6.difference(&new.v6).copied().collect(),
+        ports: new.ports.clone(),
+    };
+    let ops = guard_ops(old, &change);
+    Ok(Plan { ops, record: new })
+}
+
+/// Prefixes entering and leaving the guard unions, and the ports guarded
+/// afterwards.
+#[derive(Debug, Default)]
+pub struct GuardChange {
+    pub add4: Vec<(u32, Ipv4Net)>,
+    pub add6: Vec<(u32, Ipv6Net)>,
+    pub remove4: Vec<(u32, Ipv4Net)>,
+    pub remove6: Vec<(u32, Ipv6Net)>,
+    pub ports: BTreeMap<u16, u32>,
+}
+
+/// Plans a change the caller computed (the unions' prefixes whose count
+/// went from none to some, or back), in [`plan_guard`]'s order, without
+/// building the whole unions: `add` and `remove` are `(service, prefix)`.
+pub fn plan_guard_delta(
+    old: &GuardRecord,
+    add: &[(u32, IpNet)],
+    remove: &[(u32, IpNet)],
+    ports: &[(u8, u16, u32)],
+    capacity: usize,
+) -> Result<Plan<GuardChange>, TooMany> {
+    let mut change = GuardChange {
+        ports: guard_ports(ports),
+        ..GuardChange::default()
+    };
+    for (svc, n) in add {
+        match n.trunc() {
+            IpNet::V4(n) if !old.v4.contains(&(*svc, n)) => change.add4.push((*svc, n)),
+            IpNet::V6(n) if !old.v6.contains(&(*svc, n)) => change.add6.push((*svc, n)),
+            _ => {}
+        }
+    }
+    for (svc, n) in remove {
+        match n.trunc() {
+            IpNet::V4(n) if old.v4.contains(&(*svc, n)) => change.remove4.push((*svc, n)),
+            IpNet::V6(n) if old.v6.contains(&(*svc, n)) => change.remove6.push((*svc, n)),
+            _ => {}
+        }
+    }
+    // Additions are written before removals: the peak is old plus added.
+    check("GUARD4", old.v4.len() + change.add4.len(), capacity)?;
+    check("GUARD6", old.v6.len() + change.add6.len(), capacity)?;
+    let ops = guard_ops(old, &change);
+    Ok(Plan {
+        ops,
+        record: change,
+    })
+}
+
+impl GuardRecord {
+    /// The record after a [`plan_guard_delta`]'s writes.
+    pub fn apply(&mut self, change: GuardChange) {
+        for e in &change.remove4 {
+            self.v4.remove(e);
+        }
+        for e in &change.remove6 {
+            self.v6.remove(e);
+        }
+        self.v4.extend(change.add4);
+        self.v6.extend(change.add6);
+        self.ports = change.ports;
+    }
+}
+
+/// `GUARD_PORTS` values for `(proto, port, service)`, with the armed mask.
+fn guard_ports(ports: &[(u8, u16, u32)]) -> BTreeMap<u16, u32> {
+    let mut out = BTreeMap::new();
     let mut armed = 0u32;
     for &(proto, port, service) in ports {
-        let v = new.ports.entry(port).or_default();
+        let v = out.entry(port).or_default();
         *v = with_guard_service(*v, proto, service);
         armed |= 1 << service;
     }
     if armed != 0 {
-        new.ports.insert(ARMED_SLOT, armed);
+        out.insert(ARMED_SLOT, armed);
     }
+    out
+}
 
+/// The guard's writes in their safe order: unions grown, ports narrowed
+/// to what old and new agree on, unions shrunk, new ports armed.
+fn guard_ops(old: &GuardRecord, change: &GuardChange) -> Ops {
     let mut ops = Vec::new();
-    for (svc, n) in new.v4.difference(&old.v4) {
+    for (svc, n) in &change.add4 {
         ops.push((
             PolicyOp::Guard4(*svc, *n, true),
             PolicyOp::Guard4(*svc, *n, false),
         ));
     }
-    for (svc, n) in new.v6.difference(&old.v6) {
+    for (svc, n) in &change.add6 {
         ops.push((
             PolicyOp::Guard6(*svc, *n, true),
             PolicyOp::Guard6(*svc, *n, false),
@@ -461,7 +622,7 @@ pub fn plan_guard(
     // while the unions shrink.
     let mut now: BTreeMap<u16, u32> = old.ports.clone();
     for (port, old_v) in &old.ports {
-        let new_v = new.ports.get(port).copied().unwrap_or(0);
+        let new_v = change.ports.get(port).copied().unwrap_or(0);
         let both = if *port == ARMED_SLOT {
             // A mask: the services armed before and after stay armed
             // throughout (never 0 in between, which would let
@@ -481,19 +642,19 @@ pub fn plan_guard(
             now.insert(*port, both);
         }
     }
-    for (svc, n) in old.v4.difference(&new.v4) {
+    for (svc, n) in &change.remove4 {
         ops.push((
             PolicyOp::Guard4(*svc, *n, false),
             PolicyOp::Guard4(*svc, *n, true),
         ));
     }
-    for (svc, n) in old.v6.difference(&new.v6) {
+    for (svc, n) in &change.remove6 {
         ops.push((
             PolicyOp::Guard6(*svc, *n, false),
             PolicyOp::Guard6(*svc, *n, true),
         ));
     }
-    for (port, v) in &new.ports {
+    for (port, v) in &change.ports {
         let was = now.get(port).copied().unwrap_or(0);
         if *v != was {
             ops.push((
@@ -502,7 +663,7 @@ pub fn plan_guard(
             ));
         }
     }
-    Ok(Plan { ops, record: new })
+    ops
 }
 
 /// A failed change.

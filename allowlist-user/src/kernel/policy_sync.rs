@@ -256,6 +256,63 @@ impl Kernel {
         }
     }
 
+    /// [`Kernel::sync_keys`] for the keys and accounts one change touched
+    /// (see [`policy_maps::plan_keys_delta`]): `old` and `new` are their
+    /// specs before and after. The same order and the same undo, at the
+    /// cost of the change rather than of the whole policy.
+    pub fn sync_keys_delta(
+        &mut self,
+        old: (&[KeySpec], &[AccountSpec]),
+        new: (&[KeySpec], &[AccountSpec]),
+    ) -> Result<(), KernelError> {
+        let r = self.write_keys_delta(old, new);
+        self.bump_policy_gen();
+        r
+    }
+
+    fn write_keys_delta(
+        &mut self,
+        old: (&[KeySpec], &[AccountSpec]),
+        new: (&[KeySpec], &[AccountSpec]),
+    ) -> Result<(), KernelError> {
+        let plan = policy_maps::plan_keys_delta(
+            &self.keys,
+            old,
+            new,
+            self.opts.guard_capacity as usize,
+        )
+        .map_err(full_map)?;
+        policy_maps::execute(&mut self.policy_maps(), &plan.ops).map_err(exec_error)?;
+        self.keys.apply(plan.record);
+        Ok(())
+    }
+
+    /// [`Kernel::sync_guard`] for prefixes entering (`add`) and leaving
+    /// (`remove`) the unions, as `(service, prefix)`; `ports` is every
+    /// guarded port afterwards.
+    pub fn sync_guard_delta(
+        &mut self,
+        add: &[(u32, IpNet)],
+        remove: &[(u32, IpNet)],
+        ports: &[(u8, u16, u32)],
+    ) -> Result<(), KernelError> {
+        let r = policy_maps::plan_guard_delta(
+            &self.guard,
+            add,
+            remove,
+            ports,
+            2 * self.opts.guard_capacity as usize,
+        )
+        .map_err(full("guard union"))
+        .and_then(|plan| {
+            policy_maps::execute(&mut self.policy_maps(), &plan.ops).map_err(exec_error)?;
+            self.guard.apply(plan.record);
+            Ok(())
+        });
+        self.bump_policy_gen();
+        r
+    }
+
     fn write_keys(
         &mut self,
         keys: &[KeySpec],

@@ -327,6 +327,128 @@ proptest! {
     }
 }
 
+/// A policy as whole accounts: index -> (API blocking active, entries,
+/// keys as (revoked, allowlist)); key ids are unique per account.
+type Policy = BTreeMap<u32, (bool, BTreeMap<IpNet, bool>, Vec<(bool, Vec<IpNet>)>)>;
+
+fn policy() -> impl Strategy<Value = Policy> {
+    proptest::collection::btree_map(
+        0u32..4,
+        (
+            any::<bool>(),
+            proptest::collection::btree_map(net(), any::<bool>(), 0..4),
+            proptest::collection::vec(
+                (any::<bool>(), proptest::collection::vec(net(), 0..3)),
+                0..3,
+            ),
+        ),
+        0..4,
+    )
+}
+
+fn specs_of<'a>(
+    p: &Policy,
+    only: impl Fn(u32) -> bool + 'a,
+) -> (Vec<KeySpec>, Vec<AccountSpec>) {
+    let (mut keys, mut accounts) = (Vec::new(), Vec::new());
+    for (idx, (api_active, entries, ks)) in p {
+        if !only(*idx) {
+            continue;
+        }
+        accounts.push(AccountSpec {
+            idx: *idx,
+            api_active: *api_active,
+            entries: entries.iter().map(|(n, a)| (*n, *a)).collect(),
+        });
+        for (j, (revoked, allow)) in ks.iter().enumerate() {
+            keys.push(KeySpec {
+                kid: idx * 10 + j as u32 + 1,
+                revoked: *revoked,
+                allow: allow.clone(),
+                account: *idx,
+            });
+        }
+    }
+    (keys, accounts)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A change planned from the accounts it touched alone writes the
+    /// maps to what planning the whole policy would, never admits beyond
+    /// both policies on the way, and leaves the same record; likewise the
+    /// guard planned from the prefixes entering and leaving it.
+    #[test]
+    fn a_delta_plan_ends_where_the_whole_plan_does(
+        old in policy(), mut new in policy(), keep in proptest::collection::btree_set(0u32..4, 0..4),
+        g1 in guard(), g2 in guard(),
+    ) {
+        // Accounts in `keep` are untouched by the change.
+        for idx in &keep {
+            match old.get(idx) {
+                Some(a) => { new.insert(*idx, a.clone()); }
+                None => { new.remove(idx); }
+            }
+        }
+        let touched = |idx: u32| old.get(&idx) != new.get(&idx);
+        let (k1, a1) = specs_of(&old, |_| true);
+        let (k2, a2) = specs_of(&new, |_| true);
+        let mut model = Model::default();
+        let mut ok = Failing::new(&mut model, 0);
+        let full_old = plan_keys(&KeyRecord::default(), &k1, &a1, 1000).unwrap();
+        let guard_old = plan_guard(&GuardRecord::default(), &g1.0, &g1.1, 1000).unwrap();
+        execute(&mut ok, &full_old.ops).unwrap();
+        execute(&mut ok, &guard_old.ops).unwrap();
+        let before = model.clone();
+
+        let old_part = specs_of(&old, touched);
+        let new_part = specs_of(&new, touched);
+        let delta = plan_keys_delta(
+            &full_old.record,
+            (&old_part.0, &old_part.1),
+            (&new_part.0, &new_part.1),
+            1000,
+        )
+        .unwrap();
+        let whole = plan_keys(&full_old.record, &k2, &a2, 1000).unwrap();
+        let union = |g: &GuardCase| -> BTreeSet<(u32, IpNet)> {
+            g.0.iter().flat_map(|(s, ns)| ns.iter().map(|n| (*s, n.trunc()))).collect()
+        };
+        let (u1, u2) = (union(&g1), union(&g2));
+        let add: Vec<(u32, IpNet)> = u2.difference(&u1).copied().collect();
+        let remove: Vec<(u32, IpNet)> = u1.difference(&u2).copied().collect();
+        let gdelta = plan_guard_delta(&guard_old.record, &add, &remove, &g2.1, 1000).unwrap();
+        let gwhole = plan_guard(&guard_old.record, &g2.0, &g2.1, 1000).unwrap();
+
+        let kids: BTreeSet<u32> = k1.iter().chain(&k2).map(|k| k.kid).collect();
+        let probes = probes();
+        let after = model_of(&whole.record, &gwhole.record);
+        let mut bound = Bound {
+            either: before
+                .admitted(&kids, &probes)
+                .union(&after.admitted(&kids, &probes))
+                .copied()
+                .collect(),
+            kids,
+            probes,
+            violations: Vec::new(),
+        };
+        let mut ok = Failing::new(&mut model, 0);
+        ok.bound = Some(&mut bound);
+        execute(&mut ok, &delta.ops).unwrap();
+        execute(&mut ok, &gdelta.ops).unwrap();
+        prop_assert!(bound.violations.is_empty(), "admitted beyond both policies: {:?}", bound.violations);
+        prop_assert_eq!(&model, &after);
+        let mut record = full_old.record.clone();
+        record.apply(delta.record);
+        prop_assert_eq!(&record, &whole.record);
+        let mut grecord = guard_old.record.clone();
+        grecord.apply(gdelta.record);
+        prop_assert_eq!(&grecord, &gwhole.record);
+    }
+}
+
 fn key(kid: u32, net: &str) -> KeySpec {
     KeySpec {
         kid,
