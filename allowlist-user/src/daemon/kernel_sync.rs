@@ -119,7 +119,10 @@ impl Daemon {
         k.sync_keys(&specs, &accounts)?;
         let counts = union_counts(snap);
         let unions = [
-            (allowlist_common::SERVICE_API, counts.keys().copied().collect()),
+            (
+                allowlist_common::SERVICE_API,
+                counts.keys().copied().collect(),
+            ),
             (allowlist_common::SERVICE_SMTP, snap.smtp_guard_union()),
         ];
         k.sync_guard(&unions, &self.guard_ports(snap))?;
@@ -130,7 +133,11 @@ impl Daemon {
     /// Writes only what differs between `old` and `new` (snapshots that
     /// share every account piece a change did not touch). On a failure
     /// nothing is changed.
-    pub(crate) fn sync_policy_delta(&self, old: &Snapshot, new: &Snapshot) -> Result<(), DaemonError> {
+    pub(crate) fn sync_policy_delta(
+        &self,
+        old: &Snapshot,
+        new: &Snapshot,
+    ) -> Result<(), DaemonError> {
         let Some(mut k) = self.kernel() else {
             return Ok(());
         };
@@ -164,10 +171,7 @@ impl Daemon {
                 touch(o, &mut old_keys, &mut old_accounts, -1);
             }
         }
-        k.sync_keys_delta(
-            (&old_keys, &old_accounts),
-            (&new_keys, &new_accounts),
-        )?;
+        k.sync_keys_delta((&old_keys, &old_accounts), (&new_keys, &new_accounts))?;
         let mut counts = self.union_counts.lock().unwrap_or_else(|p| p.into_inner());
         let (mut add, mut remove) = (Vec::new(), Vec::new());
         for (n, d) in &api {
@@ -183,15 +187,20 @@ impl Daemon {
             let (was, now) = (old.smtp_guard_union(), new.smtp_guard_union());
             let was: std::collections::HashSet<IpNet> = was.into_iter().collect();
             let now: std::collections::HashSet<IpNet> = now.into_iter().collect();
-            add.extend(now.difference(&was).map(|n| (allowlist_common::SERVICE_SMTP, *n)));
-            remove.extend(was.difference(&now).map(|n| (allowlist_common::SERVICE_SMTP, *n)));
+            add.extend(
+                now.difference(&was)
+                    .map(|n| (allowlist_common::SERVICE_SMTP, *n)),
+            );
+            remove.extend(
+                was.difference(&now)
+                    .map(|n| (allowlist_common::SERVICE_SMTP, *n)),
+            );
         }
         if let Err(e) = k.sync_guard_delta(&add, &remove, &self.guard_ports(new)) {
             // The key maps took the change; put them back.
-            if let Err(undo) = k.sync_keys_delta(
-                (&new_keys, &new_accounts),
-                (&old_keys, &old_accounts),
-            ) {
+            if let Err(undo) =
+                k.sync_keys_delta((&new_keys, &new_accounts), (&old_keys, &old_accounts))
+            {
                 tracing::error!(error = %undo, "restoring the key maps after a failed guard write");
             }
             return Err(e.into());

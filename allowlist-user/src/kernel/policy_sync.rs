@@ -275,13 +275,9 @@ impl Kernel {
         old: (&[KeySpec], &[AccountSpec]),
         new: (&[KeySpec], &[AccountSpec]),
     ) -> Result<(), KernelError> {
-        let plan = policy_maps::plan_keys_delta(
-            &self.keys,
-            old,
-            new,
-            self.opts.guard_capacity as usize,
-        )
-        .map_err(full_map)?;
+        let plan =
+            policy_maps::plan_keys_delta(&self.keys, old, new, self.opts.guard_capacity as usize)
+                .map_err(full_map)?;
         policy_maps::execute(&mut self.policy_maps(), &plan.ops).map_err(exec_error)?;
         self.keys.apply(plan.record);
         Ok(())

@@ -476,7 +476,7 @@ impl<T> Store for T where
 mod migrations;
 mod sqlite;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{Imported, SqliteStore};
 
 /// Parses a `sqlite://` URL into a file path.
 pub fn sqlite_path(url: &str) -> Result<PathBuf, String> {

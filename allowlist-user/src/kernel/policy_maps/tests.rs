@@ -346,10 +346,7 @@ fn policy() -> impl Strategy<Value = Policy> {
     )
 }
 
-fn specs_of<'a>(
-    p: &Policy,
-    only: impl Fn(u32) -> bool + 'a,
-) -> (Vec<KeySpec>, Vec<AccountSpec>) {
+fn specs_of<'a>(p: &Policy, only: impl Fn(u32) -> bool + 'a) -> (Vec<KeySpec>, Vec<AccountSpec>) {
     let (mut keys, mut accounts) = (Vec::new(), Vec::new());
     for (idx, (api_active, entries, ks)) in p {
         if !only(*idx) {

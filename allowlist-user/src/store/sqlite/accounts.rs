@@ -1,6 +1,6 @@
 //! Accounts with their blocking modes, admin API tokens, the audit log.
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
 use crate::policy::Role;
@@ -91,6 +91,30 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Inserts an account; returns its index.
+    pub(super) fn insert_account(tx: &Connection, rec: &AccountRecord) -> rusqlite::Result<u32> {
+        tx.execute(
+            "INSERT INTO accounts(name, parent, emails, enforce_blocking, created_at, api_mode, api_since,
+               smtp_mode, smtp_since, last_learned_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                rec.name,
+                rec.parent,
+                serde_json::to_string(&rec.emails).unwrap_or_else(|_| "[]".into()),
+                rec.enforce_blocking,
+                rec.created_at,
+                mode_str(rec.blocking.api),
+                rec.blocking.api_since,
+                mode_str(rec.blocking.smtp),
+                rec.blocking.smtp_since,
+                rec.last_learned_at,
+            ],
+        )?;
+        Ok(tx.last_insert_rowid() as u32)
+    }
+}
+
 impl AccountStore for SqliteStore {
     fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
         let rows: Vec<AccountRow> = {
@@ -118,26 +142,8 @@ impl AccountStore for SqliteStore {
         let tx = conn
             .transaction()
             .map_err(self.err("creating an account"))?;
-        tx.execute(
-            "INSERT INTO accounts(name, parent, emails, enforce_blocking, created_at, api_mode, api_since,
-               smtp_mode, smtp_since, last_learned_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                rec.name,
-                rec.parent,
-                serde_json::to_string(&rec.emails).unwrap_or_else(|_| "[]".into()),
-                rec.enforce_blocking,
-                rec.created_at,
-                mode_str(rec.blocking.api),
-                rec.blocking.api_since,
-                mode_str(rec.blocking.smtp),
-                rec.blocking.smtp_since,
-                rec.last_learned_at,
-            ],
-        )
-        .map_err(self.err("creating an account"))?;
         let mut stored = rec.clone();
-        stored.idx = tx.last_insert_rowid() as u32;
+        stored.idx = Self::insert_account(&tx, rec).map_err(self.err("creating an account"))?;
         Self::audit(
             &tx,
             &rec.name,

@@ -28,6 +28,25 @@ fn hash32(v: Vec<u8>) -> Option<[u8; 32]> {
 }
 
 impl SqliteStore {
+    /// Inserts a key with its allowlist; returns it with its kid.
+    pub(super) fn insert_key(tx: &Connection, key: &KeyRecord) -> rusqlite::Result<KeyRecord> {
+        tx.execute(
+            "INSERT INTO keys(id, account, name, scopes, status, secret_hash, created_at)
+             VALUES (?1, ?2, ?3, '', 'active', ?4, ?5)",
+            params![
+                key.id,
+                key.account,
+                key.name,
+                key.secret_hash.to_vec(),
+                key.created_at
+            ],
+        )?;
+        let mut stored = key.clone();
+        stored.kid = tx.last_insert_rowid() as u32;
+        Self::write_key(tx, &stored)?;
+        Ok(stored)
+    }
+
     fn write_key(tx: &Connection, key: &KeyRecord) -> rusqlite::Result<()> {
         let scopes: Vec<&str> = key.scopes.iter().map(|s| s.as_str()).collect();
         tx.execute(
@@ -60,21 +79,7 @@ impl KeyStore for SqliteStore {
     fn create_key(&self, key: &KeyRecord, actor: &str) -> Result<KeyRecord, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.err("creating a key"))?;
-        tx.execute(
-            "INSERT INTO keys(id, account, name, scopes, status, secret_hash, created_at)
-             VALUES (?1, ?2, ?3, '', 'active', ?4, ?5)",
-            params![
-                key.id,
-                key.account,
-                key.name,
-                key.secret_hash.to_vec(),
-                key.created_at
-            ],
-        )
-        .map_err(self.err("creating a key"))?;
-        let mut stored = key.clone();
-        stored.kid = tx.last_insert_rowid() as u32;
-        Self::write_key(&tx, &stored).map_err(self.err("creating a key"))?;
+        let stored = Self::insert_key(&tx, key).map_err(self.err("creating a key"))?;
         let allow: Vec<String> = stored.allow.iter().map(|a| a.cidr.to_string()).collect();
         Self::audit(
             &tx,

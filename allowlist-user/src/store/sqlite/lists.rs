@@ -1,7 +1,7 @@
 //! The accounts' authorized and unauthorized lists.
 
 use ipnet::IpNet;
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
 use crate::store::{AuthorizedRecord, ListStore, StoreError, UnauthorizedRecord};
@@ -16,6 +16,31 @@ type AuthorizedRow = (
     String,
     bool,
 );
+
+impl SqliteStore {
+    /// Inserts an authorized entry unless the prefix is listed; returns
+    /// the rows inserted (0 or 1).
+    pub(super) fn insert_authorized(
+        tx: &Connection,
+        account: &str,
+        rec: &AuthorizedRecord,
+    ) -> rusqlite::Result<usize> {
+        tx.execute(
+            "INSERT OR IGNORE INTO authorized(account, cidr, label, source, key_id, created_at, created_by, shared)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                account,
+                rec.cidr.to_string(),
+                rec.label,
+                rec.source,
+                rec.key_id,
+                rec.created_at,
+                rec.created_by,
+                rec.shared
+            ],
+        )
+    }
+}
 
 impl ListStore for SqliteStore {
     fn list_authorized(&self) -> Result<Vec<(String, AuthorizedRecord)>, StoreError> {
@@ -71,22 +96,7 @@ impl ListStore for SqliteStore {
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.err("authorizing"))?;
-        let n = tx
-            .execute(
-                "INSERT OR IGNORE INTO authorized(account, cidr, label, source, key_id, created_at, created_by, shared)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                params![
-                    account,
-                    rec.cidr.to_string(),
-                    rec.label,
-                    rec.source,
-                    rec.key_id,
-                    rec.created_at,
-                    rec.created_by,
-                    rec.shared
-                ],
-            )
-            .map_err(self.err("authorizing"))?;
+        let n = Self::insert_authorized(&tx, account, rec).map_err(self.err("authorizing"))?;
         if n == 0 {
             return Ok(false);
         }

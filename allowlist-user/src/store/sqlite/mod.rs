@@ -13,8 +13,10 @@ use super::*;
 
 mod accounts;
 mod drops;
+mod import;
 mod keys;
 mod lists;
+pub use import::Imported;
 mod notify;
 
 /// A `drops` row as read: cidr, kind, reason, created_at, expires_at,
