@@ -271,6 +271,24 @@ pub struct Authorize {
     pub share: bool,
 }
 
+/// `POST /v1/ips/import`: many entries authorized in one change.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportEntries {
+    pub entries: Vec<AllowEntry>,
+    #[serde(default)]
+    pub share: bool,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ImportOutcome {
+    pub account: String,
+    pub added: usize,
+    /// Entries that were already on the list (or given twice).
+    pub already_listed: usize,
+}
+
 /// What `ips deny` did.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DenyOutcome {

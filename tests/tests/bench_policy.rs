@@ -264,6 +264,7 @@ fn bench_policy() {
     // snapshot hold the change.
     let mut changes: Vec<(&str, Vec<u64>)> = Vec::new();
     let mut sustained = None;
+    let mut import_s = None;
     let mut start_ms = 0.0;
     let mut kernel_note = "kernel maps off (no root)".to_string();
     if kernel_tests_enabled("bench_policy (change-to-enforced)") {
@@ -384,6 +385,26 @@ fn bench_policy() {
             n += 1;
         }
         sustained = Some(f64::from(n) / t.elapsed().as_secs_f64());
+        // A bulk import: 100k /32s into one account, one change, through
+        // allowlistctl (file read, one admin call, kernel + store + swap).
+        let file = setup.dir.path().join("import.txt");
+        let mut text = String::new();
+        for i in 0..100_000u32 {
+            let a = Ipv4Addr::from(0x6400_0000 | i);
+            writeln!(text, "{a} imported {i}").unwrap();
+        }
+        std::fs::write(&file, text).unwrap();
+        let t = Instant::now();
+        let out = setup.ctl_json(&[
+            "--account",
+            "acct-7",
+            "ips",
+            "authorize",
+            "--file",
+            file.to_str().unwrap(),
+        ]);
+        import_s = Some(t.elapsed().as_secs_f64());
+        assert_eq!(out["added"], 100_000, "{out}");
         kernel_note = format!(
             "kernel maps on, {KEYS} keys × {ENTRIES} entries and {} authorized entries in the maps",
             authorized.len()
@@ -486,6 +507,13 @@ fn bench_policy() {
             md,
             "| daemon start with {KEYS} keys: store read, snapshot, every kernel map written | {:.1} s |",
             start_ms / 1e3
+        )
+        .unwrap();
+    }
+    if let Some(secs) = import_s {
+        writeln!(
+            md,
+            "| bulk import: 100,000 /32s into one account (`ips authorize --file`, one change) | {secs:.1} s |"
         )
         .unwrap();
     }

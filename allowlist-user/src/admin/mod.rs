@@ -109,6 +109,10 @@ fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/v1/ips/unauthorized", get(list_unauthorized))
         .route("/v1/ips/deny", post(deny))
         .route("/v1/ips/check", get(check_address))
+        .route(
+            "/v1/ips/import",
+            post(import_ips).layer(axum::extract::DefaultBodyLimit::max(64 << 20)),
+        )
         .route("/v1/blocking", get(blocking))
         .route("/v1/blocking/api", post(set_api))
         .route("/v1/blocking/smtp", post(set_smtp))
@@ -210,6 +214,21 @@ async fn check_address(
         &q.addr,
         q.key.as_deref(),
     )?))
+}
+
+async fn import_ips(
+    State(d): State<Arc<Daemon>>,
+    Extension(cx): Cx,
+    b: Body<api::ImportEntries>,
+) -> ApiResult<api::ImportOutcome> {
+    let account = cx.account()?;
+    cx.require(Need::Lists)?;
+    let r = body(b)?;
+    let entries = r.entries.into_iter().map(|e| (e.cidr, e.label)).collect();
+    Ok(Json(
+        d.authorize_many(&account, entries, r.share, &cx.caller.actor)
+            .await?,
+    ))
 }
 
 async fn list_accounts(

@@ -317,6 +317,14 @@ const ROUTES: &[Route] = &[
     ),
     r("GET", "/v1/whoami", "", Need::Read, 200, false),
     r(
+        "POST",
+        "/v1/ips/import?account=acme",
+        r#"{"entries":[{"cidr":"203.0.113.0/24"},{"cidr":"192.0.2.0/24","label":"x"}]}"#,
+        Need::Lists,
+        200,
+        true,
+    ),
+    r(
         "GET",
         "/v1/ips/check?addr=198.51.100.9&key={K}&account=acme",
         "",

@@ -133,6 +133,117 @@ impl Daemon {
         Ok(rec)
     }
 
+    /// Authorizes many entries in one change: all of them checked first
+    /// (one bad entry refuses the whole import, naming it), then one
+    /// kernel write of the account's entries, one store transaction, one
+    /// snapshot swap. Entries already listed are counted and left alone.
+    pub async fn authorize_many(
+        &self,
+        account: &str,
+        entries: Vec<(String, Option<String>)>,
+        share: bool,
+        actor: &str,
+    ) -> Result<crate::api::ImportOutcome, DaemonError> {
+        if entries.is_empty() {
+            return Err(DaemonError::Invalid("the import holds no entry".into()));
+        }
+        if share && self.with_state(|st| st.parent_of(account).is_some()) {
+            return Err(DaemonError::Invalid(format!(
+                "--share is for organizations; {account} is a sub-account (organizations are one level deep)"
+            )));
+        }
+        let now = self.clock.now_ms() / 1000;
+        let mut bad = Vec::new();
+        let mut recs: std::collections::BTreeMap<IpNet, AuthorizedRecord> = Default::default();
+        let given = entries.len();
+        for (i, (cidr, label)) in entries.into_iter().enumerate() {
+            match parse_allow_entry(&cidr) {
+                Ok(net) => {
+                    recs.entry(net).or_insert(AuthorizedRecord {
+                        cidr: net,
+                        label: label.unwrap_or_default(),
+                        source: "manual".into(),
+                        key_id: None,
+                        created_at: now,
+                        created_by: actor.to_string(),
+                        shared: share,
+                    });
+                }
+                Err(m) if bad.len() < 5 => bad.push(format!("entry {} ({cidr:?}): {m}", i + 1)),
+                Err(_) => bad.push(String::new()),
+            }
+        }
+        if !bad.is_empty() {
+            let shown: Vec<&str> = bad
+                .iter()
+                .filter(|b| !b.is_empty())
+                .map(String::as_str)
+                .collect();
+            return Err(DaemonError::Invalid(format!(
+                "{} of {given} entries are not valid, so nothing was imported: {}",
+                bad.len(),
+                shown.join("; ")
+            )));
+        }
+        let (fresh, lifted): (Vec<AuthorizedRecord>, Vec<IpAddr>) = self.with_state(|st| {
+            let a = st.account(account).ok_or_else(|| no_account(account))?;
+            let fresh: Vec<AuthorizedRecord> = recs
+                .values()
+                .filter(|r| !a.authorized.contains_key(&r.cidr))
+                .cloned()
+                .collect();
+            let set = policy::PrefixSet::new(fresh.iter().map(|r| r.cidr));
+            let lifted = a
+                .denied
+                .iter()
+                .filter(|d| set.longest_match(**d).is_some())
+                .copied()
+                .collect();
+            Ok::<_, DaemonError>((fresh, lifted))
+        })?;
+        let already_listed = given - fresh.len();
+        if !fresh.is_empty() {
+            self.change(
+                |st| {
+                    let a = st.account_mut(account).ok_or_else(|| no_account(account))?;
+                    for r in &fresh {
+                        a.authorized.entry(r.cidr).or_insert_with(|| r.clone());
+                    }
+                    for d in &lifted {
+                        a.denied.remove(d);
+                    }
+                    Ok(())
+                },
+                |_| {
+                    self.store.add_authorized_many(account, &fresh, actor)?;
+                    for d in &lifted {
+                        self.store.set_unauthorized(account, *d, None, actor)?;
+                    }
+                    Ok(())
+                },
+            )
+            .await?;
+            let set = policy::PrefixSet::new(fresh.iter().map(|r| r.cidr));
+            for u in self.store.list_unauthorized(Some(account))? {
+                if set.longest_match(u.addr).is_some() {
+                    self.store.set_unauthorized(account, u.addr, None, actor)?;
+                }
+            }
+        }
+        tracing::info!(
+            account,
+            added = fresh.len(),
+            already_listed,
+            actor,
+            "authorized an import"
+        );
+        Ok(crate::api::ImportOutcome {
+            account: account.to_string(),
+            added: fresh.len(),
+            already_listed,
+        })
+    }
+
     pub async fn unauthorize(
         &self,
         account: &str,

@@ -339,6 +339,14 @@ pub trait ListStore {
         cidr: &IpNet,
         actor: &str,
     ) -> Result<Option<AuthorizedRecord>, StoreError>;
+    /// Adds many entries in one transaction with one audit row; prefixes
+    /// already listed are skipped. Returns how many were added.
+    fn add_authorized_many(
+        &self,
+        account: &str,
+        recs: &[AuthorizedRecord],
+        actor: &str,
+    ) -> Result<usize, StoreError>;
     /// Adds hits counted in memory: `(account, entry, last seen ms, hits)`.
     fn flush_entry_usage(&self, usage: &[(String, IpNet, i64, u64)]) -> Result<(), StoreError>;
     /// An account's entries' hits and last use (Unix ms), as flushed.

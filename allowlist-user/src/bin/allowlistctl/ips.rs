@@ -2,8 +2,8 @@
 
 use allowlist::{
     api::{
-        AddressCheck, Authorize, AuthorizedList, AuthorizedView, Deny, DenyOutcome,
-        UnauthorizedList, Verdict,
+        AddressCheck, AllowEntry, Authorize, AuthorizedList, AuthorizedView, Deny, DenyOutcome,
+        ImportEntries, ImportOutcome, UnauthorizedList, Verdict,
     },
     store::AuthorizedRecord,
 };
@@ -18,11 +18,17 @@ use crate::{
 pub enum IpsCmd {
     /// The account's authorized list.
     List,
-    /// Authorize a network for every key (and SMTP).
+    /// Authorize a network for every key (and SMTP); with --file, every
+    /// entry of a file in one change.
     Authorize {
-        cidr: String,
-        #[arg(long)]
+        #[arg(required_unless_present = "file")]
+        cidr: Option<String>,
+        #[arg(long, conflicts_with = "file")]
         label: Option<String>,
+        /// One entry per line: an address or CIDR, then an optional label;
+        /// blank lines and `#` comments are skipped. All of it or nothing.
+        #[arg(long, conflicts_with = "cidr")]
+        file: Option<std::path::PathBuf>,
         /// An organization's entry, in force in every sub-account (and
         /// removable only by the organization).
         #[arg(long)]
@@ -92,7 +98,15 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
             };
             Output::new(&list, text)
         }
-        IpsCmd::Authorize { cidr, label, share } => {
+        IpsCmd::Authorize {
+            file: Some(file),
+            share,
+            ..
+        } => import(client, &file, share).await,
+        IpsCmd::Authorize {
+            cidr, label, share, ..
+        } => {
+            let cidr = cidr.unwrap_or_default();
             let r: AuthorizedRecord = client
                 .post("/v1/ips", &Authorize { cidr, label, share })
                 .await?;
@@ -187,4 +201,45 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
             Output::new(&d, text)
         }
     }
+}
+
+/// The entries of an import file: `CIDR [label]` per line.
+fn read_entries(path: &std::path::Path) -> Result<Vec<AllowEntry>, CtlError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CtlError::Setup(format!("reading {}: {e}", path.display())))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| match l.split_once(char::is_whitespace) {
+            Some((cidr, label)) => AllowEntry {
+                cidr: cidr.to_string(),
+                label: Some(label.trim().to_string()),
+            },
+            None => AllowEntry {
+                cidr: l.to_string(),
+                label: None,
+            },
+        })
+        .collect())
+}
+
+async fn import(client: &Client, file: &std::path::Path, share: bool) -> Result<Output, CtlError> {
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let entries = read_entries(file)?;
+    if progress {
+        eprintln!(
+            "read {} entries from {}; authorizing them in one change...",
+            entries.len(),
+            file.display()
+        );
+    }
+    let r: ImportOutcome = client
+        .post("/v1/ips/import", &ImportEntries { entries, share })
+        .await?;
+    let text = format!(
+        "authorized {} new entries in account {} ({} already listed)\n",
+        r.added, r.account, r.already_listed
+    );
+    Output::new(&r, text)
 }

@@ -119,6 +119,30 @@ impl ListStore for SqliteStore {
         Ok(true)
     }
 
+    fn add_authorized_many(
+        &self,
+        account: &str,
+        recs: &[AuthorizedRecord],
+        actor: &str,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err("importing"))?;
+        let mut added = 0;
+        for rec in recs {
+            added += Self::insert_authorized(&tx, account, rec).map_err(self.err("importing"))?;
+        }
+        Self::audit(
+            &tx,
+            account,
+            actor,
+            "ips.import",
+            &serde_json::json!({ "entries": recs.len(), "added": added }),
+        )
+        .map_err(self.err("auditing"))?;
+        tx.commit().map_err(self.err("committing"))?;
+        Ok(added)
+    }
+
     fn flush_entry_usage(&self, usage: &[(String, IpNet, i64, u64)]) -> Result<(), StoreError> {
         if usage.is_empty() {
             return Ok(());

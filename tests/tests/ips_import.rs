@@ -1,0 +1,90 @@
+//! `allowlistctl ips authorize --file`: every entry of a file in one
+//! change; one bad line refuses the whole file and names it, with nothing
+//! imported; entries already listed are counted, not duplicated.
+
+use allowlist_tests::proc::Setup;
+
+#[test]
+fn a_file_of_entries_is_authorized_whole_or_not_at_all() {
+    let setup = Setup::new(false, "");
+    let _d = setup.start(None, &["--no-kernel"]);
+    setup.ctl_json(&["accounts", "create", "acme"]);
+    setup.ctl_json(&["--account", "acme", "ips", "authorize", "192.0.2.0/24"]);
+    let good = setup.dir.path().join("good.txt");
+    std::fs::write(
+        &good,
+        "# offices\n198.51.100.0/24 head office\n\n203.0.113.7\n2001:db8:5::/48 lab, floor 2\n192.0.2.0/24 again\n198.51.100.0/24 twice\n",
+    )
+    .unwrap();
+    let r = setup.ctl_json(&[
+        "--account",
+        "acme",
+        "ips",
+        "authorize",
+        "--file",
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(r["added"], 3, "{r}");
+    assert_eq!(r["already_listed"], 2, "{r}");
+    let list = setup.ctl_json(&["--account", "acme", "ips", "list"]);
+    let entries: Vec<(String, String)> = list["authorized"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["cidr"].as_str().unwrap().to_string(),
+                e["label"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("198.51.100.0/24", "head office"),
+        ("203.0.113.7/32", ""),
+        ("2001:db8:5::/48", "lab, floor 2"),
+        ("192.0.2.0/24", ""),
+    ] {
+        assert!(
+            entries.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} not in {entries:?}"
+        );
+    }
+    assert_eq!(entries.len(), 4);
+    // One import is one audit entry.
+    let audit = setup.ctl_json(&["--account", "acme", "audit"]);
+    let imports = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "ips.import")
+        .count();
+    assert_eq!(imports, 1, "{audit}");
+
+    // A bad line: refused, named, nothing imported.
+    let bad = setup.dir.path().join("bad.txt");
+    std::fs::write(&bad, "10.1.0.0/16\n10.2.0.1/16 host bits\n10.3.0.0/16\n").unwrap();
+    setup.refused(
+        &[
+            "--account",
+            "acme",
+            "ips",
+            "authorize",
+            "--file",
+            bad.to_str().unwrap(),
+        ],
+        "entry 2 (\"10.2.0.1/16\")",
+    );
+    let list = setup.ctl_json(&["--account", "acme", "ips", "list"]);
+    assert_eq!(list["authorized"].as_array().unwrap().len(), 4, "{list}");
+    // An address and a file at once is a usage error.
+    let out = setup.ctl(&[
+        "--account",
+        "acme",
+        "ips",
+        "authorize",
+        "10.9.0.0/16",
+        "--file",
+        good.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
