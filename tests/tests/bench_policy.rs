@@ -69,20 +69,30 @@ fn state(rng: &mut Rng) -> (State, Vec<Vec<Ipv4Net>>) {
             })
             .collect();
         for net in nets.iter().take(KEYS_PER_ACCOUNT) {
-            let mut allow: Vec<AllowRecord> = (0..ENTRIES)
-                .map(|_| {
-                    let len = 16 + (rng.next_u64() % 17) as u8;
-                    AllowRecord {
-                        cidr: IpNet::V4(
-                            Ipv4Net::new(Ipv4Addr::from(rng.next_u64() as u32), len)
-                                .unwrap()
-                                .trunc(),
-                        ),
+            // Twenty distinct entries (a key's allowlist, like the
+            // store, holds each prefix once), the first covering the
+            // account's `n`th /24.
+            let mut seen = std::collections::HashSet::new();
+            let first = IpNet::V4(Ipv4Net::new(net.network(), 16).unwrap().trunc());
+            seen.insert(first);
+            let mut allow = vec![AllowRecord {
+                cidr: first,
+                label: String::new(),
+            }];
+            while allow.len() < ENTRIES {
+                let len = 16 + (rng.next_u64() % 17) as u8;
+                let cidr = IpNet::V4(
+                    Ipv4Net::new(Ipv4Addr::from(rng.next_u64() as u32), len)
+                        .unwrap()
+                        .trunc(),
+                );
+                if seen.insert(cidr) {
+                    allow.push(AllowRecord {
+                        cidr,
                         label: String::new(),
-                    }
-                })
-                .collect();
-            allow[0].cidr = IpNet::V4(Ipv4Net::new(net.network(), 16).unwrap().trunc());
+                    });
+                }
+            }
             let id = format!("{:016x}", kid);
             a.keys.insert(
                 id.clone(),
@@ -304,9 +314,12 @@ fn bench_policy() {
             v.sort_unstable();
             changes.push((name, v));
         };
-        let picks: Vec<&KeyRecord> = (0..100)
-            .map(|_| all[(rng.next_u64() % KEYS as u64) as usize])
-            .collect();
+        // 100 distinct keys.
+        let mut chosen = std::collections::BTreeSet::new();
+        while chosen.len() < 100 {
+            chosen.insert((rng.next_u64() % KEYS as u64) as usize);
+        }
+        let picks: Vec<&KeyRecord> = chosen.iter().map(|i| all[*i]).collect();
         // Keys hold 20 entries (the most): one leaves, then comes back.
         let last = |k: &KeyRecord| k.allow[ENTRIES - 1].cidr.to_string();
         time(
@@ -355,12 +368,10 @@ fn bench_policy() {
                 })
                 .collect(),
         );
-        let mut revoked = std::collections::HashSet::new();
         time(
             "keys revoke",
             picks
                 .iter()
-                .filter(|k| revoked.insert(k.id.clone()))
                 .map(|k| {
                     (
                         "POST".into(),
