@@ -194,6 +194,23 @@ fn the_console_refuses_forged_posts_and_ends_sessions() {
     assert!(!page.body.contains(xss), "unescaped label");
     assert!(page.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
 
+    // A confirmation page's form posts only where it says: a service
+    // spelled as a path is not one.
+    let p = web.get("/console/blocking/..%2Fkeys%2F0000000000000001%2Frevoke?mode=inactive");
+    assert_eq!(p.status, 404, "{}", p.body);
+    assert!(!p.body.contains("/console/keys/"), "{}", p.body);
+    let p = web.get("/console/blocking/api?mode=active");
+    assert!(
+        p.body.contains("action=\"/console/blocking/api\""),
+        "{}",
+        p.body
+    );
+    // A token with a control character is not a token (and no panic).
+    let odd = Web::new(base);
+    let p = odd.sign_in("alt_1\nInjected: x");
+    assert_eq!(p.status, 200);
+    assert!(p.body.contains("not valid"), "{}", p.body);
+
     // Another account's objects: unreachable by id, and not revocable.
     let p = web.get(&format!("/console/keys/{other_id}"));
     assert_eq!(p.status, 404, "{}", p.body);

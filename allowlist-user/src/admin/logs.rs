@@ -35,6 +35,16 @@ pub(super) async fn list(
         ));
     }
     let offset = q.offset.unwrap_or(0);
+    // Skipped rows are read too: past this, page with --until instead.
+    if offset.saturating_add(limit) > 100_000 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "offset {offset} + limit {limit} is past 100000 rows; give an earlier --until to page further back, or use the CSV export"
+            ),
+        ));
+    }
     let lq = d.log_query(&account, &q)?;
     let dir = d.config.logs_dir();
     let rows = tokio::task::spawn_blocking(move || {

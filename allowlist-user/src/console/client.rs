@@ -6,7 +6,7 @@ use axum::{
     Router,
     body::Body,
     http::{Method, Request, StatusCode, header},
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tower::ServiceExt;
@@ -59,12 +59,18 @@ impl Api {
 
     /// The raw response of `GET path?query` (the CSV export streams it).
     pub async fn raw(&self, s: &Session, path: &str, query: &str) -> Response {
-        let req = Request::builder()
+        let req = match Request::builder()
             .method(Method::GET)
             .uri(target(s, path, query))
             .header(header::AUTHORIZATION, format!("Bearer {}", s.token))
             .body(Body::empty())
-            .expect("a valid request");
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return (StatusCode::BAD_REQUEST, format!("not a valid request: {e}"))
+                    .into_response();
+            }
+        };
         match self.router.clone().oneshot(req).await {
             Ok(r) => r,
             Err(never) => match never {},
@@ -87,7 +93,10 @@ impl Api {
         }
         let req = req
             .body(body.map(Body::from).unwrap_or_else(Body::empty))
-            .expect("a valid request");
+            .map_err(|e| Refusal {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("not a valid request: {e}"),
+            })?;
         let resp = match self.router.clone().oneshot(req).await {
             Ok(r) => r,
             Err(never) => match never {},

@@ -412,6 +412,21 @@ pub async fn confirm_mode(
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
+    // Only the two services and three modes exist; the page's form action
+    // is built from these fixed words alone, never from the request (a
+    // path like `..%2Fkeys%2FID%2Frevoke` must not become the action).
+    let service: &'static str = match service.as_str() {
+        "api" => "api",
+        "smtp" => "smtp",
+        _ => return (axum::http::StatusCode::NOT_FOUND, "no such service").into_response(),
+    };
+    let mode: &'static str = match q.mode.as_str() {
+        "active" => "active",
+        "learning" if service == "api" => "learning",
+        "inactive" => "inactive",
+        _ => return (axum::http::StatusCode::BAD_REQUEST, "no such mode").into_response(),
+    };
+    let q = ModeQuery { mode: mode.into() };
     let title = "Change blocking";
     let words = if service == "smtp" { "SMTP" } else { "API" };
     let impact = if service == "api" && q.mode == "active" {

@@ -191,8 +191,8 @@ pub async fn page(State(c): C, headers: HeaderMap, Query(raw): Query<Raw>) -> Re
                 }
                 nav aria-label="Pages" class="pager" {
                     @if offset > 0 { a href=(page_link(offset.saturating_sub(PAGE))) rel="prev" { "Newer" } }
-                    span { "Rows " (offset + 1) "–" (offset + shown.len()) }
-                    @if more { a href=(page_link(offset + PAGE)) rel="next" { "Older" } }
+                    span { "Rows " (offset.saturating_add(1)) "–" (offset.saturating_add(shown.len())) }
+                    @if more && offset + PAGE < 100_000 - PAGE { a href=(page_link(offset + PAGE)) rel="next" { "Older" } }
                 }
             }
         },
@@ -202,7 +202,7 @@ pub async fn page(State(c): C, headers: HeaderMap, Query(raw): Query<Raw>) -> Re
 
 /// The filtered view as CSV, streamed from the API as it reads.
 pub async fn csv(State(c): C, headers: HeaderMap, Query(raw): Query<Raw>) -> Response {
-    let (_, s) = match c.session(&headers) {
+    let (id, s) = match c.session(&headers) {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
@@ -211,6 +211,9 @@ pub async fn csv(State(c): C, headers: HeaderMap, Query(raw): Query<Raw>) -> Res
         Err(m) => return (axum::http::StatusCode::BAD_REQUEST, m).into_response(),
     };
     let mut resp = c.api.raw(&s, "/v1/logs/csv", &query(&q)).await;
+    if resp.status() == axum::http::StatusCode::UNAUTHORIZED {
+        return c.signed_out(&id);
+    }
     if resp.status().is_success() {
         let name = format!("allowlist-{}-usage.csv", s.account);
         if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {

@@ -21,6 +21,10 @@ pub const COOKIE: &str = "__Host-allowlist-session";
 pub const SIGNIN_COOKIE: &str = "__Host-allowlist-signin";
 /// Sessions held at most; past it the least recently used goes.
 const MAX_SESSIONS: usize = 10_000;
+/// Sessions one token may hold; past it that token's least recently used
+/// goes (so one token signing in in a loop cannot push out everyone
+/// else's).
+const MAX_PER_TOKEN: usize = 8;
 
 /// A one-shot message shown on the next page.
 #[derive(Clone, Debug)]
@@ -92,7 +96,7 @@ pub fn same(a: &str, b: &str) -> bool {
 
 impl Sessions {
     /// Opens a session; returns the cookie value.
-    pub fn open(&self, token: String, who: WhoAmI, now_ms: i64) -> String {
+    pub fn open(&self, token: String, who: WhoAmI, now_ms: i64, life: Lifetimes) -> String {
         let id = random_token();
         let account = who
             .account
@@ -108,6 +112,23 @@ impl Sessions {
             flash: None,
         };
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mine: Vec<([u8; 32], i64)> = map
+            .iter()
+            .filter(|(_, o)| o.who.actor == s.who.actor)
+            .map(|(k, o)| (*k, o.seen_ms))
+            .collect();
+        if mine.len() >= MAX_PER_TOKEN
+            && let Some((oldest, _)) = mine.iter().min_by_key(|(_, seen)| *seen)
+        {
+            map.remove(oldest);
+        }
+        // Expired sessions go first; then, if still full, the least
+        // recently used.
+        if map.len() >= MAX_SESSIONS {
+            map.retain(|_, o| {
+                now_ms - o.seen_ms <= life.idle_ms && now_ms - o.created_ms <= life.max_ms
+            });
+        }
         if map.len() >= MAX_SESSIONS
             && let Some(oldest) = map.iter().min_by_key(|(_, s)| s.seen_ms).map(|(k, _)| *k)
         {
@@ -204,17 +225,42 @@ mod tests {
             idle_ms: 1_000,
             max_ms: 5_000,
         };
-        let id = s.open("t".into(), who(), 0);
+        let id = s.open("t".into(), who(), 0, life);
         assert_eq!(s.get(&id, 900, life).unwrap().account, "acme");
         // Touched at 900: alive at 1800.
         assert!(s.get(&id, 1_800, life).is_some());
         assert!(s.get(&id, 2_900, life).is_none(), "idle past 1 s");
-        let id = s.open("t".into(), who(), 0);
+        let id = s.open("t".into(), who(), 0, life);
         for t in (800..5_000).step_by(800) {
             assert!(s.get(&id, t, life).is_some());
         }
         assert!(s.get(&id, 5_001, life).is_none(), "older than 5 s");
         assert!(s.get("forged", 0, life).is_none());
+    }
+
+    #[test]
+    fn one_token_holds_a_bounded_number_of_sessions() {
+        let s = Sessions::default();
+        let life = Lifetimes {
+            idle_ms: 1_000_000,
+            max_ms: 1_000_000,
+        };
+        let first = s.open("t".into(), who(), 0, life);
+        let mut other = who();
+        other.actor = "token:2".into();
+        let theirs = s.open("u".into(), other, 0, life);
+        for t in 1..=MAX_PER_TOKEN as i64 {
+            s.open("t".into(), who(), t, life);
+        }
+        assert_eq!(s.len(), MAX_PER_TOKEN + 1);
+        assert!(
+            s.get(&first, 100, life).is_none(),
+            "the token's oldest went"
+        );
+        assert!(
+            s.get(&theirs, 100, life).is_some(),
+            "another token's stayed"
+        );
     }
 
     #[test]

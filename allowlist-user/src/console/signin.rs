@@ -84,6 +84,21 @@ pub async fn submit(State(c): C, headers: HeaderMap, Form(f): Form<SigninForm>) 
         );
     }
     let token = f.token.trim().to_string();
+    // Tokens are `alt_<hex>_<hex>`: anything else cannot be one, and must
+    // not reach a header.
+    let shaped = !token.is_empty()
+        && token.len() <= 256
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !shaped {
+        return signin_form(
+            false,
+            Some(
+                "That token is not valid: unknown, revoked or expired. Ask an operator for a new one.",
+            ),
+        );
+    }
     let who = match c.api.whoami(&token).await {
         Ok(w) => w,
         Err(e) if e.signed_out() => {
@@ -98,7 +113,7 @@ pub async fn submit(State(c): C, headers: HeaderMap, Form(f): Form<SigninForm>) 
         Err(e) => return signin_form(false, Some(&e.message)),
     };
     tracing::info!(actor = %who.actor, "console sign-in");
-    let id = c.sessions.open(token, who, c.now_ms());
+    let id = c.sessions.open(token, who, c.now_ms(), c.lifetimes());
     let mut resp = Redirect::to("/console/ips").into_response();
     let h = resp.headers_mut();
     h.append(header::SET_COOKIE, session::set_cookie(COOKIE, &id, None));

@@ -12,6 +12,26 @@ use crate::{
     store::{AuthorizedRecord, UnauthorizedRecord},
 };
 
+/// Entries one import may hold.
+pub const MAX_IMPORT: usize = 200_000;
+/// The longest label of an authorized entry, in characters.
+pub const MAX_LABEL: usize = 200;
+
+fn check_label(label: &str) -> Result<(), DaemonError> {
+    let n = label.chars().count();
+    if n > MAX_LABEL {
+        return Err(DaemonError::Invalid(format!(
+            "a label holds at most {MAX_LABEL} characters ({n} given)"
+        )));
+    }
+    if label.chars().any(char::is_control) {
+        return Err(DaemonError::Invalid(
+            "a label may not hold control characters (newlines, tabs)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// What authorizing adds.
 pub struct Authorize<'a> {
     pub cidr: &'a str,
@@ -64,6 +84,7 @@ impl Daemon {
         actor: &str,
     ) -> Result<AuthorizedRecord, DaemonError> {
         let net = parse_allow_entry(req.cidr).map_err(DaemonError::Invalid)?;
+        check_label(req.label.as_deref().unwrap_or(""))?;
         if req.share && self.with_state(|st| st.parent_of(account).is_some()) {
             return Err(DaemonError::Invalid(format!(
                 "--share is for organizations; {account} is a sub-account (organizations are one level deep)"
@@ -147,6 +168,12 @@ impl Daemon {
         if entries.is_empty() {
             return Err(DaemonError::Invalid("the import holds no entry".into()));
         }
+        if entries.len() > MAX_IMPORT {
+            return Err(DaemonError::Invalid(format!(
+                "the import holds {} entries, more than {MAX_IMPORT}; split the file",
+                entries.len()
+            )));
+        }
         if share && self.with_state(|st| st.parent_of(account).is_some()) {
             return Err(DaemonError::Invalid(format!(
                 "--share is for organizations; {account} is a sub-account (organizations are one level deep)"
@@ -157,7 +184,12 @@ impl Daemon {
         let mut recs: std::collections::BTreeMap<IpNet, AuthorizedRecord> = Default::default();
         let given = entries.len();
         for (i, (cidr, label)) in entries.into_iter().enumerate() {
-            match parse_allow_entry(&cidr) {
+            let checked = parse_allow_entry(&cidr).and_then(|net| {
+                check_label(label.as_deref().unwrap_or(""))
+                    .map(|()| net)
+                    .map_err(|e| e.to_string())
+            });
+            match checked {
                 Ok(net) => {
                     recs.entry(net).or_insert(AuthorizedRecord {
                         cidr: net,

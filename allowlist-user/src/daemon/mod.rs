@@ -206,6 +206,12 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
 /// `--since`: Unix seconds, an RFC 3339 time, or a duration back from
 /// `now` (`24h`).
 pub fn parse_since(t: &str, now: i64) -> Result<i64, String> {
+    // Clamped to 1970..=9999, so every later millisecond and range sum
+    // fits an i64.
+    parse_time(t, now).map(|s| s.clamp(0, 253_402_300_799))
+}
+
+fn parse_time(t: &str, now: i64) -> Result<i64, String> {
     if let Ok(secs) = t.parse::<i64>() {
         return Ok(secs);
     }
@@ -216,7 +222,7 @@ pub fn parse_since(t: &str, now: i64) -> Result<i64, String> {
             .map_err(|_| format!("{t:?} is before 1970"));
     }
     match humantime::parse_duration(t) {
-        Ok(d) => Ok(now - d.as_secs() as i64),
+        Ok(d) => Ok(now.saturating_sub(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))),
         Err(_) => Err(format!(
             "--since {t:?}: give Unix seconds, a time like 2026-11-30T09:00:00Z, or a duration back from now like 24h"
         )),

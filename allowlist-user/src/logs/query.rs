@@ -46,8 +46,14 @@ pub const CSV_HEADER: &str =
 
 /// One RFC 4180 field: quoted when it holds a comma, quote, CR or LF.
 fn field(out: &mut String, v: &str) {
-    if v.contains([',', '"', '\r', '\n']) {
+    // A field a spreadsheet would run as a formula (a client chooses its
+    // method and path) gets a leading quote.
+    let formula = v.starts_with(['=', '+', '-', '@', '\t', '\r']);
+    if formula || v.contains([',', '"', '\r', '\n']) {
         out.push('"');
+        if formula {
+            out.push('\'');
+        }
         out.push_str(&v.replace('"', "\"\""));
         out.push('"');
     } else {
@@ -124,7 +130,8 @@ pub fn summary(
     buckets: usize,
 ) -> Result<LogSummary, String> {
     let buckets = buckets.clamp(1, 500);
-    let span = (until_ms - since_ms).max(1);
+    // Both ends are inclusive: a row at `until_ms` has a bucket.
+    let span = (until_ms - since_ms + 1).max(1);
     let bucket_ms = (span + buckets as i64 - 1) / buckets as i64;
     let mut out = LogSummary {
         since_ms,
@@ -335,6 +342,12 @@ mod tests {
             bytes_out: 99,
         };
         let mut s = String::new();
+        let mut formula = row.clone();
+        formula.method = "=1+1".into();
+        formula.path = "-2+3".into();
+        formula.csv(&mut s);
+        assert!(s.contains(",\"'=1+1\",\"'-2+3\","), "{s}");
+        s.clear();
         row.csv(&mut s);
         assert_eq!(
             s,
