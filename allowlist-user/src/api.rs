@@ -36,6 +36,22 @@ pub struct AddDrop {
     pub reason: Option<String>,
 }
 
+/// `POST /v1/drop/import`: many drop entries in one change.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportDrops {
+    pub entries: Vec<AddDrop>,
+}
+
+/// What a drop import did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DropImportOutcome {
+    /// Entries written (new ones, and existing ones replaced).
+    pub written: usize,
+    /// Entries on the drop list afterwards.
+    pub total: usize,
+}
+
 /// `DELETE ...?cidr=` (query string).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

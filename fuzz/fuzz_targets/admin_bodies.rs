@@ -20,7 +20,7 @@ fn check<T: serde::de::DeserializeOwned + serde::Serialize>(data: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    match data.first().map(|b| b % 13) {
+    match data.first().map(|b| b % 14) {
         Some(0) => check::<api::NewKey>(&data[1..]),
         Some(1) => check::<api::AddDrop>(&data[1..]),
         Some(2) => check::<api::AllowEntry>(&data[1..]),
@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
         Some(9) => check::<api::Enforce>(&data[1..]),
         Some(10) => check::<api::ImportEntries>(&data[1..]),
         Some(11) => check::<api::CheckQuery>(&data[1..]),
+        Some(12) => check::<api::ImportDrops>(&data[1..]),
         Some(_) => check::<api::CidrQuery>(&data[1..]),
         None => {}
     }

@@ -88,3 +88,70 @@ fn a_file_of_entries_is_authorized_whole_or_not_at_all() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `allowlistctl drop add --file`: every line in one change, written to
+/// the kernel's drop maps (kernel on); one bad line refuses the file.
+#[test]
+fn a_file_of_drops_is_added_in_one_change() {
+    if !allowlist_tests::kernel_tests_enabled("a_file_of_drops_is_added_in_one_change") {
+        return;
+    }
+    let setup = Setup::new(true, "");
+    let _d = setup.start(None, &[]);
+    let file = setup.dir.path().join("drops.txt");
+    let mut text = String::from("# scanners\n");
+    for i in 0..2000u32 {
+        text.push_str(&format!("2001:db8:{:x}::/48 scanner {i}\n", 0x100 + i));
+    }
+    text.push_str("192.0.2.0/24\n");
+    std::fs::write(&file, text).unwrap();
+    let r = setup.ctl_json(&[
+        "drop",
+        "add",
+        "--file",
+        file.to_str().unwrap(),
+        "--ttl",
+        "1h",
+        "--reason",
+        "bulk",
+    ]);
+    assert_eq!(r["written"], 2001, "{r}");
+    assert_eq!(r["total"], 2001, "{r}");
+    let list = setup.ctl_json(&["drop", "list"]);
+    let drops = list["drops"].as_array().unwrap();
+    assert_eq!(drops.len(), 2001);
+    let v4 = drops.iter().find(|d| d["cidr"] == "192.0.2.0/24").unwrap();
+    assert_eq!(
+        v4["reason"], "bulk",
+        "a line without a reason takes --reason"
+    );
+    assert!(v4["expires_in"].as_i64().unwrap() > 3500);
+    let stats = setup.ctl_json(&["stats"]);
+    assert_eq!(stats["drop_entries"], 2001, "{stats}");
+    assert!(
+        stats["maps"]["drop_rules"].as_u64().unwrap() >= 2001,
+        "the kernel holds them: {stats}"
+    );
+    let audit = setup.ctl_json(&["audit"]);
+    let imports = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "drop.import")
+        .count();
+    assert_eq!(imports, 1);
+
+    let bad = setup.dir.path().join("bad.txt");
+    std::fs::write(&bad, "198.51.100.0/24\n198.51.100.1/24\n").unwrap();
+    setup.refused(
+        &["drop", "add", "--file", bad.to_str().unwrap()],
+        "entry 2 (\"198.51.100.1/24\")",
+    );
+    assert_eq!(
+        setup.ctl_json(&["drop", "list"])["drops"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2001
+    );
+}

@@ -79,6 +79,10 @@ fn routes(daemon: Arc<Daemon>) -> Router {
             "/v1/drop",
             get(list_drops).post(add_drop).delete(remove_drop),
         )
+        .route(
+            "/v1/drop/import",
+            post(import_drops).layer(axum::extract::DefaultBodyLimit::max(256 << 20)),
+        )
         .route("/v1/stats", get(stats))
         .route("/v1/events", get(events))
         .route("/v1/audit", get(audit))
@@ -165,6 +169,16 @@ async fn remove_drop(
     cx.require(Need::Operator)?;
     let q = query(q)?;
     Ok(Json(d.remove_drop(&q.cidr, &cx.caller.actor).await?))
+}
+
+async fn import_drops(
+    State(d): State<Arc<Daemon>>,
+    Extension(cx): Cx,
+    b: Body<api::ImportDrops>,
+) -> ApiResult<api::DropImportOutcome> {
+    cx.require(Need::Operator)?;
+    let r = body(b)?;
+    Ok(Json(d.add_drops(r.entries, &cx.caller.actor).await?))
 }
 
 async fn stats(State(d): State<Arc<Daemon>>, Extension(cx): Cx) -> ApiResult<api::Stats> {

@@ -318,6 +318,14 @@ const ROUTES: &[Route] = &[
     r("GET", "/v1/whoami", "", Need::Read, 200, false),
     r(
         "POST",
+        "/v1/drop/import",
+        r#"{"entries":[{"cidr":"192.0.2.0/28","ttl":"1h"},{"cidr":"2001:db8:9::/48","reason":"x"}]}"#,
+        Need::Operator,
+        200,
+        false,
+    ),
+    r(
+        "POST",
         "/v1/ips/import?account=acme",
         r#"{"entries":[{"cidr":"203.0.113.0/24"},{"cidr":"192.0.2.0/24","label":"x"}]}"#,
         Need::Lists,

@@ -47,45 +47,88 @@ impl Daemon {
         self.add_drop_kind(req, DropKind::Manual, actor).await
     }
 
+    /// Adds many entries in one change: every entry checked first (one
+    /// bad entry refuses the whole import, naming it), then one kernel
+    /// write of the list, one store transaction.
+    pub async fn add_drops(
+        &self,
+        reqs: Vec<api::AddDrop>,
+        actor: &str,
+    ) -> Result<api::DropImportOutcome, DaemonError> {
+        const MAX: usize = 2_000_000;
+        if reqs.is_empty() || reqs.len() > MAX {
+            return Err(DaemonError::Invalid(format!(
+                "an import holds 1 to {MAX} entries ({} given)",
+                reqs.len()
+            )));
+        }
+        let now = unix_now();
+        let given = reqs.len();
+        let mut bad = Vec::new();
+        let mut recs: std::collections::HashMap<ipnet::IpNet, DropRecord> = Default::default();
+        for (i, req) in reqs.into_iter().enumerate() {
+            let cidr = req.cidr.clone();
+            match self.drop_record(req, DropKind::Manual, actor, now) {
+                Ok(r) => {
+                    recs.insert(r.cidr, r);
+                }
+                Err(e) => {
+                    if bad.len() < 5 {
+                        bad.push(format!("entry {} ({cidr:?}): {e}", i + 1));
+                    } else {
+                        bad.push(String::new());
+                    }
+                }
+            }
+        }
+        if !bad.is_empty() {
+            let shown: Vec<&str> = bad
+                .iter()
+                .filter(|b| !b.is_empty())
+                .map(String::as_str)
+                .collect();
+            return Err(DaemonError::Invalid(format!(
+                "{} of {given} entries are not valid, so nothing was imported: {}",
+                bad.len(),
+                shown.join("; ")
+            )));
+        }
+        let _guard = self.changes.lock().await;
+        let old = self.store.list_drops()?;
+        let mut all: Vec<DropRecord> = old
+            .iter()
+            .filter(|r| !recs.contains_key(&r.cidr))
+            .cloned()
+            .collect();
+        let written: Vec<DropRecord> = recs.into_values().collect();
+        all.extend(written.iter().cloned());
+        self.sync_kernel(&all)?;
+        if let Err(e) = self.store.put_drops(&written, actor) {
+            if let Err(k) = self.sync_kernel(&old) {
+                tracing::error!(error = %k, "restoring the kernel drop list after a store failure");
+            }
+            return Err(e.into());
+        }
+        tracing::info!(
+            written = written.len(),
+            total = all.len(),
+            actor,
+            "drop list: imported"
+        );
+        Ok(api::DropImportOutcome {
+            written: written.len(),
+            total: all.len(),
+        })
+    }
+
     pub async fn add_drop_kind(
         &self,
         req: api::AddDrop,
         kind: DropKind,
         actor: &str,
     ) -> Result<api::DropView, DaemonError> {
-        let cidr = parse_cidr(&req.cidr).map_err(DaemonError::Invalid)?;
-        kernel::droplist::validate(&cidr).map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        if let Some(allowed) = self
-            .config
-            .blocking
-            .always_allow
-            .iter()
-            .find(|a| a.contains(&cidr) || cidr.contains(*a))
-        {
-            return Err(DaemonError::Invalid(format!(
-                "{cidr} overlaps {allowed} in [blocking] always_allow, which is never dropped (lockout protection); \
-                 drop a narrower prefix outside it, or change the configuration"
-            )));
-        }
-        let now = unix_now();
-        let expires_at = match &req.ttl {
-            Some(t) => Some(now + parse_ttl(t).map_err(DaemonError::Invalid)?.as_secs() as i64),
-            None => None,
-        };
-        let reason = req.reason.unwrap_or_default();
-        if reason.len() > 500 {
-            return Err(DaemonError::Invalid(
-                "--reason is longer than 500 characters".into(),
-            ));
-        }
-        let rec = DropRecord {
-            cidr,
-            kind,
-            reason,
-            created_at: now,
-            expires_at,
-            created_by: actor.to_string(),
-        };
+        let rec = self.drop_record(req.clone(), kind, actor, unix_now())?;
+        let cidr = rec.cidr;
         let _guard = self.changes.lock().await;
         let mut all = self.store.list_drops()?;
         let old = all.clone();
@@ -102,6 +145,49 @@ impl Daemon {
         }
         tracing::info!(%cidr, ttl = ?req.ttl, actor, "drop list: added");
         Ok(view(rec))
+    }
+
+    /// The entry `req` asks for, checked: a valid prefix outside
+    /// `always_allow`, a TTL, a reason of at most 500 characters.
+    fn drop_record(
+        &self,
+        req: api::AddDrop,
+        kind: DropKind,
+        actor: &str,
+        now: i64,
+    ) -> Result<DropRecord, DaemonError> {
+        let cidr = parse_cidr(&req.cidr).map_err(DaemonError::Invalid)?;
+        kernel::droplist::validate(&cidr).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        if let Some(allowed) = self
+            .config
+            .blocking
+            .always_allow
+            .iter()
+            .find(|a| a.contains(&cidr) || cidr.contains(*a))
+        {
+            return Err(DaemonError::Invalid(format!(
+                "{cidr} overlaps {allowed} in [blocking] always_allow, which is never dropped (lockout protection); \
+                 drop a narrower prefix outside it, or change the configuration"
+            )));
+        }
+        let expires_at = match &req.ttl {
+            Some(t) => Some(now + parse_ttl(t).map_err(DaemonError::Invalid)?.as_secs() as i64),
+            None => None,
+        };
+        let reason = req.reason.unwrap_or_default();
+        if reason.len() > 500 {
+            return Err(DaemonError::Invalid(
+                "--reason is longer than 500 characters".into(),
+            ));
+        }
+        Ok(DropRecord {
+            cidr,
+            kind,
+            reason,
+            created_at: now,
+            expires_at,
+            created_by: actor.to_string(),
+        })
     }
 
     pub async fn remove_drop(&self, cidr: &str, actor: &str) -> Result<api::DropView, DaemonError> {

@@ -384,6 +384,9 @@ pub trait DropStore {
     fn list_drops(&self) -> Result<Vec<DropRecord>, StoreError>;
     /// Inserts or replaces the entry for `rec.cidr`; returns the previous one.
     fn put_drop(&self, rec: &DropRecord, actor: &str) -> Result<Option<DropRecord>, StoreError>;
+    /// Inserts or replaces many entries in one transaction with one audit
+    /// row.
+    fn put_drops(&self, recs: &[DropRecord], actor: &str) -> Result<(), StoreError>;
     fn remove_drop(&self, cidr: &IpNet, actor: &str) -> Result<Option<DropRecord>, StoreError>;
     /// Deletes entries whose expiry is at or before `now`, returning them.
     fn remove_expired_drops(&self, now: i64) -> Result<Vec<DropRecord>, StoreError>;

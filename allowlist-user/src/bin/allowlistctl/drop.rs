@@ -1,6 +1,6 @@
 //! `allowlistctl drop ...`
 
-use allowlist::api::{AddDrop, DropList, DropView};
+use allowlist::api::{AddDrop, DropImportOutcome, DropList, DropView, ImportDrops};
 use clap::Subcommand;
 
 use crate::{
@@ -15,7 +15,13 @@ pub enum DropCmd {
     /// Drop a source prefix at XDP (IPv4 /8 or longer, IPv6 /24 or longer).
     Add {
         /// Address or CIDR, e.g. 203.0.113.0/24 or 2001:db8::/48.
-        cidr: String,
+        #[arg(required_unless_present = "file")]
+        cidr: Option<String>,
+        /// One entry per line: an address or CIDR, then an optional reason
+        /// (else --reason); blank lines and `#` comments are skipped.
+        /// Every entry in one change: all of it or nothing.
+        #[arg(long, conflicts_with = "cidr")]
+        file: Option<std::path::PathBuf>,
         /// Remove the entry after this long, e.g. 90s, 10m, 24h, 7d.
         #[arg(long)]
         ttl: Option<String>,
@@ -61,7 +67,50 @@ pub async fn run(client: &Client, cmd: DropCmd) -> Result<Output, CtlError> {
             }
             Output::new(&list, text)
         }
-        DropCmd::Add { cidr, ttl, reason } => {
+        DropCmd::Add {
+            file: Some(file),
+            ttl,
+            reason,
+            ..
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| CtlError::Setup(format!("reading {}: {e}", file.display())))?;
+            let entries: Vec<AddDrop> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(|l| {
+                    let (cidr, why) = match l.split_once(char::is_whitespace) {
+                        Some((c, w)) => (c, Some(w.trim().to_string())),
+                        None => (l, reason.clone()),
+                    };
+                    AddDrop {
+                        cidr: cidr.to_string(),
+                        ttl: ttl.clone(),
+                        reason: why,
+                    }
+                })
+                .collect();
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!(
+                    "read {} entries from {}; adding them in one change...",
+                    entries.len(),
+                    file.display()
+                );
+            }
+            let r: DropImportOutcome = client
+                .post("/v1/drop/import", &ImportDrops { entries })
+                .await?;
+            let text = format!(
+                "wrote {} drop entries; the drop list holds {}\n",
+                r.written, r.total
+            );
+            Output::new(&r, text)
+        }
+        DropCmd::Add {
+            cidr, ttl, reason, ..
+        } => {
+            let cidr = cidr.unwrap_or_default();
             let v: DropView = client
                 .post("/v1/drop", &AddDrop { cidr, ttl, reason })
                 .await?;

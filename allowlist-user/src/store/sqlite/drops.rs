@@ -6,6 +6,26 @@ use rusqlite::params;
 use super::{DROP_COLUMNS, SqliteStore, drop_row};
 use crate::store::{DropRecord, DropStore, StoreError};
 
+impl SqliteStore {
+    fn upsert_drop(tx: &rusqlite::Connection, rec: &DropRecord) -> rusqlite::Result<usize> {
+        tx.execute(
+            "INSERT INTO drops(cidr, kind, reason, created_at, expires_at, created_by)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(cidr) DO UPDATE SET kind = excluded.kind, reason = excluded.reason,
+               created_at = excluded.created_at, expires_at = excluded.expires_at,
+               created_by = excluded.created_by",
+            params![
+                rec.cidr.to_string(),
+                rec.kind.as_str(),
+                rec.reason,
+                rec.created_at,
+                rec.expires_at,
+                rec.created_by
+            ],
+        )
+    }
+}
+
 impl DropStore for SqliteStore {
     fn list_drops(&self) -> Result<Vec<DropRecord>, StoreError> {
         let conn = self.conn();
@@ -22,27 +42,29 @@ impl DropStore for SqliteStore {
         Ok(out)
     }
 
+    fn put_drops(&self, recs: &[DropRecord], actor: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().map_err(self.err("importing drops"))?;
+        for rec in recs {
+            Self::upsert_drop(&tx, rec).map_err(self.err("importing drops"))?;
+        }
+        Self::audit(
+            &tx,
+            "",
+            actor,
+            "drop.import",
+            &serde_json::json!({ "entries": recs.len() }),
+        )
+        .map_err(self.err("auditing"))?;
+        tx.commit().map_err(self.err("committing"))
+    }
+
     fn put_drop(&self, rec: &DropRecord, actor: &str) -> Result<Option<DropRecord>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.err("adding a drop"))?;
         let cidr = rec.cidr.to_string();
         let prev = Self::get_drop(&tx, &cidr).map_err(self.err("adding a drop"))?;
-        tx.execute(
-            "INSERT INTO drops(cidr, kind, reason, created_at, expires_at, created_by)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT(cidr) DO UPDATE SET kind = excluded.kind, reason = excluded.reason,
-               created_at = excluded.created_at, expires_at = excluded.expires_at,
-               created_by = excluded.created_by",
-            params![
-                cidr,
-                rec.kind.as_str(),
-                rec.reason,
-                rec.created_at,
-                rec.expires_at,
-                rec.created_by
-            ],
-        )
-        .map_err(self.err("adding a drop"))?;
+        Self::upsert_drop(&tx, rec).map_err(self.err("adding a drop"))?;
         Self::audit(
             &tx,
             "",
