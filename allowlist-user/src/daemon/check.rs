@@ -159,39 +159,54 @@ mod tests {
         store::{SqliteStore, Store},
     };
 
-    #[tokio::test]
-    async fn each_layer_names_the_rule_that_decides() {
+    /// A daemon on a fresh store (kernel off), `config` edited first.
+    fn daemon(edit: impl FnOnce(&mut Config)) -> (tempfile::TempDir, Daemon) {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("a.db");
         let mut config = Config::default();
         config.store.url = format!("sqlite://{}", db.display());
-        config.blocking.always_allow = vec!["192.0.2.0/28".parse().unwrap()];
+        edit(&mut config);
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
         let d = Daemon::new(config, store, None, Clock::from_env()).unwrap();
         d.init_policy().unwrap();
-        let key = d
+        (dir, d)
+    }
+
+    /// Creates a key in `default` allowed from `allow`; returns (id, secret).
+    async fn key(d: &Daemon, allow: &[&str]) -> (String, String) {
+        let k = d
             .create_key(
                 "default",
                 NewKey {
                     name: "web".into(),
                     description: String::new(),
                     scopes: vec![],
-                    allow: vec!["203.0.113.0/24=office".into()],
+                    allow: allow.iter().map(|a| a.to_string()).collect(),
                     rate: None,
                 },
                 "uid:0",
             )
             .await
-            .unwrap()
-            .id;
+            .unwrap();
+        (k.id, k.key.unwrap())
+    }
+
+    async fn authorize(d: &Daemon, cidr: &str, label: Option<&str>) {
         let req = Authorize {
-            cidr: "198.51.100.0/24",
-            label: Some("branch".into()),
+            cidr,
+            label: label.map(String::from),
             source: "manual",
             key_id: None,
             share: false,
         };
         d.authorize("default", req, "uid:0").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn each_layer_names_the_rule_that_decides() {
+        let (_dir, d) = daemon(|c| c.blocking.always_allow = vec!["192.0.2.0/28".parse().unwrap()]);
+        let (key, _) = key(&d, &["203.0.113.0/24=office"]).await;
+        authorize(&d, "198.51.100.0/24", Some("branch")).await;
         let c = d
             .check_address("default", "198.51.100.9", Some(&key))
             .unwrap();
@@ -236,38 +251,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_entrys_hits_are_counted_flushed_and_forgotten_with_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("a.db");
-        let mut config = Config::default();
-        config.store.url = format!("sqlite://{}", db.display());
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db).unwrap());
-        let d = Daemon::new(config, store, None, Clock::from_env()).unwrap();
-        d.init_policy().unwrap();
-        let secret = d
-            .create_key(
-                "default",
-                NewKey {
-                    name: "web".into(),
-                    description: String::new(),
-                    scopes: vec![],
-                    allow: vec![],
-                    rate: None,
-                },
-                "uid:0",
-            )
-            .await
-            .unwrap()
-            .key
-            .unwrap();
+        let (_dir, d) = daemon(|_| {});
+        let (_, secret) = key(&d, &[]).await;
         for cidr in ["198.51.100.0/24", "198.51.100.7"] {
-            let req = Authorize {
-                cidr,
-                label: None,
-                source: "manual",
-                key_id: None,
-                share: false,
-            };
-            d.authorize("default", req, "uid:0").await.unwrap();
+            authorize(&d, cidr, None).await;
         }
         let call = |addr: &str, at: i64| {
             let dec = d
@@ -294,37 +281,13 @@ mod tests {
         call("198.51.100.10", 9_000);
         assert_eq!(hits("198.51.100.0/24"), (3, Some(9)), "flushed plus live");
         // Another change to the account keeps the counters.
-        d.authorize(
-            "default",
-            Authorize {
-                cidr: "203.0.113.0/24",
-                label: None,
-                source: "manual",
-                key_id: None,
-                share: false,
-            },
-            "uid:0",
-        )
-        .await
-        .unwrap();
+        authorize(&d, "203.0.113.0/24", None).await;
         assert_eq!(hits("198.51.100.0/24"), (3, Some(9)));
         d.flush_usage().unwrap();
         d.unauthorize("default", "198.51.100.0/24", "uid:0")
             .await
             .unwrap();
-        d.authorize(
-            "default",
-            Authorize {
-                cidr: "198.51.100.0/24",
-                label: None,
-                source: "manual",
-                key_id: None,
-                share: false,
-            },
-            "uid:0",
-        )
-        .await
-        .unwrap();
+        authorize(&d, "198.51.100.0/24", None).await;
         assert_eq!(
             hits("198.51.100.0/24"),
             (0, None),

@@ -64,7 +64,7 @@ impl Daemon {
         }
         let now = unix_now();
         let given = reqs.len();
-        let mut bad = Vec::new();
+        let mut bad = BadEntries::default();
         let mut recs: std::collections::HashMap<ipnet::IpNet, DropRecord> = Default::default();
         for (i, req) in reqs.into_iter().enumerate() {
             let cidr = req.cidr.clone();
@@ -72,27 +72,10 @@ impl Daemon {
                 Ok(r) => {
                     recs.insert(r.cidr, r);
                 }
-                Err(e) => {
-                    if bad.len() < 5 {
-                        bad.push(format!("entry {} ({cidr:?}): {e}", i + 1));
-                    } else {
-                        bad.push(String::new());
-                    }
-                }
+                Err(e) => bad.push(i, &cidr, e),
             }
         }
-        if !bad.is_empty() {
-            let shown: Vec<&str> = bad
-                .iter()
-                .filter(|b| !b.is_empty())
-                .map(String::as_str)
-                .collect();
-            return Err(DaemonError::Invalid(format!(
-                "{} of {given} entries are not valid, so nothing was imported: {}",
-                bad.len(),
-                shown.join("; ")
-            )));
-        }
+        bad.check(given)?;
         let _guard = self.changes.lock().await;
         let old = self.store.list_drops()?;
         let mut all: Vec<DropRecord> = old

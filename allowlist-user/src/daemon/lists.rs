@@ -180,7 +180,7 @@ impl Daemon {
             )));
         }
         let now = self.clock.now_ms() / 1000;
-        let mut bad = Vec::new();
+        let mut bad = super::BadEntries::default();
         let mut recs: std::collections::BTreeMap<IpNet, AuthorizedRecord> = Default::default();
         let given = entries.len();
         for (i, (cidr, label)) in entries.into_iter().enumerate() {
@@ -201,22 +201,10 @@ impl Daemon {
                         shared: share,
                     });
                 }
-                Err(m) if bad.len() < 5 => bad.push(format!("entry {} ({cidr:?}): {m}", i + 1)),
-                Err(_) => bad.push(String::new()),
+                Err(m) => bad.push(i, &cidr, m),
             }
         }
-        if !bad.is_empty() {
-            let shown: Vec<&str> = bad
-                .iter()
-                .filter(|b| !b.is_empty())
-                .map(String::as_str)
-                .collect();
-            return Err(DaemonError::Invalid(format!(
-                "{} of {given} entries are not valid, so nothing was imported: {}",
-                bad.len(),
-                shown.join("; ")
-            )));
-        }
+        bad.check(given)?;
         let (fresh, lifted): (Vec<AuthorizedRecord>, Vec<IpAddr>) = self.with_state(|st| {
             let a = st.account(account).ok_or_else(|| no_account(account))?;
             let fresh: Vec<AuthorizedRecord> = recs

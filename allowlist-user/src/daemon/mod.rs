@@ -172,6 +172,36 @@ pub struct Daemon {
     pub live: Mutex<std::collections::HashMap<u64, Arc<crate::live::LiveConn>>>,
 }
 
+/// The bad entries of an import: each named by its place and text, at most
+/// five in the message, all counted. One bad entry refuses the import.
+#[derive(Default)]
+pub(crate) struct BadEntries {
+    shown: Vec<String>,
+    count: usize,
+}
+
+impl BadEntries {
+    pub(crate) fn push(&mut self, index: usize, entry: &str, why: impl std::fmt::Display) {
+        if self.shown.len() < 5 {
+            self.shown
+                .push(format!("entry {} ({entry:?}): {why}", index + 1));
+        }
+        self.count += 1;
+    }
+
+    /// Refuses the import of `given` entries if any was bad.
+    pub(crate) fn check(self, given: usize) -> Result<(), DaemonError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        Err(DaemonError::Invalid(format!(
+            "{} of {given} entries are not valid, so nothing was imported: {}",
+            self.count,
+            self.shown.join("; ")
+        )))
+    }
+}
+
 pub(crate) type EntryUsageMap =
     std::collections::HashMap<(u32, IpNet), Arc<crate::policy::EntryUsage>>;
 
