@@ -323,6 +323,14 @@ fn an_owner_and_an_operator_work_through_the_console() {
     b.goto(&console("/console/logs"));
     b.fill("#f-status", "403");
     b.click("form[action=\"/console/logs\"] button[type=submit]");
+    // The unfiltered page says the same words: wait for the filtered one.
+    assert!(
+        wait_for(Duration::from_secs(10), || b
+            .current_url()
+            .contains("status=403")),
+        "the filter never applied: {}",
+        b.current_url()
+    );
     b.wait_for_text("main", "Requests, newest first", Duration::from_secs(10));
     let statuses = b.execute(
         "return [...document.querySelectorAll('table.logs tbody tr td:nth-child(6)')].map(td => td.innerText)",
