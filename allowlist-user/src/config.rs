@@ -58,10 +58,22 @@ impl Config {
         if let Some(d) = &self.logs.dir {
             return d.clone();
         }
-        crate::store::sqlite_path(&self.store.url)
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.join("logs")))
-            .unwrap_or_else(|| PathBuf::from("logs"))
+        self.state_dir().join("logs")
+    }
+
+    /// Where this edge keeps its own files: `[store] state_dir`, else the
+    /// SQLite file's folder, else `/var/lib/allowlist`.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(d) = &self.store.state_dir {
+            return d.clone();
+        }
+        match crate::store::parse_url(&self.store.url) {
+            Ok(crate::store::StoreUrl::Sqlite(p)) => p
+                .parent()
+                .map(|d| d.to_path_buf())
+                .unwrap_or_else(|| PathBuf::from(".")),
+            _ => PathBuf::from("/var/lib/allowlist"),
+        }
     }
 }
 
@@ -167,14 +179,29 @@ impl AdminConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite:///absolute/path.db` or `sqlite://relative/path.db`.
+    /// `sqlite:///absolute/path.db`, `sqlite://relative/path.db`, or
+    /// `postgres://user:password@host:port/db?sslmode=require` for several
+    /// edges sharing one state.
     pub url: String,
+    /// PostgreSQL: PEM file of the CA that signs the server's certificate
+    /// (the host's trust store when unset). With `sslmode=require` the
+    /// certificate and name are always verified.
+    pub ca: Option<PathBuf>,
+    /// PostgreSQL: most connections this edge opens.
+    pub pool: usize,
+    /// Where this edge keeps its own files (usage-log partitions, the
+    /// generated admin certificate): the SQLite file's folder by default,
+    /// `/var/lib/allowlist` with PostgreSQL.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             url: "sqlite:///var/lib/allowlist/allowlist.db".into(),
+            ca: None,
+            pool: 8,
+            state_dir: None,
         }
     }
 }
@@ -547,8 +574,14 @@ impl Config {
                 "must be a path, like \"/run/allowlist/admin.sock\"".into(),
             ));
         }
-        crate::store::sqlite_path(&self.store.url)
+        crate::store::parse_url(&self.store.url)
             .map_err(|message| invalid("[store] url", message))?;
+        if !(1..=1000).contains(&self.store.pool) {
+            return Err(invalid(
+                "[store] pool",
+                format!("{} must be 1 to 1000 connections", self.store.pool),
+            ));
+        }
         if !self.kernel.bpffs.is_absolute() {
             return Err(invalid(
                 "[kernel] bpffs",

@@ -55,8 +55,6 @@ pub struct State {
     /// By name; the names are shared (`Arc<str>`) so copying the state for
     /// a change allocates no strings.
     pub accounts: BTreeMap<Arc<str>, Arc<AccountState>>,
-    /// The next numeric key id (kernel map index).
-    pub next_kid: u32,
     /// The last revision handed out.
     pub rev: u64,
 }

@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod browser;
 pub mod client;
 pub mod net;
+pub mod postgres;
 pub mod proc;
 pub mod receivers;
 pub mod scrape;

@@ -134,7 +134,6 @@ fn state(rng: &mut Rng) -> (State, Vec<Vec<Ipv4Net>>) {
         st.insert_account(a);
         nets_of.push(nets);
     }
-    st.next_kid = kid;
     (st, nets_of)
 }
 

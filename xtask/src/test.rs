@@ -291,6 +291,9 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     // The web console's tests drive a headless Chromium through chromedriver.
     ("/usr/bin/chromium", "chromium"),
     ("/usr/bin/chromedriver", "chromium-driver"),
+    // The store suite and the two-edge tests start private PostgreSQL
+    // servers (initdb, pg_ctl) on loopback.
+    ("ls /usr/lib/postgresql/*/bin/postgres", "postgresql"),
 ];
 
 /// Checks every command in `tools` (a command line that must succeed, or a

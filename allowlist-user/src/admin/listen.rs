@@ -29,13 +29,7 @@ pub fn admin_cert_path(config: &Config) -> Option<PathBuf> {
 }
 
 fn beside_store(config: &Config, name: &str) -> Option<PathBuf> {
-    let store = crate::store::sqlite_path(&config.store.url).ok()?;
-    Some(
-        store
-            .parent()
-            .map(|p| p.join(name))
-            .unwrap_or_else(|| PathBuf::from(name)),
-    )
+    Some(config.state_dir().join(name))
 }
 
 type Pair = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);

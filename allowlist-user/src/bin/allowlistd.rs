@@ -9,7 +9,7 @@ use allowlist::{
     daemon::{Clock, Daemon},
     kernel::{self, Kernel, KernelOptions},
     proxy,
-    store::{SqliteStore, Store, sqlite_path},
+    store::{PgOptions, PgStore, SqliteStore, Store, StoreUrl, parse_url},
 };
 use anyhow::Context as _;
 use clap::Parser;
@@ -106,9 +106,24 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> anyhow::Result<()> {
-    let db = sqlite_path(&config.store.url).map_err(anyhow::Error::msg)?;
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&db)?);
-    tracing::info!(store = %db.display(), "store opened");
+    let store: Arc<dyn Store> =
+        match parse_url(&config.store.url).map_err(|e| anyhow::anyhow!("[store] url: {e}"))? {
+            StoreUrl::Sqlite(db) => {
+                let s = SqliteStore::open(&db)?;
+                tracing::info!(store = %db.display(), "store opened");
+                Arc::new(s)
+            }
+            StoreUrl::Postgres(url) => {
+                let opts = PgOptions {
+                    url,
+                    ca: config.store.ca.clone(),
+                    pool: config.store.pool,
+                };
+                let s = tokio::task::spawn_blocking(move || PgStore::open(&opts)).await??;
+                tracing::info!(store = %s.target(), "store opened");
+                Arc::new(s)
+            }
+        };
 
     let mut kernel = None;
     if config.kernel.enabled && !no_kernel {

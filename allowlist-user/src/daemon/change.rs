@@ -23,9 +23,7 @@ impl Daemon {
             .into_iter()
             .map(|a| (a.name.clone(), AccountState::new(a)))
             .collect();
-        let mut next_kid = 0;
         for k in self.store.list_keys()? {
-            next_kid = next_kid.max(k.kid);
             if let Some(a) = accounts.get_mut(&k.account) {
                 a.keys.insert(k.id.clone(), k);
             }
@@ -42,10 +40,7 @@ impl Daemon {
                 a.denied.insert(u.addr);
             }
         }
-        let mut state = State {
-            next_kid: next_kid + 1,
-            ..State::default()
-        };
+        let mut state = State::default();
         for (_, a) in accounts {
             state.insert_account(a);
         }

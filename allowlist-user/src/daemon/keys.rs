@@ -167,12 +167,14 @@ impl Daemon {
         let created = self
             .change(
                 |st| {
-                    record.kid = st.next_kid;
+                    // The store numbers keys: the kernel maps and the usage
+                    // counters use the number the store keeps, and edges
+                    // sharing a store never pick the same one.
+                    record.kid = self.store.next_kid()?;
                     let a = st
                         .account_mut(account)
                         .ok_or_else(|| super::no_account(account))?;
                     a.keys.insert(id.clone(), record.clone());
-                    st.next_kid += 1;
                     Ok(())
                 },
                 |st| {

@@ -35,6 +35,16 @@ pub enum StoreError {
     },
     #[error("store {path}: {message}")]
     Open { path: PathBuf, message: String },
+    #[error("store {target}: {op}: {message}")]
+    Postgres {
+        target: String,
+        op: &'static str,
+        message: String,
+    },
+    /// The server cannot be reached, or cannot be used (schema newer than
+    /// this binary, bad URL): nothing was written.
+    #[error("store {target}: {message}")]
+    Unavailable { target: String, message: String },
     #[error(
         "store {path}: stored value {value:?} in {column} is not valid; the file was changed outside allowlistd"
     )]
@@ -69,7 +79,7 @@ impl DropKind {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "manual" => DropKind::Manual,
             "denied" => DropKind::Denied,
@@ -307,7 +317,11 @@ pub trait AccountStore {
 
 /// API keys and their usage counters.
 pub trait KeyStore {
-    /// Inserts a key (its `kid` is assigned here) and returns it.
+    /// A key number no key has had, from the store: with several edges on
+    /// one store, each asks the store, so two never pick the same one.
+    fn next_kid(&self) -> Result<u32, StoreError>;
+    /// Inserts a key with its `kid` (from [`KeyStore::next_kid`]; 0 = the
+    /// store picks one) and returns it.
     fn create_key(&self, key: &KeyRecord, actor: &str) -> Result<KeyRecord, StoreError>;
     fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
     /// Replaces a key's row and allowlist; `action` names it in the audit log.
@@ -484,28 +498,53 @@ impl<T> Store for T where
 {
 }
 
+mod codec;
 mod migrations;
+mod postgres;
 mod sqlite;
 
+pub use postgres::{CHANGES_CHANNEL, PgOptions, PgStore};
 pub use sqlite::{Imported, SqliteStore};
 
-/// Parses a `sqlite://` URL into a file path.
-pub fn sqlite_path(url: &str) -> Result<PathBuf, String> {
+/// Which backend `[store] url` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// The SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server (the URL as written, password included: never
+    /// shown).
+    Postgres(String),
+}
+
+const URL_EXAMPLES: &str = "\"sqlite:///var/lib/allowlist/allowlist.db\" or \
+     \"postgres://allowlist:PASSWORD@db.internal:5432/allowlist?sslmode=require\"";
+
+/// Parses `[store] url`. Errors never repeat a PostgreSQL URL (it may hold
+/// a password).
+pub fn parse_url(url: &str) -> Result<StoreUrl, String> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return match url.parse::<tokio_postgres::Config>() {
+            Ok(_) => Ok(StoreUrl::Postgres(url.to_string())),
+            Err(e) => Err(format!(
+                "the postgres:// URL is not valid ({e}); write it like {URL_EXAMPLES}"
+            )),
+        };
+    }
     let Some(rest) = url.strip_prefix("sqlite://") else {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(format!(
-                "{url:?}: the PostgreSQL store is not part of this build yet; use \
-                 \"sqlite:///var/lib/allowlist/allowlist.db\""
-            ));
-        }
         return Err(format!(
-            "{url:?} must start with sqlite://, like \"sqlite:///var/lib/allowlist/allowlist.db\""
+            "{url:?} must start with sqlite:// or postgres://, like {URL_EXAMPLES}"
         ));
     };
     if rest.is_empty() {
-        return Err(format!(
-            "{url:?} names no file, like \"sqlite:///var/lib/allowlist/allowlist.db\""
-        ));
+        return Err(format!("{url:?} names no file, like {URL_EXAMPLES}"));
     }
-    Ok(PathBuf::from(rest))
+    Ok(StoreUrl::Sqlite(PathBuf::from(rest)))
+}
+
+/// The SQLite file a `sqlite://` URL names.
+pub fn sqlite_path(url: &str) -> Result<PathBuf, String> {
+    match parse_url(url)? {
+        StoreUrl::Sqlite(p) => Ok(p),
+        StoreUrl::Postgres(_) => Err("[store] url names a PostgreSQL server, not a file".into()),
+    }
 }

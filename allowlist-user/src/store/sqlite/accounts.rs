@@ -4,6 +4,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::SqliteStore;
 use crate::policy::Role;
+use crate::store::codec::mode_str;
 use crate::store::{
     AccessStore, AccountRecord, AccountStore, AuditEntry, AuditQuery, BlockingState, StoreError,
     TokenRecord,
@@ -40,13 +41,6 @@ fn account_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AccountRow> {
         r.get(9)?,
         r.get(10)?,
     ))
-}
-
-fn mode_str<T: serde::Serialize>(m: T) -> String {
-    serde_json::to_value(m)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 impl SqliteStore {

@@ -3,42 +3,23 @@
 use rusqlite::{Connection, params};
 
 use super::SqliteStore;
-use crate::policy::{KeyStatus, RateLimit, Scope};
+use crate::policy::{RateLimit, Scope};
+use crate::store::codec::{hash32, parse_status, status_str};
 use crate::store::{AllowRecord, KeyRecord, KeyStore, StoreError};
-
-fn status_str(s: KeyStatus) -> &'static str {
-    match s {
-        KeyStatus::Active => "active",
-        KeyStatus::Rotating => "rotating",
-        KeyStatus::Revoked => "revoked",
-    }
-}
-
-fn parse_status(s: &str) -> Option<KeyStatus> {
-    Some(match s {
-        "active" => KeyStatus::Active,
-        "rotating" => KeyStatus::Rotating,
-        "revoked" => KeyStatus::Revoked,
-        _ => return None,
-    })
-}
-
-fn hash32(v: Vec<u8>) -> Option<[u8; 32]> {
-    v.try_into().ok()
-}
 
 impl SqliteStore {
     /// Inserts a key with its allowlist; returns it with its kid.
     pub(super) fn insert_key(tx: &Connection, key: &KeyRecord) -> rusqlite::Result<KeyRecord> {
         tx.execute(
-            "INSERT INTO keys(id, account, name, scopes, status, secret_hash, created_at)
-             VALUES (?1, ?2, ?3, '', 'active', ?4, ?5)",
+            "INSERT INTO keys(kid, id, account, name, scopes, status, secret_hash, created_at)
+             VALUES (?6, ?1, ?2, ?3, '', 'active', ?4, ?5)",
             params![
                 key.id,
                 key.account,
                 key.name,
                 key.secret_hash.to_vec(),
-                key.created_at
+                key.created_at,
+                (key.kid != 0).then_some(key.kid),
             ],
         )?;
         let mut stored = key.clone();
@@ -76,6 +57,19 @@ impl SqliteStore {
 }
 
 impl KeyStore for SqliteStore {
+    fn next_kid(&self) -> Result<u32, StoreError> {
+        // AUTOINCREMENT's counter: past every kid ever used, including
+        // those of removed keys, so a number is never given twice.
+        self.conn()
+            .query_row(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'keys'), 0),
+                            coalesce((SELECT max(kid) FROM keys), 0)) + 1",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err("numbering a key"))
+    }
+
     fn create_key(&self, key: &KeyRecord, actor: &str) -> Result<KeyRecord, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(self.err("creating a key"))?;

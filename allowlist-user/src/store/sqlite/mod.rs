@@ -168,73 +168,6 @@ impl SqliteStore {
 mod tests {
     use super::*;
 
-    fn rec(cidr: &str, expires_at: Option<i64>) -> DropRecord {
-        DropRecord {
-            cidr: cidr.parse().unwrap(),
-            kind: DropKind::Manual,
-            reason: "test".into(),
-            created_at: 1,
-            expires_at,
-            created_by: "uid:0".into(),
-        }
-    }
-
-    #[test]
-    fn drops_round_trip_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/allowlist.db");
-        {
-            let s = SqliteStore::open(&path).unwrap();
-            assert!(
-                s.put_drop(&rec("192.0.2.0/24", None), "uid:0")
-                    .unwrap()
-                    .is_none()
-            );
-            assert!(
-                s.put_drop(&rec("2001:db8::/48", Some(100)), "uid:0")
-                    .unwrap()
-                    .is_none()
-            );
-            let prev = s.put_drop(&rec("192.0.2.0/24", Some(50)), "uid:0").unwrap();
-            assert_eq!(prev.unwrap().expires_at, None);
-        }
-        let s = SqliteStore::open(&path).unwrap();
-        let all = s.list_drops().unwrap();
-        assert_eq!(all.len(), 2);
-        let expired = s.remove_expired_drops(60).unwrap();
-        assert_eq!(expired.len(), 1);
-        assert_eq!(expired[0].cidr.to_string(), "192.0.2.0/24");
-        assert!(
-            s.remove_drop(&"2001:db8::/48".parse().unwrap(), "uid:0")
-                .unwrap()
-                .is_some()
-        );
-        assert!(
-            s.remove_drop(&"2001:db8::/48".parse().unwrap(), "uid:0")
-                .unwrap()
-                .is_none()
-        );
-        let audit = s
-            .audit_log(&AuditQuery {
-                limit: 10,
-                ..Default::default()
-            })
-            .unwrap();
-        let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
-        assert_eq!(
-            actions,
-            [
-                "drop.remove",
-                "drop.expire",
-                "drop.add",
-                "drop.add",
-                "drop.add"
-            ]
-        );
-        let b = s.list_accounts().unwrap().remove(0).blocking;
-        assert_eq!((b.api, b.smtp), (ApiMode::Learning, SmtpMode::Inactive));
-    }
-
     #[test]
     fn refuses_newer_schema_and_bad_urls() {
         let dir = tempfile::tempdir().unwrap();
@@ -251,6 +184,13 @@ mod tests {
                 .unwrap_err()
                 .contains("PostgreSQL")
         );
+        assert_eq!(
+            parse_url("postgres://u:p@db:5432/a").unwrap(),
+            StoreUrl::Postgres("postgres://u:p@db:5432/a".into())
+        );
+        let e = parse_url("postgres://u:hunter2@db:notaport/a").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(parse_url("mysql://x").unwrap_err().contains("postgres://"));
         assert_eq!(
             sqlite_path("sqlite:///var/a.db").unwrap(),
             PathBuf::from("/var/a.db")
