@@ -189,6 +189,9 @@ pub struct StoreConfig {
     pub ca: Option<PathBuf>,
     /// PostgreSQL: most connections this edge opens.
     pub pool: usize,
+    /// PostgreSQL: a whole resync from the store this often (seconds), as
+    /// a safety net beside the change notifications.
+    pub resync_secs: u64,
     /// Where this edge keeps its own files (usage-log partitions, the
     /// generated admin certificate): the SQLite file's folder by default,
     /// `/var/lib/allowlist` with PostgreSQL.
@@ -201,6 +204,7 @@ impl Default for StoreConfig {
             url: "sqlite:///var/lib/allowlist/allowlist.db".into(),
             ca: None,
             pool: 8,
+            resync_secs: 60,
             state_dir: None,
         }
     }
@@ -580,6 +584,12 @@ impl Config {
             return Err(invalid(
                 "[store] pool",
                 format!("{} must be 1 to 1000 connections", self.store.pool),
+            ));
+        }
+        if !(1..=86_400).contains(&self.store.resync_secs) {
+            return Err(invalid(
+                "[store] resync_secs",
+                format!("{} must be 1 to 86400 seconds", self.store.resync_secs),
             ));
         }
         if !self.kernel.bpffs.is_absolute() {

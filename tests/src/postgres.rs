@@ -214,6 +214,17 @@ impl PgServer {
         self.url(name)
     }
 
+    /// The URL over the server's Unix socket: reachable from any network
+    /// namespace (a socket file is not in one), so edges in their own
+    /// namespaces share the server.
+    pub fn unix_url(&self, db: &str) -> String {
+        let sock = self.dir.path().display().to_string().replace('/', "%2F");
+        format!(
+            "postgres://{USER}:{PASSWORD}@{sock}:{}/{db}?sslmode=disable",
+            self.port
+        )
+    }
+
     pub fn url(&self, db: &str) -> String {
         format!(
             "postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}?sslmode=disable",

@@ -167,6 +167,14 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
     if let Some(ring) = events {
         tokio::spawn(daemon.clone().read_events(ring));
     }
+    // Other edges on the same PostgreSQL: apply what they change.
+    if let Some(feed) = store.subscribe() {
+        tokio::spawn(
+            daemon
+                .clone()
+                .follow_store(feed, Duration::from_secs(config.store.resync_secs)),
+        );
+    }
     let (ck, fingerprint) = proxy::load_cert(
         config.proxy.cert.as_deref(),
         config.proxy.key.as_deref(),

@@ -8,6 +8,7 @@ mod check;
 mod drops;
 mod effects;
 mod events;
+mod follow;
 mod guard;
 mod kernel_sync;
 mod keys;

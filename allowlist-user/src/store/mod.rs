@@ -486,15 +486,62 @@ pub trait NotifyStore {
     fn sweep_actions(&self, before: i64) -> Result<usize, StoreError>;
 }
 
-/// The store interface, one trait per room; a PostgreSQL implementation
-/// can sit beside the SQLite one without touching callers.
+/// What a shared store says about changes other edges made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// The feed is (again) listening; changes made while it was not were
+    /// missed, so the edge must resync.
+    Listening,
+    /// A change was committed: its audit sequence number and account
+    /// (empty for installation-wide changes: the drop list, operator
+    /// tokens).
+    Changed { seq: i64, account: String },
+    /// The feed lost its connection; it keeps trying.
+    Lost,
+}
+
+/// Changes made by other edges on the same store.
+pub trait ChangeFeed {
+    /// Starts the feed; `None` when no one else writes this store (the
+    /// SQLite file belongs to one edge).
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {
+        None
+    }
+}
+
+impl ChangeFeed for SqliteStore {}
+
+impl ChangeFeed for PgStore {
+    fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {
+        Some(self.start_feed())
+    }
+}
+
+/// The store interface, one trait per room, implemented by the SQLite file
+/// and by PostgreSQL.
 pub trait Store:
-    AccountStore + KeyStore + ListStore + DropStore + AccessStore + NotifyStore + Send + Sync
+    AccountStore
+    + KeyStore
+    + ListStore
+    + DropStore
+    + AccessStore
+    + NotifyStore
+    + ChangeFeed
+    + Send
+    + Sync
 {
 }
 
 impl<T> Store for T where
-    T: AccountStore + KeyStore + ListStore + DropStore + AccessStore + NotifyStore + Send + Sync
+    T: AccountStore
+        + KeyStore
+        + ListStore
+        + DropStore
+        + AccessStore
+        + NotifyStore
+        + ChangeFeed
+        + Send
+        + Sync
 {
 }
 

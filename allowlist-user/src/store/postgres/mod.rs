@@ -20,6 +20,7 @@ use super::StoreError;
 mod accounts;
 mod drops;
 mod keys;
+mod listen;
 mod lists;
 mod notify;
 mod schema;
@@ -53,6 +54,9 @@ pub struct PgStore {
     target: String,
     pool: Pool,
     rt: tokio::runtime::Runtime,
+    /// For the change feed's own connection.
+    cfg: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 /// A URL's host, port and database, without user or password.
@@ -122,19 +126,19 @@ impl PgStore {
         let mgr_cfg = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let mgr = if cfg.get_ssl_mode() == SslMode::Disable {
-            Manager::from_config(cfg, tokio_postgres::NoTls, mgr_cfg)
+        let tls = if cfg.get_ssl_mode() == SslMode::Disable {
+            None
         } else {
             let tls =
                 tls_config(opts.ca.as_deref()).map_err(|message| StoreError::Unavailable {
                     target: target.clone(),
                     message,
                 })?;
-            Manager::from_config(
-                cfg,
-                tokio_postgres_rustls::MakeRustlsConnect::new(tls),
-                mgr_cfg,
-            )
+            Some(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+        };
+        let mgr = match &tls {
+            None => Manager::from_config(cfg.clone(), tokio_postgres::NoTls, mgr_cfg),
+            Some(t) => Manager::from_config(cfg.clone(), t.clone(), mgr_cfg),
         };
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -156,7 +160,13 @@ impl PgStore {
                 target: target.clone(),
                 message: format!("cannot build the connection pool: {e}"),
             })?;
-        let store = PgStore { target, pool, rt };
+        let store = PgStore {
+            target,
+            pool,
+            rt,
+            cfg,
+            tls,
+        };
         store.migrate()?;
         Ok(store)
     }
