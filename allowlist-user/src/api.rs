@@ -158,6 +158,26 @@ pub struct Stats {
     pub refusals_dropped: u64,
     #[serde(default)]
     pub api_guard: ApiGuardState,
+    #[serde(default)]
+    pub store: StoreStatus,
+}
+
+/// The store as this edge sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StoreStatus {
+    /// "sqlite" or "postgres".
+    pub backend: String,
+    pub reachable: bool,
+    /// Unix ms since when it cannot be reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_since_ms: Option<i64>,
+    /// Refusals waiting to be recorded.
+    pub queued_refusals: usize,
+    /// Refusals not kept while it was away (the queue was full).
+    pub queue_dropped: u64,
+    /// Unix ms of the last resync from a shared store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resync_ms: Option<i64>,
 }
 
 /// Whether the XDP guard covers the API port, and why.

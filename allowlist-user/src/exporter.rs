@@ -192,6 +192,25 @@ impl Collector for Metrics {
             "Store operations that failed",
             telemetry::STORE_ERRORS.load(Ordering::Relaxed),
         )?;
+        let health = &self.daemon.store_health;
+        gauge(
+            &mut enc,
+            "allowlist_store_up",
+            "1 while the store answers; 0 while it cannot be reached (the edge enforces the last policy it knew)",
+            if health.is_down() { 0.0 } else { 1.0 },
+        )?;
+        gauge(
+            &mut enc,
+            "allowlist_store_queued_refusals",
+            "Refusals waiting for the store to come back",
+            health.queued() as f64,
+        )?;
+        counter(
+            &mut enc,
+            "allowlist_store_queue_dropped",
+            "Refusals not kept while the store was away (the queue was full)",
+            health.queue_dropped.load(Ordering::Relaxed),
+        )?;
         notify_metrics(&mut enc, &self.daemon)?;
         if let Some(sink) = self.daemon.logs.get() {
             counter(

@@ -16,6 +16,8 @@ const EDGE: u16 = 8443;
 const UP: u16 = 8080;
 const SRC: &str = "198.51.100.80";
 const OTHER: &str = "198.51.100.81";
+/// Never authorized: its calls are refused.
+const STRANGER: &str = "198.51.100.82";
 /// What a change on one edge may take to be enforced on the other, in
 /// this test (generous: the benchmark reports the real figure).
 const BOUND: Duration = Duration::from_secs(5);
@@ -32,6 +34,7 @@ impl Edge {
         let pair = Pair::new();
         pair.client_addr(SRC);
         pair.client_addr(OTHER);
+        pair.client_addr(STRANGER);
         let up = Upstream::start(&pair.server, UP);
         let setup = Setup::new(true, "");
         setup.proxy(&format!(
@@ -159,11 +162,27 @@ fn a_change_on_one_edge_is_enforced_on_the_other_and_an_outage_fails_closed() {
     for e in [&a, &b] {
         assert_eq!(e.call(SRC, &key), 200);
         assert_eq!(e.call(SRC, "al_0000000000000000_nope"), 401);
+        assert_eq!(e.call(STRANGER, &key), 403);
     }
+    // The outage shows in stats and /metrics once the edge notices.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            a.setup.ctl_json(&["stats"])["store"]["reachable"] == false
+        }),
+        "A's stats never showed the outage"
+    );
+    let text = String::from_utf8_lossy(&a.setup.ctl(&["stats"]).stdout).into_owned();
+    assert!(
+        text.contains("store (postgres): UNREACHABLE since"),
+        "{text}"
+    );
     let out = a.setup.ctl(&["--account", "acme", "keys", "revoke", &id]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a change during the outage: {err}");
-    assert!(err.contains("PostgreSQL") || err.contains("store"), "{err}");
+    assert!(
+        err.contains("cannot reach the PostgreSQL server") && err.contains("Nothing was changed"),
+        "{err}"
+    );
     assert!(!err.contains(PASSWORD), "{err}");
     // Nothing was half-applied: the key still works on A.
     assert_eq!(a.call(SRC, &key), 200);
@@ -183,6 +202,88 @@ fn a_change_on_one_edge_is_enforced_on_the_other_and_an_outage_fails_closed() {
     let took = a.until(SRC, &key, 401);
     eprintln!("key revoked on B after the outage, refused by A after {took:?}");
     assert_eq!(b.call(SRC, &key), 401);
+    // The refusals held during the outage were written once it was back.
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            pg.psql(
+                "edges",
+                &format!("SELECT count(*) FROM unauthorized WHERE addr = '{STRANGER}'"),
+            )
+            .trim()
+                == "1"
+        }),
+        "the refusals from the outage were not recorded"
+    );
+    assert_eq!(a.setup.ctl_json(&["stats"])["store"]["reachable"], true);
     drop(a);
     drop(b);
+}
+
+#[test]
+fn two_edges_learn_one_prefix_once_and_their_counters_add_up() {
+    let name = "two_edges_learn_one_prefix_once_and_their_counters_add_up";
+    if !kernel_tests_enabled(name) || !postgres_available(name) {
+        return;
+    }
+    let pg = PgServer::start();
+    pg.create_db("edges");
+    let url = pg.unix_url("edges");
+    let a = Edge::new(&url);
+    let b = Edge::new(&url);
+    // An account in learning mode (the default) and a key with no list.
+    a.setup.ctl_json(&["accounts", "create", "learner"]);
+    let key = a
+        .setup
+        .ctl_json(&["--account", "learner", "keys", "create", "--name", "web"])["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = key.split('_').nth(1).unwrap().to_string();
+    b.until(SRC, &key, 200);
+    // Both edges see a first call from SRC at the same moment: each learns
+    // SRC's /24, and the store keeps one entry.
+    let (ka, kb) = (key.clone(), key.clone());
+    let (ea, eb) = (&a, &b);
+    let served = std::thread::scope(|s| {
+        let ta = s.spawn(move || {
+            (0..10)
+                .map(|_| ea.call(SRC, &ka))
+                .filter(|c| *c == 200)
+                .count()
+        });
+        let tb = s.spawn(move || {
+            (0..10)
+                .map(|_| eb.call(SRC, &kb))
+                .filter(|c| *c == 200)
+                .count()
+        });
+        ta.join().unwrap() + tb.join().unwrap()
+    });
+    assert_eq!(served, 20);
+    let learned = || {
+        pg.psql(
+            "edges",
+            "SELECT cidr FROM authorized WHERE account = 'learner' ORDER BY cidr",
+        )
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || learned().trim()
+            == "198.51.100.0/24"),
+        "one learned entry: {:?}",
+        learned()
+    );
+    // Every call counted, from both edges: the one in `until` and 20.
+    let count = || {
+        pg.psql(
+            "edges",
+            &format!("SELECT requests_today FROM keys WHERE id = '{id}'"),
+        )
+    };
+    let total = 1 + served;
+    assert!(
+        wait_for(Duration::from_secs(15), || count().trim()
+            == total.to_string()),
+        "requests_today {:?}, expected {total}",
+        count()
+    );
 }

@@ -14,6 +14,7 @@ use tokio::net::UnixListener;
 
 use super::ApiError;
 use crate::daemon::{Caller, Daemon, DaemonError};
+use crate::store::StoreError;
 
 /// Who is calling over the socket, from its peer credentials.
 #[derive(Clone, Debug)]
@@ -214,6 +215,17 @@ impl From<DaemonError> for ApiError {
                 ApiError(StatusCode::FORBIDDEN, "permission_denied", m.clone())
             }
             DaemonError::Capacity(m) => ApiError(StatusCode::CONFLICT, "capacity", m.clone()),
+            DaemonError::Store(StoreError::Unavailable { .. }) => {
+                tracing::warn!(error = %e, "admin change refused: the store is unavailable");
+                ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!(
+                        "{e}. Nothing was changed; this edge keeps enforcing the last policy it \
+                         knew. Try again when the store is back (`allowlistctl stats` shows it)."
+                    ),
+                )
+            }
             DaemonError::Store(_) | DaemonError::Kernel(_) => {
                 tracing::error!(error = %e, "admin request failed");
                 ApiError(

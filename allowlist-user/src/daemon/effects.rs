@@ -145,6 +145,11 @@ fn flush_refused(
     refused: &mut std::collections::HashMap<(IpAddr, String), (UnauthorizedRecord, bool)>,
 ) -> Vec<(IpAddr, u64)> {
     if refused.is_empty() {
+        // Refusals held while the store was away: written once it answers.
+        if daemon.store_health.queued() > 0 && daemon.store_health.retry_due(daemon.clock.now_ms())
+        {
+            write_refused(daemon, Vec::new());
+        }
         return Vec::new();
     }
     let (batch, by_key): (Vec<UnauthorizedRecord>, Vec<bool>) =
@@ -170,19 +175,38 @@ fn flush_refused(
     } else {
         tracing::info!(sources = batch.len(), attempts, "refused: IP_NOT_ALLOWED");
     }
+    write_refused(daemon, batch);
+    sources.into_iter().collect()
+}
+
+/// Records refusals, with those held while the store was away first; holds
+/// them (bounded) when the store cannot be reached, and while it is known
+/// to be away tries again only now and then, so a dead server's connect
+/// timeout does not stall learning and notices.
+fn write_refused(daemon: &Daemon, batch: Vec<UnauthorizedRecord>) {
+    if daemon.store_health.is_down() && !daemon.store_health.retry_due(daemon.clock.now_ms()) {
+        daemon.store_health.requeue(batch);
+        return;
+    }
+    let batch = daemon.store_health.take_queued(batch);
     match daemon
         .store
         .record_unauthorized(&batch, daemon.config.blocking.unauthorized_max)
     {
         Ok(evicted) => {
+            daemon.store_health.up();
             daemon
                 .unauthorized_evicted
                 .fetch_add(evicted, Ordering::Relaxed);
         }
         Err(e) => {
             crate::telemetry::STORE_ERRORS.fetch_add(1, Ordering::Relaxed);
+            if matches!(e, crate::store::StoreError::Unavailable { .. }) {
+                // Kept (bounded) and written when the store is back.
+                daemon.store_health.lost(daemon.clock.now_ms());
+                daemon.store_health.requeue(batch);
+            }
             tracing::warn!(error = %e, "recording refused sources");
         }
     }
-    sources.into_iter().collect()
 }

@@ -109,10 +109,13 @@ impl Daemon {
                 ev = feed.recv() => match ev {
                     None => return,
                     Some(StoreEvent::Lost) => {
-                        tracing::warn!("store change feed lost its connection; enforcing the last policy known");
+                        self.store_health.lost(self.clock.now_ms());
                         continue;
                     }
-                    Some(StoreEvent::Listening) => true,
+                    Some(StoreEvent::Listening) => {
+                        self.store_health.up();
+                        true
+                    }
                     Some(StoreEvent::Changed { account, .. }) => account.is_empty(),
                 },
                 _ = tick.tick() => true,
@@ -123,11 +126,20 @@ impl Daemon {
             while let Ok(ev) = feed.try_recv() {
                 match ev {
                     StoreEvent::Changed { account, .. } => drops |= account.is_empty(),
-                    StoreEvent::Listening => drops = true,
-                    StoreEvent::Lost => {}
+                    StoreEvent::Listening => {
+                        self.store_health.up();
+                        drops = true
+                    }
+                    StoreEvent::Lost => self.store_health.lost(self.clock.now_ms()),
                 }
             }
-            match self.resync(drops).await {
+            let r = self.resync(drops).await;
+            if r.is_ok() {
+                self.store_health
+                    .last_resync_ms
+                    .store(self.clock.now_ms(), std::sync::atomic::Ordering::Relaxed);
+            }
+            match r {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(accounts = n, "applied changes from other edges"),
                 Err(e) => {

@@ -17,6 +17,7 @@ mod logs;
 mod notices;
 mod recipients;
 mod settings;
+pub mod store_health;
 mod tokens;
 mod usage;
 
@@ -132,6 +133,8 @@ pub struct Daemon {
     kernel: Option<Mutex<Kernel>>,
     /// Serialises changes so store, kernel and snapshot move in step.
     pub(crate) changes: tokio::sync::Mutex<()>,
+    /// Whether the store answers, and the refusals waiting for it.
+    pub store_health: store_health::StoreHealth,
     events_received: AtomicU64,
     /// Start of the current event-log window and events not logged in it.
     event_log: Mutex<Option<(std::time::Instant, u64)>>,
@@ -322,6 +325,7 @@ impl Daemon {
         let notify_config = arc_swap::ArcSwap::from_pointee(config.notify.clone());
         Ok(Daemon {
             config,
+            store_health: store_health::StoreHealth::new(store.backend()),
             store,
             kernel: kernel.map(Mutex::new),
             changes: tokio::sync::Mutex::new(()),
@@ -372,7 +376,17 @@ impl Daemon {
         let mut out = api::Stats {
             kernel_enabled: self.kernel.is_some(),
             events_received: self.events_received.load(Ordering::Relaxed),
-            drop_entries: self.store.list_drops()?.len(),
+            // While the store is away: the size last read.
+            drop_entries: match self.store.list_drops() {
+                Ok(d) => {
+                    self.store_health
+                        .drop_entries
+                        .store(d.len(), Ordering::Relaxed);
+                    d.len()
+                }
+                Err(_) => self.store_health.drop_entries.load(Ordering::Relaxed),
+            },
+            store: self.store_health.status(),
             unauthorized_evicted: self.unauthorized_evicted.load(Ordering::Relaxed),
             api_guard: self.api_guard_state(),
             refusals_dropped: self.refusals_dropped.load(Ordering::Relaxed),

@@ -502,6 +502,8 @@ pub enum StoreEvent {
 
 /// Changes made by other edges on the same store.
 pub trait ChangeFeed {
+    /// "sqlite" or "postgres".
+    fn backend(&self) -> &'static str;
     /// Starts the feed; `None` when no one else writes this store (the
     /// SQLite file belongs to one edge).
     fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {
@@ -509,9 +511,17 @@ pub trait ChangeFeed {
     }
 }
 
-impl ChangeFeed for SqliteStore {}
+impl ChangeFeed for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
 
 impl ChangeFeed for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
     fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {
         Some(self.start_feed())
     }

@@ -20,6 +20,32 @@ pub async fn run(client: &Client) -> Result<Output, CtlError> {
         },
         s.api_guard.reason
     ));
+    let st = &s.store;
+    text.push_str(&format!(
+        "store ({}): {}, {} refusals waiting, {} not kept{}\n",
+        st.backend,
+        match st.down_since_ms {
+            _ if st.reachable => "reachable".to_string(),
+            Some(ms) => format!(
+                "UNREACHABLE since {} (enforcing the last policy known; admin changes are refused)",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+                )
+            ),
+            None => "UNREACHABLE".to_string(),
+        },
+        st.queued_refusals,
+        st.queue_dropped,
+        match st.last_resync_ms {
+            Some(ms) => format!(
+                ", last resync {}",
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64)
+                )
+            ),
+            None => String::new(),
+        }
+    ));
     text.push_str(&format!(
         "unauthorized list: {} entries evicted by the cap, {} refusals not recorded (too many sources at once)\n",
         s.unauthorized_evicted, s.refusals_dropped
