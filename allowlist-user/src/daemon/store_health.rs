@@ -138,12 +138,12 @@ mod tests {
         assert_eq!(all.len(), QUEUE_MAX + 1);
         assert_eq!(h.queued(), 0);
         assert!(h.take_queued(Vec::new()).is_empty());
-        h.lost(5);
+        h.lost(5_000);
         assert!(h.is_down());
-        assert!(h.retry_due(10));
-        assert!(!h.retry_due(1_000), "not again before RETRY_MS");
-        assert!(h.retry_due(2_010));
-        assert_eq!(h.status().down_since_ms, Some(5));
+        assert!(h.retry_due(5_010));
+        assert!(!h.retry_due(6_000), "not again before RETRY_MS");
+        assert!(h.retry_due(7_020));
+        assert_eq!(h.status().down_since_ms, Some(5_000));
         h.up();
         assert!(h.status().reachable);
         assert_eq!(h.status().down_since_ms, None);
