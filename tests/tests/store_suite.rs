@@ -230,6 +230,8 @@ fn accounts_and_blocking(open: &dyn Fn() -> Box<dyn Store>) {
     assert_eq!(got.blocking.smtp, SmtpMode::Active);
     assert_eq!(got.blocking.smtp_since, 2_001);
     assert_eq!(got.idx, acme.idx);
+    assert_eq!(s.accounts_named(Some("acme")).unwrap(), vec![got.clone()]);
+    assert!(s.accounts_named(Some("nobody")).unwrap().is_empty());
     assert_eq!(
         actions(&*s, Some("acme")),
         [
@@ -381,6 +383,11 @@ fn keys_round_trip(open: &dyn Fn() -> Box<dyn Store>) {
     );
     let listed = s.list_keys().unwrap();
     assert_eq!(listed, vec![a.clone(), b.clone()]);
+    s.create_key(&key("k3", "default", &["198.51.100.0/24"]), "uid:0")
+        .unwrap();
+    assert_eq!(s.keys_of(Some("acme")).unwrap(), vec![a.clone(), b.clone()]);
+    assert_eq!(s.keys_of(Some("default")).unwrap()[0].allow.len(), 1);
+    assert!(s.keys_of(Some("nobody")).unwrap().is_empty());
 
     let mut rotated = a.clone();
     rotated.previous = Some((rotated.secret_hash, 123_456));
@@ -502,6 +509,8 @@ fn authorized_list(open: &dyn Fn() -> Box<dyn Store>) {
 
     let list = s.list_authorized().unwrap();
     assert_eq!(list.len(), 303);
+    assert_eq!(s.authorized_of(Some("org")).unwrap(), list);
+    assert!(s.authorized_of(Some("org-sub")).unwrap().is_empty());
     let got = list
         .iter()
         .find(|(_, r)| r.cidr.to_string() == "198.51.100.0/24")

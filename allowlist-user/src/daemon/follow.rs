@@ -45,36 +45,106 @@ fn same_policy(a: &AccountState, b: &AccountState) -> bool {
             .all(|((ia, ka), (ib, kb))| ia == ib && same_key_policy(ka, kb))
 }
 
+/// What to reload from the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resync {
+    /// Everything (after a reconnection, and periodically).
+    pub all: bool,
+    /// Only these accounts (each change names its account).
+    pub accounts: std::collections::BTreeSet<String>,
+    /// The drop list (installation-wide changes).
+    pub drops: bool,
+}
+
+impl Resync {
+    fn everything() -> Resync {
+        Resync {
+            all: true,
+            drops: true,
+            ..Default::default()
+        }
+    }
+
+    fn add(&mut self, ev: StoreEvent) {
+        match ev {
+            StoreEvent::Listening => *self = Resync::everything(),
+            StoreEvent::Changed { account, .. } if account.is_empty() => self.drops = true,
+            StoreEvent::Changed { account, .. } => {
+                self.accounts.insert(account);
+            }
+            StoreEvent::Lost => {}
+        }
+    }
+}
+
 impl Daemon {
-    /// Reloads the store and applies what other edges changed. Returns how
-    /// many accounts changed in what this edge enforces.
-    pub async fn resync(&self, drops: bool) -> Result<usize, DaemonError> {
+    /// One account as stored, or `None` when it is gone.
+    fn load_account(&self, name: &str) -> Result<Option<AccountState>, DaemonError> {
+        let Some(rec) = self.store.accounts_named(Some(name))?.pop() else {
+            return Ok(None);
+        };
+        let mut a = AccountState::new(rec);
+        for k in self.store.keys_of(Some(name))? {
+            a.keys.insert(k.id.clone(), k);
+        }
+        for (_, r) in self.store.authorized_of(Some(name))? {
+            a.authorized.insert(r.cidr, r);
+        }
+        for u in self.store.list_unauthorized(Some(name))? {
+            if u.status == "denied" {
+                a.denied.insert(u.addr);
+            }
+        }
+        Ok(Some(a))
+    }
+
+    /// Reloads what `what` names from the store and applies what other
+    /// edges changed. Returns how many accounts changed in what this edge
+    /// enforces.
+    pub async fn resync(&self, what: &Resync) -> Result<usize, DaemonError> {
         let _guard = self.changes.lock().await;
+        // Tokens are few, and an account's token changes name the account.
         self.load_tokens()?;
-        let loaded = self.load_state()?;
+        let fresh: Vec<(Arc<str>, Option<AccountState>)> = if what.all {
+            let loaded = self.load_state()?;
+            let mut out: Vec<(Arc<str>, Option<AccountState>)> = self.with_state(|st| {
+                st.accounts
+                    .keys()
+                    .filter(|n| loaded.account(n).is_none())
+                    .map(|n| (n.clone(), None))
+                    .collect()
+            });
+            out.extend(
+                loaded
+                    .accounts
+                    .iter()
+                    .map(|(n, a)| (n.clone(), Some((**a).clone()))),
+            );
+            out
+        } else {
+            let mut out = Vec::with_capacity(what.accounts.len());
+            for name in &what.accounts {
+                out.push((Arc::from(name.as_str()), self.load_account(name)?));
+            }
+            out
+        };
         let mut new = self.with_state(crate::state::State::clone);
         let mut changed = 0;
-        let gone: Vec<Arc<str>> = new
-            .accounts
-            .keys()
-            .filter(|name| loaded.account(name).is_none())
-            .cloned()
-            .collect();
-        for name in gone {
-            new.accounts.remove(&name);
-            changed += 1;
-        }
-        for (name, fresh) in &loaded.accounts {
-            match new.account(name) {
-                Some(mine) if same_policy(mine, fresh) => {
+        for (name, fresh) in fresh {
+            match (new.account(&name), fresh) {
+                (None, None) => {}
+                (Some(_), None) => {
+                    new.accounts.remove(&name);
+                    changed += 1;
+                }
+                (Some(mine), Some(mut fresh)) if same_policy(mine, &fresh) => {
                     // Same policy: take the fresh counters and e-mails
                     // without a new revision (no piece is rebuilt).
-                    let mut a = (**fresh).clone();
-                    a.rev = mine.rev;
-                    new.accounts.insert(name.clone(), Arc::new(a));
+                    fresh.rev = mine.rev;
+                    new.accounts.insert(name, Arc::new(fresh));
                 }
-                _ => {
-                    new.insert_account((**fresh).clone());
+                (_, Some(fresh)) => {
+                    new.insert_account(fresh);
                     changed += 1;
                 }
             }
@@ -89,7 +159,7 @@ impl Daemon {
         if changed > 0 {
             self.recheck_connections();
         }
-        if drops {
+        if what.drops {
             let records = self.store.list_drops()?;
             self.sync_kernel(&records)?;
         }
@@ -104,8 +174,12 @@ impl Daemon {
     ) {
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
+        // What a failed resync still owes, tried again shortly.
+        let mut owed: Option<Resync> = None;
         loop {
-            let drops = tokio::select! {
+            let retrying = owed.is_some();
+            let mut what = owed.take().unwrap_or_default();
+            tokio::select! {
                 ev = feed.recv() => match ev {
                     None => return,
                     Some(StoreEvent::Lost) => {
@@ -114,27 +188,27 @@ impl Daemon {
                     }
                     Some(StoreEvent::Listening) => {
                         self.store_health.up();
-                        true
+                        what.add(StoreEvent::Listening);
                     }
-                    Some(StoreEvent::Changed { account, .. }) => account.is_empty(),
+                    Some(ev) => what.add(ev),
                 },
-                _ = tick.tick() => true,
+                _ = tick.tick() => what = Resync::everything(),
+                _ = tokio::time::sleep(Duration::from_secs(1)), if retrying => {}
             };
             // Announcements that arrived meanwhile are covered by this one
             // reload.
-            let mut drops = drops;
             while let Ok(ev) = feed.try_recv() {
                 match ev {
-                    StoreEvent::Changed { account, .. } => drops |= account.is_empty(),
+                    StoreEvent::Lost => self.store_health.lost(self.clock.now_ms()),
                     StoreEvent::Listening => {
                         self.store_health.up();
-                        drops = true
+                        what.add(ev);
                     }
-                    StoreEvent::Lost => self.store_health.lost(self.clock.now_ms()),
+                    ev => what.add(ev),
                 }
             }
-            let r = self.resync(drops).await;
-            if r.is_ok() {
+            let r = self.resync(&what).await;
+            if r.is_ok() && what.all {
                 self.store_health
                     .last_resync_ms
                     .store(self.clock.now_ms(), std::sync::atomic::Ordering::Relaxed);
@@ -143,7 +217,8 @@ impl Daemon {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(accounts = n, "applied changes from other edges"),
                 Err(e) => {
-                    tracing::warn!(error = %e, "resync from the store failed; enforcing the last policy known")
+                    tracing::warn!(error = %e, "resync from the store failed; enforcing the last policy known");
+                    owed = Some(what);
                 }
             }
         }

@@ -288,7 +288,11 @@ pub struct TokenRecord {
 
 /// Accounts and their blocking modes.
 pub trait AccountStore {
-    fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError>;
+    /// Every account, or the one named.
+    fn accounts_named(&self, name: Option<&str>) -> Result<Vec<AccountRecord>, StoreError>;
+    fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+        self.accounts_named(None)
+    }
     /// Inserts an account (its `idx` is assigned here) and returns it.
     fn create_account(&self, rec: &AccountRecord, actor: &str)
     -> Result<AccountRecord, StoreError>;
@@ -323,7 +327,11 @@ pub trait KeyStore {
     /// Inserts a key with its `kid` (from [`KeyStore::next_kid`]; 0 = the
     /// store picks one) and returns it.
     fn create_key(&self, key: &KeyRecord, actor: &str) -> Result<KeyRecord, StoreError>;
-    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Every key, or one account's, by kid.
+    fn keys_of(&self, account: Option<&str>) -> Result<Vec<KeyRecord>, StoreError>;
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.keys_of(None)
+    }
     /// Replaces a key's row and allowlist; `action` names it in the audit log.
     fn update_key(
         &self,
@@ -339,7 +347,15 @@ pub trait KeyStore {
 /// The accounts' authorized and unauthorized lists.
 pub trait ListStore {
     /// Every account's authorized entries, as `(account, entry)`.
-    fn list_authorized(&self) -> Result<Vec<(String, AuthorizedRecord)>, StoreError>;
+    /// Every account's authorized entries, or one account's, as
+    /// `(account, entry)`.
+    fn authorized_of(
+        &self,
+        account: Option<&str>,
+    ) -> Result<Vec<(String, AuthorizedRecord)>, StoreError>;
+    fn list_authorized(&self) -> Result<Vec<(String, AuthorizedRecord)>, StoreError> {
+        self.authorized_of(None)
+    }
     /// Adds an entry; false when the prefix is already listed.
     fn add_authorized(
         &self,

@@ -68,11 +68,13 @@ impl PgStore {
 }
 
 impl AccountStore for PgStore {
-    fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+    fn accounts_named(&self, name: Option<&str>) -> Result<Vec<AccountRecord>, StoreError> {
         let rows = self.with("listing accounts", async |c| {
             c.query(
-                &format!("SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY idx"),
-                &[],
+                &format!(
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE $1::text IS NULL OR name = $1 ORDER BY idx"
+                ),
+                &[&name],
             )
             .await
         })?;

@@ -97,7 +97,7 @@ impl KeyStore for PgStore {
         })
     }
 
-    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    fn keys_of(&self, only: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
         // One snapshot for both reads, so a key and its allowlist agree.
         let (rows, allow_rows) = self.with("listing keys", async |c| {
             let tx = c
@@ -110,12 +110,17 @@ impl KeyStore for PgStore {
                 .query(
                     "SELECT kid, id, name, description, scopes, status, secret_hash, prev_hash, prev_expires_ms,
                             rate, created_at, last_used_ms, requests_day, requests_today, account
-                     FROM keys ORDER BY kid",
-                    &[],
+                     FROM keys WHERE $1::text IS NULL OR account = $1 ORDER BY kid",
+                    &[&only],
                 )
                 .await?;
             let allow = tx
-                .query("SELECT kid, cidr, label FROM key_allow ORDER BY kid, cidr", &[])
+                .query(
+                    "SELECT kid, cidr, label FROM key_allow
+                     WHERE $1::text IS NULL OR kid IN (SELECT kid FROM keys WHERE account = $1)
+                     ORDER BY kid, cidr",
+                    &[&only],
+                )
                 .await?;
             tx.commit().await?;
             Ok((rows, allow))

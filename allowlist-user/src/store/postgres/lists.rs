@@ -42,12 +42,16 @@ impl PgStore {
 }
 
 impl ListStore for PgStore {
-    fn list_authorized(&self) -> Result<Vec<(String, AuthorizedRecord)>, StoreError> {
+    fn authorized_of(
+        &self,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, AuthorizedRecord)>, StoreError> {
         let rows = self.with("listing authorized", async |c| {
             c.query(
                 "SELECT account, cidr, label, source, key_id, created_at, created_by, shared
-                 FROM authorized ORDER BY account, created_at, cidr",
-                &[],
+                 FROM authorized WHERE $1::text IS NULL OR account = $1
+                 ORDER BY account, created_at, cidr",
+                &[&only],
             )
             .await
         })?;

@@ -110,16 +110,16 @@ impl SqliteStore {
 }
 
 impl AccountStore for SqliteStore {
-    fn list_accounts(&self) -> Result<Vec<AccountRecord>, StoreError> {
+    fn accounts_named(&self, name: Option<&str>) -> Result<Vec<AccountRecord>, StoreError> {
         let rows: Vec<AccountRow> = {
             let conn = self.conn();
             let mut stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY idx"
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE ?1 IS NULL OR name = ?1 ORDER BY idx"
                 ))
                 .map_err(self.err("listing accounts"))?;
             let rows = stmt
-                .query_map([], account_row)
+                .query_map([name], account_row)
                 .map_err(self.err("listing accounts"))?;
             rows.collect::<Result<_, _>>()
                 .map_err(self.err("listing accounts"))?

@@ -87,7 +87,7 @@ impl KeyStore for SqliteStore {
         Ok(stored)
     }
 
-    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    fn keys_of(&self, only: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
         let conn = self.conn();
         type Row = (
             u32,
@@ -110,11 +110,12 @@ impl KeyStore for SqliteStore {
             let mut stmt = conn
                 .prepare_cached(
                     "SELECT kid, id, name, description, scopes, status, secret_hash, prev_hash, prev_expires_ms,
-                            rate, created_at, last_used_ms, requests_day, requests_today, account FROM keys ORDER BY kid",
+                            rate, created_at, last_used_ms, requests_day, requests_today, account FROM keys
+                     WHERE ?1 IS NULL OR account = ?1 ORDER BY kid",
                 )
                 .map_err(self.err("listing keys"))?;
             let rows = stmt
-                .query_map([], |r| {
+                .query_map([only], |r| {
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
@@ -141,10 +142,14 @@ impl KeyStore for SqliteStore {
             std::collections::HashMap::new();
         {
             let mut stmt = conn
-                .prepare_cached("SELECT kid, cidr, label FROM key_allow ORDER BY kid, cidr")
+                .prepare_cached(
+                    "SELECT kid, cidr, label FROM key_allow
+                     WHERE ?1 IS NULL OR kid IN (SELECT kid FROM keys WHERE account = ?1)
+                     ORDER BY kid, cidr",
+                )
                 .map_err(self.err("listing key allowlists"))?;
             let rows = stmt
-                .query_map([], |r| {
+                .query_map([only], |r| {
                     Ok((
                         r.get::<_, u32>(0)?,
                         r.get::<_, String>(1)?,

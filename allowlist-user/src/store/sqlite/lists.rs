@@ -43,16 +43,19 @@ impl SqliteStore {
 }
 
 impl ListStore for SqliteStore {
-    fn list_authorized(&self) -> Result<Vec<(String, AuthorizedRecord)>, StoreError> {
+    fn authorized_of(
+        &self,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, AuthorizedRecord)>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare_cached(
                 "SELECT account, cidr, label, source, key_id, created_at, created_by, shared
-                 FROM authorized ORDER BY account, created_at, cidr",
+                 FROM authorized WHERE ?1 IS NULL OR account = ?1 ORDER BY account, created_at, cidr",
             )
             .map_err(self.err("listing authorized"))?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map([only], |r| {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
