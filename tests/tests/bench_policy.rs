@@ -7,7 +7,6 @@
 use std::{
     fmt::Write as _,
     hint::black_box,
-    io::{Read, Write},
     net::{IpAddr, Ipv4Addr},
     os::unix::net::UnixStream,
     sync::Arc,
@@ -17,146 +16,23 @@ use std::{
 use allowlist::{
     config::Config,
     daemon::{Clock, Daemon},
-    policy::{ApiMode, KeyStatus, Scope, SmtpMode, hash_secret},
-    state::{AccountState, State},
-    store::{AccountRecord, AllowRecord, AuthorizedRecord, BlockingState, KeyRecord, SqliteStore},
+    store::{AccountRecord, AuthorizedRecord, KeyRecord, SqliteStore},
 };
-use allowlist_tests::{bench::Rng, kernel_tests_enabled, proc::Setup};
-use ipnet::{IpNet, Ipv4Net};
+use allowlist_tests::{
+    bench::{
+        ACCOUNTS, AUTHORIZED_PER_ACCOUNT, ENTRIES, KEYS, KEYS_PER_ACCOUNT, Rng, admin, pct, state,
+    },
+    kernel_tests_enabled,
+    proc::Setup,
+};
+use ipnet::IpNet;
 
-const ACCOUNTS: usize = 10_000;
-const KEYS_PER_ACCOUNT: usize = 10;
-const AUTHORIZED_PER_ACCOUNT: usize = 100;
-const KEYS: usize = ACCOUNTS * KEYS_PER_ACCOUNT;
-const ENTRIES: usize = 20;
 const DECISIONS: usize = 200_000;
 
 fn rss_kib() -> u64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap();
     let pages: u64 = s.split_whitespace().nth(1).unwrap().parse().unwrap();
     pages * 4
-}
-
-/// The state, and per account the /24s of its authorized list in order
-/// (key `n` of an account has an allowlist entry covering the `n`th, so
-/// the workload can hold allowed calls).
-fn state(rng: &mut Rng) -> (State, Vec<Vec<Ipv4Net>>) {
-    let mut st = State::default();
-    let mut nets_of = Vec::with_capacity(ACCOUNTS);
-    let mut kid = 1u32;
-    for acct in 0..ACCOUNTS {
-        let name = format!("acct-{acct}");
-        let mut a = AccountState::new(AccountRecord {
-            idx: acct as u32 + 1,
-            name: name.clone(),
-            parent: None,
-            emails: vec![],
-            enforce_blocking: false,
-            created_at: 0,
-            blocking: BlockingState {
-                api: ApiMode::Active,
-                api_since: 0,
-                smtp: SmtpMode::Inactive,
-                smtp_since: 0,
-            },
-            last_learned_at: 0,
-        });
-        let nets: Vec<Ipv4Net> = (0..AUTHORIZED_PER_ACCOUNT)
-            .map(|_| {
-                Ipv4Net::new(Ipv4Addr::from(rng.next_u64() as u32), 24)
-                    .unwrap()
-                    .trunc()
-            })
-            .collect();
-        for net in nets.iter().take(KEYS_PER_ACCOUNT) {
-            // Twenty distinct entries (a key's allowlist, like the
-            // store, holds each prefix once), the first covering the
-            // account's `n`th /24.
-            let mut seen = std::collections::HashSet::new();
-            let first = IpNet::V4(Ipv4Net::new(net.network(), 16).unwrap().trunc());
-            seen.insert(first);
-            let mut allow = vec![AllowRecord {
-                cidr: first,
-                label: String::new(),
-            }];
-            while allow.len() < ENTRIES {
-                let len = 16 + (rng.next_u64() % 17) as u8;
-                let cidr = IpNet::V4(
-                    Ipv4Net::new(Ipv4Addr::from(rng.next_u64() as u32), len)
-                        .unwrap()
-                        .trunc(),
-                );
-                if seen.insert(cidr) {
-                    allow.push(AllowRecord {
-                        cidr,
-                        label: String::new(),
-                    });
-                }
-            }
-            let id = format!("{:016x}", kid);
-            a.keys.insert(
-                id.clone(),
-                KeyRecord {
-                    kid,
-                    id: id.clone(),
-                    account: name.clone(),
-                    name: format!("key-{kid}"),
-                    description: String::new(),
-                    scopes: vec![Scope::Full],
-                    status: KeyStatus::Active,
-                    secret_hash: hash_secret(&format!("secret-{kid}")),
-                    previous: None,
-                    rate: None,
-                    created_at: 0,
-                    last_used_ms: None,
-                    requests_day: 0,
-                    requests_today: 0,
-                    allow,
-                },
-            );
-            kid += 1;
-        }
-        for n4 in &nets {
-            let net = IpNet::V4(*n4);
-            a.authorized.insert(
-                net,
-                AuthorizedRecord {
-                    cidr: net,
-                    label: String::new(),
-                    source: "learned".into(),
-                    key_id: None,
-                    created_at: 0,
-                    created_by: "learning".into(),
-                    shared: false,
-                },
-            );
-        }
-        st.insert_account(a);
-        nets_of.push(nets);
-    }
-    (st, nets_of)
-}
-
-fn pct(sorted: &[u64], p: f64) -> u64 {
-    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
-}
-
-/// One admin API call over the Unix socket, without spawning a process.
-fn admin(socket: &std::path::Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out[9..12].parse().unwrap();
-    (
-        status,
-        out.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-    )
 }
 
 #[test]

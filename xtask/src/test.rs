@@ -18,6 +18,9 @@ pub enum Suite {
     Edge,
     /// The usage log: writer rows/s, CSV export rows/s and memory.
     Logs,
+    /// Two edges on one PostgreSQL: change-to-enforced on the other edge,
+    /// cold start from the server.
+    Store,
 }
 
 pub fn test(repo: &Repo, quick: bool, extra: &[OsString]) -> Result<()> {
@@ -220,6 +223,7 @@ pub fn bench(repo: &Repo, suite: Suite) -> Result<ExitCode> {
         Suite::Policy => "policy",
         Suite::Edge => "edge",
         Suite::Logs => "logs",
+        Suite::Store => "store",
     };
     build(repo, true)?;
     ensure_bpffs()?;
@@ -242,6 +246,7 @@ fn bench_tools(suite: Suite) -> Result<()> {
     let tools: &[(&str, &str)] = match suite {
         Suite::Kernel => &[("trafgen", "netsniff-ng"), ("nft", "nftables")],
         Suite::Policy | Suite::Logs => &[],
+        Suite::Store => &[("ls /usr/lib/postgresql/*/bin/postgres", "postgresql")],
         Suite::Edge => &[
             ("nginx", "nginx"),
             ("wrk", "wrk"),

@@ -19,6 +19,7 @@ use super::StoreError;
 
 mod accounts;
 mod drops;
+mod import;
 mod keys;
 mod listen;
 mod lists;
