@@ -215,6 +215,12 @@ fn a_change_on_one_edge_is_enforced_on_the_other_and_an_outage_fails_closed() {
         "the refusals from the outage were not recorded"
     );
     assert_eq!(a.setup.ctl_json(&["stats"])["store"]["reachable"], true);
+    // The outage was logged, without the URL's password.
+    for e in [&a, &b] {
+        let log = e.daemon.as_ref().unwrap().log_plain();
+        assert!(log.contains("cannot be reached"), "{log}");
+        assert!(!log.contains(PASSWORD), "the password is in a log");
+    }
     drop(a);
     drop(b);
 }

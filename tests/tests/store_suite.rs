@@ -882,3 +882,68 @@ fn postgres_errors_say_what_is_wrong_and_never_show_the_password() {
         .to_string();
     assert!(e.contains("not a PostgreSQL URL"), "{e}");
 }
+
+/// Checks what an import of 3 accounts, 30 keys and 60 entries wrote.
+fn check_import(s: &dyn Store, done: allowlist::store::Imported) {
+    assert_eq!((done.accounts, done.keys, done.authorized), (3, 30, 60));
+    let keys = s.list_keys().unwrap();
+    assert_eq!(keys.len(), 30);
+    assert!(keys.iter().all(|k| k.allow.len() == 2));
+    let mut kids: Vec<u32> = keys.iter().map(|k| k.kid).collect();
+    kids.dedup();
+    assert_eq!(kids.len(), 30, "distinct kids");
+    assert!(s.next_kid().unwrap() > *kids.iter().max().unwrap());
+    assert_eq!(s.keys_of(Some("imp-1")).unwrap().len(), 10);
+    assert_eq!(s.list_authorized().unwrap().len(), 60);
+    assert_eq!(s.list_accounts().unwrap().len(), 4);
+}
+
+fn import_fixture() -> (
+    Vec<allowlist::store::AccountRecord>,
+    Vec<KeyRecord>,
+    Vec<(String, AuthorizedRecord)>,
+) {
+    let accounts: Vec<_> = (0..3).map(|i| account(&format!("imp-{i}"), None)).collect();
+    let mut keys = Vec::new();
+    let mut auth = Vec::new();
+    for i in 0..3 {
+        for k in 0..10 {
+            keys.push(key(
+                &format!("imp{i}k{k}"),
+                &format!("imp-{i}"),
+                &[
+                    &format!("10.{i}.{k}.0/24"),
+                    &format!("2001:db8:{i}:{k}::/64"),
+                ],
+            ));
+        }
+        for n in 0..20 {
+            auth.push((
+                format!("imp-{i}"),
+                authorized(&format!("192.0.{n}.0/24"), "manual", 1),
+            ));
+        }
+    }
+    (accounts, keys, auth)
+}
+
+#[test]
+fn a_whole_policy_imports_in_one_transaction_on_both_backends() {
+    let (accounts, keys, auth) = import_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let s = SqliteStore::open(&dir.path().join("a.db")).unwrap();
+    let done = s.import_policy(&accounts, &keys, &auth, "test").unwrap();
+    check_import(&s, done);
+    if !postgres_available("a_whole_policy_imports_in_one_transaction_on_both_backends") {
+        return;
+    }
+    let server = PgServer::start();
+    let url = server.create_db("import");
+    let p = PgStore::open(&pg_options(url)).unwrap();
+    let done = p.import_policy(&accounts, &keys, &auth, "test").unwrap();
+    check_import(&p, done);
+    // All or nothing: an import with a name already taken writes nothing.
+    let again = p.import_policy(&accounts[..1], &[], &[], "test");
+    assert!(again.is_err());
+    assert_eq!(p.list_accounts().unwrap().len(), 4);
+}

@@ -83,7 +83,7 @@ async fn insert_accounts(
 async fn insert_keys(tx: &Tx<'_>, recs: &[KeyRecord]) -> Result<usize, tokio_postgres::Error> {
     let kids: Vec<i64> = tx
         .query(
-            "SELECT nextval(pg_get_serial_sequence('keys', 'kid')) FROM generate_series(1, $1)",
+            "SELECT nextval(pg_get_serial_sequence('keys', 'kid')) FROM generate_series(1, $1::bigint)",
             &[&(recs.len() as i64)],
         )
         .await?
