@@ -221,5 +221,9 @@ fn bench_store() {
     )
     .unwrap();
     print!("{md}");
+    // Where the time on B went: its resyncs, as it logged them.
+    for line in _db.log_plain().lines().filter(|l| l.contains("resync")) {
+        eprintln!("B: {line}");
+    }
     publish("## Store (`cargo xtask bench store`)", &md);
 }

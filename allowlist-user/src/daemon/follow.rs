@@ -54,6 +54,8 @@ pub struct Resync {
     pub accounts: std::collections::BTreeSet<String>,
     /// The drop list (installation-wide changes).
     pub drops: bool,
+    /// The latest change sequence number this covers.
+    pub seq: i64,
 }
 
 impl Resync {
@@ -68,9 +70,13 @@ impl Resync {
     fn add(&mut self, ev: StoreEvent) {
         match ev {
             StoreEvent::Listening => *self = Resync::everything(),
-            StoreEvent::Changed { account, .. } if account.is_empty() => self.drops = true,
-            StoreEvent::Changed { account, .. } => {
-                self.accounts.insert(account);
+            StoreEvent::Changed { account, seq } => {
+                self.seq = self.seq.max(seq);
+                if account.is_empty() {
+                    self.drops = true;
+                } else {
+                    self.accounts.insert(account);
+                }
             }
             StoreEvent::Lost => {}
         }
@@ -102,7 +108,9 @@ impl Daemon {
     /// edges changed. Returns how many accounts changed in what this edge
     /// enforces.
     pub async fn resync(&self, what: &Resync) -> Result<usize, DaemonError> {
+        let waited = std::time::Instant::now();
         let _guard = self.changes.lock().await;
+        let started = std::time::Instant::now();
         // Tokens are few, and an account's token changes name the account.
         self.load_tokens()?;
         let fresh: Vec<(Arc<str>, Option<AccountState>)> = if what.all {
@@ -163,6 +171,28 @@ impl Daemon {
             let records = self.store.list_drops()?;
             self.sync_kernel(&records)?;
         }
+        let (waited_ms, took_ms) = (
+            (started - waited).as_millis() as u64,
+            started.elapsed().as_millis() as u64,
+        );
+        if what.all || took_ms >= 100 {
+            tracing::info!(
+                all = what.all,
+                accounts = what.accounts.len(),
+                changed,
+                waited_ms,
+                took_ms,
+                "resync from the store"
+            );
+        } else {
+            tracing::debug!(
+                accounts = what.accounts.len(),
+                changed,
+                waited_ms,
+                took_ms,
+                "resync from the store"
+            );
+        }
         Ok(changed)
     }
 
@@ -176,6 +206,10 @@ impl Daemon {
         tick.tick().await;
         // What a failed resync still owes, tried again shortly.
         let mut owed: Option<Resync> = None;
+        // The latest change applied: a periodic resync that finds the store
+        // no further along has nothing to do (at 100k keys a whole reload
+        // holds changes back for seconds).
+        let mut applied: i64 = 0;
         loop {
             let retrying = owed.is_some();
             let mut what = owed.take().unwrap_or_default();
@@ -192,7 +226,12 @@ impl Daemon {
                     }
                     Some(ev) => what.add(ev),
                 },
-                _ = tick.tick() => what = Resync::everything(),
+                _ = tick.tick() => {
+                    match self.store.change_seq() {
+                        Ok(seq) if seq <= applied && !self.store_health.is_down() => continue,
+                        _ => what = Resync::everything(),
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_secs(1)), if retrying => {}
             };
             // Announcements that arrived meanwhile are covered by this one
@@ -207,7 +246,17 @@ impl Daemon {
                     ev => what.add(ev),
                 }
             }
+            if what.all {
+                // Read before the reload: whatever committed after it
+                // comes with its own announcement.
+                if let Ok(seq) = self.store.change_seq() {
+                    what.seq = what.seq.max(seq);
+                }
+            }
             let r = self.resync(&what).await;
+            if r.is_ok() {
+                applied = applied.max(what.seq);
+            }
             if r.is_ok() && what.all {
                 self.store_health
                     .last_resync_ms

@@ -520,6 +520,12 @@ pub enum StoreEvent {
 pub trait ChangeFeed {
     /// "sqlite" or "postgres".
     fn backend(&self) -> &'static str;
+    /// The sequence number of the latest committed change (0 for a store
+    /// no one else writes): an edge that has applied it has missed
+    /// nothing.
+    fn change_seq(&self) -> Result<i64, StoreError> {
+        Ok(0)
+    }
     /// Starts the feed; `None` when no one else writes this store (the
     /// SQLite file belongs to one edge).
     fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {
@@ -536,6 +542,9 @@ impl ChangeFeed for SqliteStore {
 impl ChangeFeed for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+    fn change_seq(&self) -> Result<i64, StoreError> {
+        self.latest_seq()
     }
 
     fn subscribe(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>> {

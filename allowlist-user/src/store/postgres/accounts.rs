@@ -2,7 +2,7 @@
 
 use tokio_postgres::Row;
 
-use super::{PgStore, Tx, mode};
+use super::{PgStore, Tx, by_account, mode};
 use crate::policy::Role;
 use crate::store::codec::{hash32, mode_str};
 use crate::store::{
@@ -72,7 +72,8 @@ impl AccountStore for PgStore {
         let rows = self.with("listing accounts", async |c| {
             c.query(
                 &format!(
-                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE $1::text IS NULL OR name = $1 ORDER BY idx"
+                    "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {} ORDER BY idx",
+                    by_account(name, "name = $1")
                 ),
                 &[&name],
             )

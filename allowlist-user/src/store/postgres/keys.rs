@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{PgStore, Tx};
+use super::{PgStore, Tx, by_account};
 use crate::policy::{RateLimit, Scope};
 use crate::store::codec::{hash32, parse_status, status_str};
 use crate::store::{AllowRecord, KeyRecord, KeyStore, StoreError};
@@ -108,17 +108,22 @@ impl KeyStore for PgStore {
                 .await?;
             let rows = tx
                 .query(
-                    "SELECT kid, id, name, description, scopes, status, secret_hash, prev_hash, prev_expires_ms,
-                            rate, created_at, last_used_ms, requests_day, requests_today, account
-                     FROM keys WHERE $1::text IS NULL OR account = $1 ORDER BY kid",
+                    &format!(
+                        "SELECT kid, id, name, description, scopes, status, secret_hash, prev_hash,
+                                prev_expires_ms, rate, created_at, last_used_ms, requests_day,
+                                requests_today, account
+                         FROM keys WHERE {} ORDER BY kid",
+                        by_account(only, "account = $1")
+                    ),
                     &[&only],
                 )
                 .await?;
             let allow = tx
                 .query(
-                    "SELECT kid, cidr, label FROM key_allow
-                     WHERE $1::text IS NULL OR kid IN (SELECT kid FROM keys WHERE account = $1)
-                     ORDER BY kid, cidr",
+                    &format!(
+                        "SELECT kid, cidr, label FROM key_allow WHERE {} ORDER BY kid, cidr",
+                        by_account(only, "kid IN (SELECT kid FROM keys WHERE account = $1)")
+                    ),
                     &[&only],
                 )
                 .await?;

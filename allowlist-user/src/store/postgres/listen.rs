@@ -10,9 +10,18 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Socket, tls::MakeTlsConnect};
 
 use super::{CHANGES_CHANNEL, PgStore, describe};
-use crate::store::StoreEvent;
+use crate::store::{StoreError, StoreEvent};
 
 impl PgStore {
+    /// The latest audit row: every committed change writes one.
+    pub(in crate::store) fn latest_seq(&self) -> Result<i64, StoreError> {
+        self.with("reading the change sequence", async |c| {
+            c.query_one("SELECT coalesce(max(id), 0) FROM audit", &[])
+                .await?
+                .try_get(0)
+        })
+    }
+
     /// Starts the change feed on the store's runtime; it runs until the
     /// receiver is dropped.
     pub(in crate::store) fn start_feed(&self) -> mpsc::UnboundedReceiver<StoreEvent> {

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use ipnet::IpNet;
 
-use super::{PgStore, Tx};
+use super::{PgStore, Tx, by_account};
 use crate::store::{AuthorizedRecord, ListStore, StoreError, UnauthorizedRecord};
 
 impl PgStore {
@@ -48,9 +48,11 @@ impl ListStore for PgStore {
     ) -> Result<Vec<(String, AuthorizedRecord)>, StoreError> {
         let rows = self.with("listing authorized", async |c| {
             c.query(
-                "SELECT account, cidr, label, source, key_id, created_at, created_by, shared
-                 FROM authorized WHERE $1::text IS NULL OR account = $1
-                 ORDER BY account, created_at, cidr",
+                &format!(
+                    "SELECT account, cidr, label, source, key_id, created_at, created_by, shared
+                     FROM authorized WHERE {} ORDER BY account, created_at, cidr",
+                    by_account(only, "account = $1")
+                ),
                 &[&only],
             )
             .await
@@ -313,9 +315,11 @@ impl ListStore for PgStore {
     ) -> Result<Vec<UnauthorizedRecord>, StoreError> {
         let rows = self.with("listing unauthorized", async |c| {
             c.query(
-                "SELECT account, addr, service, key_id, port, first_seen, last_seen, attempts, status
-                 FROM unauthorized WHERE $1::text IS NULL OR account = $1
-                 ORDER BY last_seen DESC, addr",
+                &format!(
+                    "SELECT account, addr, service, key_id, port, first_seen, last_seen, attempts, status
+                     FROM unauthorized WHERE {} ORDER BY last_seen DESC, addr",
+                    by_account(account, "account = $1")
+                ),
                 &[&account],
             )
             .await

@@ -341,6 +341,17 @@ fn describe(e: &tokio_postgres::Error) -> String {
     out
 }
 
+/// The condition selecting one account's rows (`cond`, on `$1`), or every
+/// row. Two statements rather than `$1 IS NULL OR cond`, which the planner
+/// answers with a scan of the whole table: an edge reloading one account
+/// must read only that account's rows.
+fn by_account(only: Option<&str>, cond: &'static str) -> &'static str {
+    match only {
+        Some(_) => cond,
+        None => "$1::text IS NULL",
+    }
+}
+
 fn is_io(e: &tokio_postgres::Error) -> bool {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
