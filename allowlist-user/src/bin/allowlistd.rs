@@ -154,6 +154,28 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
     let mut daemon = Daemon::new(config.clone(), store.clone(), kernel, Clock::from_env())?;
     daemon.conns = conns;
     let daemon = Arc::new(daemon);
+    // A shared store: listen before loading, so every change committed
+    // after the load is announced (and one committed before is in it).
+    let feed = match store.subscribe() {
+        Some(mut feed) => {
+            let listening = tokio::time::timeout(Duration::from_secs(15), async {
+                while let Some(ev) = feed.recv().await {
+                    if ev == allowlist::store::StoreEvent::Listening {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if listening != Ok(true) {
+                anyhow::bail!(
+                    "the store's change feed did not start listening within 15 s; is the PostgreSQL server reachable?"
+                );
+            }
+            Some(feed)
+        }
+        None => None,
+    };
     daemon
         .init_policy()
         .context("loading keys and allowlists into the policy and the kernel maps")?;
@@ -168,7 +190,7 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
         tokio::spawn(daemon.clone().read_events(ring));
     }
     // Other edges on the same PostgreSQL: apply what they change.
-    if let Some(feed) = store.subscribe() {
+    if let Some(feed) = feed {
         tokio::spawn(
             daemon
                 .clone()

@@ -209,7 +209,9 @@ impl Daemon {
         // The latest change applied: a periodic resync that finds the store
         // no further along has nothing to do (at 100k keys a whole reload
         // holds changes back for seconds).
-        let mut applied: i64 = 0;
+        let mut applied: i64 = self.store.change_seq().unwrap_or(0);
+        // Ticks since the last whole reload: every tenth reloads anyway.
+        let mut idle_ticks = 0u32;
         loop {
             let retrying = owed.is_some();
             let mut what = owed.take().unwrap_or_default();
@@ -227,8 +229,9 @@ impl Daemon {
                     Some(ev) => what.add(ev),
                 },
                 _ = tick.tick() => {
+                    idle_ticks += 1;
                     match self.store.change_seq() {
-                        Ok(seq) if seq <= applied && !self.store_health.is_down() => continue,
+                        Ok(seq) if seq <= applied && idle_ticks < 10 => continue,
                         _ => what = Resync::everything(),
                     }
                 }
@@ -256,6 +259,9 @@ impl Daemon {
             let r = self.resync(&what).await;
             if r.is_ok() {
                 applied = applied.max(what.seq);
+                if what.all {
+                    idle_ticks = 0;
+                }
             }
             if r.is_ok() && what.all {
                 self.store_health
