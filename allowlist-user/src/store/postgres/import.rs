@@ -19,7 +19,7 @@ impl PgStore {
         authorized: &[(String, AuthorizedRecord)],
         actor: &str,
     ) -> Result<Imported, StoreError> {
-        self.tx("importing", async |tx| {
+        let done = self.tx("importing", async |tx| {
             let mut done = Imported::default();
             for chunk in accounts.chunks(CHUNK) {
                 done.accounts += insert_accounts(tx, chunk).await? as usize;
@@ -48,7 +48,15 @@ impl PgStore {
             )
             .await?;
             Ok(done)
-        })
+        })?;
+        // Fresh statistics: until autovacuum gets to it, the planner would
+        // guess at a million new rows and may scan whole tables for one
+        // account's reload.
+        self.with("analyzing after an import", async |c| {
+            c.batch_execute("ANALYZE accounts, keys, key_allow, authorized")
+                .await
+        })?;
+        Ok(done)
     }
 }
 
