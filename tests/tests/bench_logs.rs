@@ -57,6 +57,45 @@ fn reset_hwm(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
+/// Feeds `rows` records through the daemon's writer into `store`; the
+/// seconds until all were written.
+fn feed(
+    sink: &'static LogSink,
+    store: std::sync::Arc<dyn logs::LogStore>,
+    rows: u64,
+    now: i64,
+) -> f64 {
+    let writer = logs::start(sink, store, 30, Duration::from_millis(200), move || now).unwrap();
+    let started = Instant::now();
+    let mut submitted = 0u64;
+    while submitted < rows {
+        // One round at a time, so nothing is dropped: the figure is the
+        // writer's, not the queue's.
+        for i in submitted..(submitted + ROUND).min(rows) {
+            // Spread over the last hour, newest last.
+            sink.submit(record(i, now - 3_600_000 + (i * 3_600_000 / rows) as i64));
+        }
+        submitted = (submitted + ROUND).min(rows);
+        while sink.written.load(Ordering::Relaxed)
+            + sink.dropped.load(Ordering::Relaxed)
+            + sink.failed.load(Ordering::Relaxed)
+            < submitted
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    writer.stop();
+    assert_eq!(sink.dropped.load(Ordering::Relaxed), 0);
+    assert_eq!(sink.failed.load(Ordering::Relaxed), 0);
+    assert_eq!(sink.written.load(Ordering::Relaxed), rows);
+    secs
+}
+
+/// Rows written into the shared PostgreSQL log (fewer than into the day
+/// files: the figure is a rate).
+const PG_ROWS: u64 = 2_000_000;
+
 #[test]
 #[ignore = "benchmark: run with `cargo xtask bench logs`"]
 fn bench_logs() {
@@ -68,39 +107,33 @@ fn bench_logs() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64;
-    let writer = logs::start(
+    let write_s = feed(
         sink,
-        dir.clone(),
-        30,
-        Duration::from_millis(200),
-        move || now,
-    )
-    .unwrap();
-    let started = Instant::now();
-    let mut submitted = 0u64;
-    while submitted < ROWS {
-        // One round at a time, so nothing is dropped: the figure is the
-        // writer's, not the queue's.
-        for i in submitted..(submitted + ROUND).min(ROWS) {
-            // Spread over the last hour, newest last.
-            sink.submit(record(i, now - 3_600_000 + (i * 3_600_000 / ROWS) as i64));
-        }
-        submitted = (submitted + ROUND).min(ROWS);
-        while sink.written.load(Ordering::Relaxed) + sink.dropped.load(Ordering::Relaxed)
-            < submitted
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    let write_s = started.elapsed().as_secs_f64();
-    writer.stop();
-    assert_eq!(sink.dropped.load(Ordering::Relaxed), 0);
-    assert_eq!(sink.written.load(Ordering::Relaxed), ROWS);
+        std::sync::Arc::new(logs::DayFiles::new(dir.clone()).unwrap()),
+        ROWS,
+        now,
+    );
     let bytes: u64 = std::fs::read_dir(&dir)
         .unwrap()
         .flatten()
         .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
         .sum();
+
+    // The same writer into the shared PostgreSQL log, when a server can
+    // be started here.
+    let pg_rate =
+        allowlist_tests::postgres::postgres_available("bench_logs (PostgreSQL)").then(|| {
+            let server = allowlist_tests::postgres::PgServer::start();
+            let url = server.create_db("logs");
+            let store = allowlist::store::PgStore::open(&allowlist::store::PgOptions {
+                url,
+                ca: None,
+                pool: 2,
+            })
+            .unwrap();
+            let sink: &'static LogSink = Box::leak(Box::new(LogSink::new(ROUND as usize)));
+            PG_ROWS as f64 / feed(sink, std::sync::Arc::new(store), PG_ROWS, now)
+        });
 
     // The export through the daemon and the CLI, to /dev/null.
     let d = setup.start(None, &["--no-kernel"]);
@@ -154,6 +187,14 @@ fn bench_logs() {
         ROWS as f64 / write_s
     )
     .unwrap();
+    if let Some(rate) = pg_rate {
+        writeln!(
+            md,
+            "| writer into the shared PostgreSQL log ({PG_ROWS} rows, one local server, array inserts of 5,000 rows, one transaction per batch), sustained rows/s | {rate:.0} ({:.2}× the day files) |",
+            rate * write_s / ROWS as f64
+        )
+        .unwrap();
+    }
     writeln!(
         md,
         "| partition size per row | {:.0} bytes |",

@@ -10,6 +10,7 @@ use std::{
 };
 
 use allowlist::{
+    logs::{DayFiles, LogQuery, LogRecord, LogStore},
     policy::{ApiMode, KeyStatus, RateLimit, Role, Scope, SmtpMode},
     store::{
         AccountStore, ActionRecord, AllowRecord, AuditQuery, AuthorizedRecord, BlockingState,
@@ -946,4 +947,138 @@ fn a_whole_policy_imports_in_one_transaction_on_both_backends() {
     let again = p.import_policy(&accounts[..1], &[], &[], "test");
     assert!(again.is_err());
     assert_eq!(p.list_accounts().unwrap().len(), 4);
+}
+
+fn log_record(
+    at_ms: i64,
+    account: &str,
+    client: &str,
+    status: u16,
+    reason: &'static str,
+) -> LogRecord {
+    LogRecord {
+        at_ms,
+        account: account.to_string().into(),
+        key_id: "k1".into(),
+        client: Some(client.parse().unwrap()),
+        method: "GET".into(),
+        path: "/v1/things".into(),
+        status,
+        reason,
+        rule: None,
+        note: "",
+        latency_us: 120,
+        bytes_in: 10,
+        bytes_out: 20,
+    }
+}
+
+/// The same usage-log behaviour from this edge's day files and from the
+/// shared PostgreSQL table.
+fn usage_log_case(logs: &dyn LogStore) {
+    const DAY: i64 = 86_400_000;
+    let t0 = 20_000 * DAY;
+    let mut batch = Vec::new();
+    for i in 0..3_000i64 {
+        let (status, reason) = if i % 3 == 0 {
+            (403, "ip_not_allowed")
+        } else {
+            (200, "ok")
+        };
+        // Two days, two accounts, two clients.
+        let at = t0 + (i % 2) * DAY + i;
+        let account = if i % 5 == 0 { "other" } else { "acme" };
+        let client = if i % 4 == 0 {
+            "198.51.100.7"
+        } else {
+            "2001:db8::7"
+        };
+        batch.push(log_record(at, account, client, status, reason));
+    }
+    logs.write(&batch).unwrap();
+    let q = LogQuery {
+        account: "acme".into(),
+        ..Default::default()
+    };
+    let mut rows = Vec::new();
+    logs.scan(&q, &mut |r| {
+        rows.push(r);
+        true
+    })
+    .unwrap();
+    let acme = batch.iter().filter(|r| r.account == "acme").count();
+    assert_eq!(rows.len(), acme);
+    assert!(
+        rows.windows(2).all(|w| w[0].at_ms >= w[1].at_ms),
+        "newest first"
+    );
+    assert!(rows.iter().all(|r| r.account == "acme"));
+    // Filters: status, address, time; a scan stops when told.
+    let q403 = LogQuery {
+        status: Some(403),
+        ip: Some("198.51.100.0/24".parse().unwrap()),
+        since_ms: Some(t0 + DAY),
+        ..q.clone()
+    };
+    let mut n = 0;
+    logs.scan(&q403, &mut |r| {
+        assert_eq!(r.status, 403);
+        assert_eq!(r.client, "198.51.100.7");
+        assert!(r.at_ms >= t0 + DAY);
+        n += 1;
+        true
+    })
+    .unwrap();
+    let want = batch
+        .iter()
+        .filter(|r| {
+            r.account == "acme"
+                && r.status == 403
+                && r.client == Some("198.51.100.7".parse().unwrap())
+                && r.at_ms >= t0 + DAY
+        })
+        .count();
+    assert_eq!(n, want);
+    let mut first = 0;
+    logs.scan(&q, &mut |_| {
+        first += 1;
+        first < 10
+    })
+    .unwrap();
+    assert_eq!(first, 10);
+    // The summary counts what the scan reads.
+    let s = logs.summary(&q, (t0, t0 + 2 * DAY), 48).unwrap();
+    assert_eq!(s.total as usize, acme);
+    let refused: u64 = s.refusals.iter().map(|r| r.count).sum();
+    assert_eq!(
+        refused as usize,
+        batch
+            .iter()
+            .filter(|r| r.account == "acme" && r.status == 403)
+            .count()
+    );
+    let in_buckets: u64 = s.buckets.iter().map(|b| b.s2xx + b.s4xx).sum();
+    assert_eq!(in_buckets, s.total);
+    // Retention removes whole days.
+    logs.sweep(20_001, 1);
+    let mut left = Vec::new();
+    logs.scan(&q, &mut |r| {
+        left.push(r.at_ms);
+        true
+    })
+    .unwrap();
+    assert!(!left.is_empty());
+    assert!(left.iter().all(|at| *at >= t0 + DAY), "day 20000 is gone");
+}
+
+#[test]
+fn usage_log_on_both_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    usage_log_case(&DayFiles::new(dir.path().join("logs")).unwrap());
+    if !postgres_available("usage_log_on_both_backends") {
+        return;
+    }
+    let server = PgServer::start();
+    let url = server.create_db("logs");
+    usage_log_case(&PgStore::open(&pg_options(url)).unwrap());
 }

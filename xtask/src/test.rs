@@ -245,7 +245,8 @@ fn bench_tools(suite: Suite) -> Result<()> {
     // (command, Debian package)
     let tools: &[(&str, &str)] = match suite {
         Suite::Kernel => &[("trafgen", "netsniff-ng"), ("nft", "nftables")],
-        Suite::Policy | Suite::Logs => &[],
+        Suite::Policy => &[],
+        Suite::Logs => &[("ls /usr/lib/postgresql/*/bin/postgres", "postgresql")],
         Suite::Store => &[("ls /usr/lib/postgresql/*/bin/postgres", "postgresql")],
         Suite::Edge => &[
             ("nginx", "nginx"),

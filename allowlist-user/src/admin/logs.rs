@@ -46,19 +46,20 @@ pub(super) async fn list(
         ));
     }
     let lq = d.log_query(&account, &q)?;
-    let dir = d.config.logs_dir();
+    let store = d.log_store();
     let rows = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let mut skip = offset;
-        logs::scan(&dir, &lq, |r| {
-            if skip > 0 {
-                skip -= 1;
-                return true;
-            }
-            out.push(r);
-            out.len() < limit
-        })
-        .map(|()| out)
+        store
+            .scan(&lq, &mut |r| {
+                if skip > 0 {
+                    skip -= 1;
+                    return true;
+                }
+                out.push(r);
+                out.len() < limit
+            })
+            .map(|()| out)
     })
     .await
     .map_err(|e| internal(e.to_string()))?
@@ -94,8 +95,8 @@ pub(super) async fn summary(
             "--since is after --until".into(),
         ));
     }
-    let dir = d.config.logs_dir();
-    let s = tokio::task::spawn_blocking(move || logs::summary(&dir, &lq, (since, until), buckets))
+    let store = d.log_store();
+    let s = tokio::task::spawn_blocking(move || store.summary(&lq, (since, until), buckets))
         .await
         .map_err(|e| internal(e.to_string()))?
         .map_err(internal)?;
@@ -139,12 +140,12 @@ pub(super) async fn csv(
     cx.require(Need::Read)?;
     let q = query(q)?;
     let lq = d.log_query(&account, &q)?;
-    let dir = d.config.logs_dir();
+    let store = d.log_store();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     tokio::task::spawn_blocking(move || {
         let mut buf = String::from(logs::CSV_HEADER);
         let mut open = true;
-        let r = logs::scan(&dir, &lq, |row| {
+        let r = store.scan(&lq, &mut |row| {
             row.csv(&mut buf);
             if buf.len() >= CHUNK {
                 open = tx

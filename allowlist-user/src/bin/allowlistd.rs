@@ -106,6 +106,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> anyhow::Result<()> {
+    // The PostgreSQL store also keeps the shared usage log.
+    let mut pg: Option<Arc<PgStore>> = None;
     let store: Arc<dyn Store> =
         match parse_url(&config.store.url).map_err(|e| anyhow::anyhow!("[store] url: {e}"))? {
             StoreUrl::Sqlite(db) => {
@@ -119,9 +121,10 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
                     ca: config.store.ca.clone(),
                     pool: config.store.pool,
                 };
-                let s = tokio::task::spawn_blocking(move || PgStore::open(&opts)).await??;
+                let s = Arc::new(tokio::task::spawn_blocking(move || PgStore::open(&opts)).await??);
                 tracing::info!(store = %s.target(), "store opened");
-                Arc::new(s)
+                pg = Some(s.clone());
+                s
             }
         };
 
@@ -225,15 +228,24 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
             Box::leak(Box::new(allowlist::logs::LogSink::new(config.logs.buffer)));
         let _ = daemon.logs.set(log_sink);
         let d = daemon.clone();
+        let log_store = match &pg {
+            // Every edge writes the one shared log.
+            Some(pg) => pg.clone() as Arc<dyn allowlist::logs::LogStore>,
+            None => Arc::new(
+                allowlist::logs::DayFiles::new(config.logs_dir())
+                    .with_context(|| format!("usage logs in {}", config.logs_dir().display()))?,
+            ),
+        };
+        let _ = daemon.log_store.set(log_store.clone());
         Some(
             allowlist::logs::start(
                 log_sink,
-                config.logs_dir(),
+                log_store,
                 config.logs.retention_days,
                 Duration::from_millis(200),
                 move || d.clock.now_ms(),
             )
-            .with_context(|| format!("usage logs in {}", config.logs_dir().display()))?,
+            .context("starting the usage-log writer")?,
         )
     } else {
         None

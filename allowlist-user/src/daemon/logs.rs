@@ -8,6 +8,15 @@ use crate::{
 };
 
 impl Daemon {
+    /// Where the usage log is read from: the store set at start, or this
+    /// edge's day files.
+    pub fn log_store(&self) -> std::sync::Arc<dyn crate::logs::LogStore> {
+        match self.log_store.get() {
+            Some(s) => s.clone(),
+            None => std::sync::Arc::new(crate::logs::DayFiles::at(self.config.logs_dir())),
+        }
+    }
+
     /// The usage-log query of `account` that `q` asks for.
     pub fn log_query(&self, account: &str, q: &api::LogsQuery) -> Result<LogQuery, DaemonError> {
         if self.with_state(|st| st.account(account).is_none()) {

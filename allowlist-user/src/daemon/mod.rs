@@ -162,6 +162,9 @@ pub struct Daemon {
     pub conns: Option<crate::kernel::ConnTable>,
     /// The usage log's queue, once started (lives as long as the process).
     pub logs: std::sync::OnceLock<&'static crate::logs::LogSink>,
+    /// Where the usage log is kept (set at start; this edge's day files
+    /// until then).
+    pub log_store: std::sync::OnceLock<Arc<dyn crate::logs::LogStore>>,
     /// Change-to-enforced latency (kernel maps, store and snapshot).
     pub change_latency: crate::telemetry::Histogram<10>,
     /// Admin API tokens by id (hash of the secret only).
@@ -345,6 +348,7 @@ impl Daemon {
             conns: None,
             tokens: Mutex::new(Default::default()),
             logs: std::sync::OnceLock::new(),
+            log_store: std::sync::OnceLock::new(),
             change_latency: crate::telemetry::Histogram::new(&crate::telemetry::CHANGE_BUCKETS),
             notices: Notices::default(),
             notify_config,

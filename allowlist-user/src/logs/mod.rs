@@ -5,22 +5,47 @@
 //! per-thread queues it never waits on (when full, the record is counted
 //! and dropped).
 //! One writer thread takes what the queue holds every flush interval and
-//! inserts it in one transaction per day into that day's own SQLite file
-//! (`requests-YYYY-MM-DD.db`), apart from the policy store and its lock.
-//! Day files make retention a file deletion, never a `DELETE` over
-//! millions of rows, and keep each file's index small; queries read the
-//! days their time range covers, newest first, streaming rows.
+//! hands it to the [`LogStore`]: this edge's day files ([`DayFiles`], one
+//! SQLite file per day apart from the policy store and its lock), or, with
+//! a PostgreSQL store, the one table every edge writes (partitioned by
+//! day). Either way retention removes whole days, never a `DELETE` over
+//! millions of rows, and queries read the days their time range covers,
+//! newest first, streaming rows.
 //!
 //! This room knows nothing above `policy`: the edge and the daemon (for
 //! kernel drops) both write to it, and the admin API reads it.
 
 mod day;
+mod day_files;
 mod query;
 mod writer;
 
 pub use day::{day_file, day_of_ms, parse_day_file};
-pub use query::{CSV_HEADER, LogBucket, LogQuery, LogRow, LogSummary, ReasonCount, scan, summary};
+pub use day_files::DayFiles;
+pub use query::{
+    CSV_HEADER, LogBucket, LogQuery, LogRow, LogSummary, ReasonCount, SummaryFold, scan, summary,
+};
 pub use writer::{LogWriter, Retention, start};
+
+/// Where the usage log is kept: this edge's day files ([`DayFiles`]), or a
+/// table shared by every edge on one PostgreSQL.
+pub trait LogStore: Send + Sync {
+    /// Writes a batch in as few transactions as it can; on error the batch
+    /// is lost (the writer counts it).
+    fn write(&self, batch: &[LogRecord]) -> Result<(), String>;
+    /// Removes whole days at or before `today - retention_days`.
+    fn sweep(&self, today: i64, retention_days: u32);
+    /// Calls `each` with every row `q` selects, newest first, until it
+    /// returns false.
+    fn scan(&self, q: &LogQuery, each: &mut dyn FnMut(LogRow) -> bool) -> Result<(), String>;
+    /// Requests per time bucket by status class, refusals by reason.
+    fn summary(
+        &self,
+        q: &LogQuery,
+        range: (i64, i64),
+        buckets: usize,
+    ) -> Result<LogSummary, String>;
+}
 
 use std::{
     borrow::Cow,

@@ -23,6 +23,19 @@ pub struct LogQuery {
     pub until_ms: Option<i64>,
 }
 
+impl LogQuery {
+    /// Whether a row's client passes the address filter (applied after
+    /// the store's own filters: the client is stored as text).
+    pub fn admits_client(&self, client: &str) -> bool {
+        match &self.ip {
+            None => true,
+            Some(net) => client
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| net.contains(&crate::policy::normalize(a))),
+        }
+    }
+}
+
 /// One row as read.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogRow {
@@ -119,6 +132,96 @@ pub struct ReasonCount {
     pub count: u64,
 }
 
+/// Folds grouped counts `(bucket, status, reason, client, n)` into a
+/// [`LogSummary`]: shared by both log stores, which differ only in where
+/// the groups come from.
+pub struct SummaryFold {
+    out: LogSummary,
+    refusals: std::collections::HashMap<String, u64>,
+    ip: Option<IpNet>,
+}
+
+impl SummaryFold {
+    /// `buckets` equal slices of `since_ms..=until_ms` (both ends
+    /// inclusive: a row at `until_ms` has a bucket).
+    pub fn new(q: &LogQuery, (since_ms, until_ms): (i64, i64), buckets: usize) -> SummaryFold {
+        let buckets = buckets.clamp(1, 500);
+        let span = (until_ms - since_ms + 1).max(1);
+        let bucket_ms = (span + buckets as i64 - 1) / buckets as i64;
+        SummaryFold {
+            out: LogSummary {
+                since_ms,
+                until_ms,
+                bucket_ms,
+                buckets: (0..buckets)
+                    .map(|i| LogBucket {
+                        at_ms: since_ms + i as i64 * bucket_ms,
+                        ..LogBucket::default()
+                    })
+                    .collect(),
+                ..LogSummary::default()
+            },
+            refusals: Default::default(),
+            ip: q.ip,
+        }
+    }
+
+    /// The query a store runs for the groups: `q` bounded to the range.
+    pub fn query(&self, q: &LogQuery) -> LogQuery {
+        LogQuery {
+            since_ms: Some(self.out.since_ms),
+            until_ms: Some(self.out.until_ms),
+            ..q.clone()
+        }
+    }
+
+    pub fn bucket_ms(&self) -> i64 {
+        self.out.bucket_ms
+    }
+
+    /// The client is grouped on only when an address filter must see it.
+    pub fn needs_client(&self) -> bool {
+        self.ip.is_some()
+    }
+
+    pub fn add(&mut self, bucket: i64, status: u16, reason: String, client: &str, n: u64) {
+        if let Some(net) = &self.ip
+            && !client
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|a| net.contains(&crate::policy::normalize(a)))
+        {
+            return;
+        }
+        self.out.total += n;
+        if let Some(b) = usize::try_from(bucket)
+            .ok()
+            .and_then(|i| self.out.buckets.get_mut(i))
+        {
+            match status / 100 {
+                2 => b.s2xx += n,
+                3 => b.s3xx += n,
+                4 => b.s4xx += n,
+                _ => b.s5xx += n,
+            }
+        }
+        if reason != "ok" {
+            *self.refusals.entry(reason).or_default() += n;
+        }
+    }
+
+    pub fn finish(mut self) -> LogSummary {
+        self.out.refusals = self
+            .refusals
+            .into_iter()
+            .map(|(reason, count)| ReasonCount { reason, count })
+            .collect();
+        self.out
+            .refusals
+            .sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.reason.cmp(&b.reason)));
+        self.out
+    }
+}
+
 /// Counts what `q` selects in `buckets` equal slices of
 /// `since_ms..=until_ms` by status class, and refusals by reason, with one
 /// grouped query per day partition (the rows are never read one by one
@@ -126,35 +229,16 @@ pub struct ReasonCount {
 pub fn summary(
     dir: &Path,
     q: &LogQuery,
-    (since_ms, until_ms): (i64, i64),
+    range: (i64, i64),
     buckets: usize,
 ) -> Result<LogSummary, String> {
-    let buckets = buckets.clamp(1, 500);
-    // Both ends are inclusive: a row at `until_ms` has a bucket.
-    let span = (until_ms - since_ms + 1).max(1);
-    let bucket_ms = (span + buckets as i64 - 1) / buckets as i64;
-    let mut out = LogSummary {
-        since_ms,
-        until_ms,
-        bucket_ms,
-        buckets: (0..buckets)
-            .map(|i| LogBucket {
-                at_ms: since_ms + i as i64 * bucket_ms,
-                ..LogBucket::default()
-            })
-            .collect(),
-        ..LogSummary::default()
-    };
-    let mut refusals: std::collections::HashMap<String, u64> = Default::default();
-    let q = LogQuery {
-        since_ms: Some(since_ms),
-        until_ms: Some(until_ms),
-        ..q.clone()
-    };
+    let mut fold = SummaryFold::new(q, range, buckets);
+    let q = fold.query(q);
+    let (since_ms, until_ms) = range;
+    let bucket_ms = fold.bucket_ms();
     for path in partitions(dir, &q)? {
         let conn = open_partition(&path)?;
-        // The client is grouped on only when an address filter must see it.
-        let client = if q.ip.is_some() { "client" } else { "''" };
+        let client = if fold.needs_client() { "client" } else { "''" };
         let sql = format!(
             "SELECT (at_ms - ?8) / ?9, status, reason, {client}, count(*)
                FROM requests
@@ -188,38 +272,10 @@ pub fn summary(
         for row in rows {
             let (bucket, status, reason, client, n) =
                 row.map_err(|e| format!("reading {}: {e}", path.display()))?;
-            if let Some(net) = &q.ip
-                && !client
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|a| net.contains(&crate::policy::normalize(a)))
-            {
-                continue;
-            }
-            let n = n as u64;
-            out.total += n;
-            if let Some(b) = usize::try_from(bucket)
-                .ok()
-                .and_then(|i| out.buckets.get_mut(i))
-            {
-                match status / 100 {
-                    2 => b.s2xx += n,
-                    3 => b.s3xx += n,
-                    4 => b.s4xx += n,
-                    _ => b.s5xx += n,
-                }
-            }
-            if reason != "ok" {
-                *refusals.entry(reason).or_default() += n;
-            }
+            fold.add(bucket, status, reason, &client, n.max(0) as u64);
         }
     }
-    out.refusals = refusals
-        .into_iter()
-        .map(|(reason, count)| ReasonCount { reason, count })
-        .collect();
-    out.refusals
-        .sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.reason.cmp(&b.reason)));
-    Ok(out)
+    Ok(fold.finish())
 }
 
 /// The day partitions `q`'s time range covers, newest first.
@@ -304,14 +360,8 @@ pub fn scan(dir: &Path, q: &LogQuery, mut each: impl FnMut(LogRow) -> bool) -> R
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
         for row in rows {
             let row = row.map_err(|e| format!("reading {}: {e}", path.display()))?;
-            if let Some(net) = &q.ip {
-                let inside = row
-                    .client
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|a| net.contains(&crate::policy::normalize(a)));
-                if !inside {
-                    continue;
-                }
+            if !q.admits_client(&row.client) {
+                continue;
             }
             if !each(row) {
                 return Ok(());
@@ -375,7 +425,7 @@ mod tests {
         let day = 20_000;
         let base = day * 86_400_000;
         let conn = Connection::open(dir.path().join(crate::logs::day_file(day))).unwrap();
-        conn.execute_batch(crate::logs::writer::SCHEMA).unwrap();
+        conn.execute_batch(crate::logs::day_files::SCHEMA).unwrap();
         let rows = [
             (0, "acme", "192.0.2.1", 200, "ok"),
             (10, "acme", "192.0.2.1", 200, "ok"),

@@ -1,10 +1,7 @@
-//! The one writer: every flush interval, what the queue holds goes into
-//! its day's file in one transaction; partitions past retention are
-//! deleted whole.
+//! The one writer: every flush interval, what the queue holds goes to
+//! the log store in one write; days past retention are removed whole.
 
 use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU32, Ordering},
@@ -12,36 +9,7 @@ use std::{
     time::Duration,
 };
 
-use rusqlite::Connection;
-
-use super::{LogRecord, LogSink, day_file, day_of_ms, parse_day_file};
-
-pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS requests (
-    at_ms INTEGER NOT NULL,
-    account TEXT NOT NULL,
-    key_id TEXT NOT NULL,
-    client TEXT NOT NULL,
-    method TEXT NOT NULL,
-    path TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    rule TEXT NOT NULL,
-    latency_us INTEGER NOT NULL,
-    bytes_in INTEGER NOT NULL,
-    bytes_out INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS requests_account_at ON requests(account, at_ms);";
-
-/// Opens (creating) a day partition for writing. WAL with `synchronous =
-/// NORMAL`: a usage log may lose its last batch on a power cut, never its
-/// consistency, and is not the policy store.
-pub(super) fn open_day(dir: &Path, day: i64) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(dir.join(day_file(day)))?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")?;
-    conn.execute_batch(SCHEMA)?;
-    Ok(conn)
-}
+use super::{LogRecord, LogSink, LogStore, day_of_ms};
 
 /// The running writer: stop it to write what is still queued.
 pub struct LogWriter {
@@ -85,16 +53,15 @@ impl LogWriter {
     }
 }
 
-/// Starts the writer of `sink` into `dir`, keeping `retention_days` days.
-/// `today` is the daemon's clock (Unix ms).
+/// Starts the writer of `sink` into `store`, keeping `retention_days`
+/// days. `today` is the daemon's clock (Unix ms).
 pub fn start(
     sink: &'static LogSink,
-    dir: PathBuf,
+    store: Arc<dyn LogStore>,
     retention_days: u32,
     flush: Duration,
     today: impl Fn() -> i64 + Send + 'static,
 ) -> std::io::Result<LogWriter> {
-    std::fs::create_dir_all(&dir)?;
     if !sink.claim() {
         return Err(std::io::Error::other(
             "the usage-log writer is already running",
@@ -110,21 +77,28 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("usage-log".into())
         .spawn(move || {
-            let mut open: HashMap<i64, Connection> = HashMap::new();
             let mut spare: Vec<Vec<LogRecord>> = Vec::new();
             let mut swept_day = i64::MIN;
             loop {
                 let stopping = flag.load(Ordering::Relaxed);
                 let today = day_of_ms(today());
                 if today != swept_day || kept.changed.swap(false, Ordering::Acquire) {
-                    sweep(&dir, today, kept.days());
-                    open.retain(|d, _| *d >= today - 1);
+                    store.sweep(today, kept.days());
                     swept_day = today;
                 }
                 let mut batch: Vec<LogRecord> = Vec::new();
                 sink.drain(&mut batch, &mut spare);
                 if !batch.is_empty() {
-                    write(sink, &dir, &mut open, batch);
+                    let n = batch.len() as u64;
+                    match store.write(&batch) {
+                        Ok(()) => {
+                            sink.written.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            sink.failed.fetch_add(n, Ordering::Relaxed);
+                            tracing::warn!(error = %e, rows = n, "writing usage logs");
+                        }
+                    }
                 }
                 if stopping {
                     break;
@@ -137,161 +111,4 @@ pub fn start(
         retention,
         thread: Some(thread),
     })
-}
-
-/// Deletes partitions older than the retention window (and their WAL).
-fn sweep(dir: &Path, today: i64, retention_days: u32) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let base = name
-            .strip_suffix("-wal")
-            .or_else(|| name.strip_suffix("-shm"))
-            .unwrap_or(name);
-        if let Some(day) = parse_day_file(base)
-            && day <= today - i64::from(retention_days)
-        {
-            match std::fs::remove_file(e.path()) {
-                Ok(()) => {
-                    if base == name {
-                        tracing::info!(file = name, "usage-log partition past retention removed");
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(file = name, error = %err, "removing an old usage-log partition")
-                }
-            }
-        }
-    }
-}
-
-/// Rows per multi-row INSERT: one statement step per 64 rows instead of
-/// per row (12 x 64 parameters, far below SQLite's limit).
-const CHUNK: usize = 64;
-
-const COLUMNS: &str = "INSERT INTO requests(at_ms, account, key_id, client, method, path, status, reason, \
-     rule, latency_us, bytes_in, bytes_out) VALUES ";
-
-fn insert_sql(rows: usize) -> String {
-    let one = "(?,?,?,?,?,?,?,?,?,?,?,?)";
-    let mut sql = String::with_capacity(COLUMNS.len() + rows * (one.len() + 1));
-    sql.push_str(COLUMNS);
-    for i in 0..rows {
-        if i > 0 {
-            sql.push(',');
-        }
-        sql.push_str(one);
-    }
-    sql
-}
-
-/// Text columns formatted per row into buffers reused across rows (no
-/// allocation per row once they have grown).
-#[derive(Default)]
-struct Texts {
-    rule: Vec<String>,
-    client: Vec<String>,
-}
-
-impl Texts {
-    fn fill(&mut self, rows: &[LogRecord]) {
-        use std::fmt::Write as _;
-        if self.rule.len() < rows.len() {
-            self.rule.resize(rows.len(), String::new());
-            self.client.resize(rows.len(), String::new());
-        }
-        for (i, r) in rows.iter().enumerate() {
-            let (rule, client) = (&mut self.rule[i], &mut self.client[i]);
-            rule.clear();
-            client.clear();
-            let _ = match &r.rule {
-                Some(x) => write!(rule, "{x}"),
-                None => write!(rule, "{}", r.note),
-            };
-            if let Some(c) = r.client {
-                let _ = write!(client, "{c}");
-            }
-        }
-    }
-}
-
-/// Binds `rows` (and their formatted texts) to a statement of as many
-/// rows, and runs it.
-fn insert(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    rows: &[LogRecord],
-    rule: &[String],
-    client: &[String],
-) -> rusqlite::Result<()> {
-    let mut n = 0;
-    let mut bind = |v: &dyn rusqlite::ToSql| {
-        n += 1;
-        stmt.raw_bind_parameter(n, v)
-    };
-    for (i, r) in rows.iter().enumerate() {
-        bind(&r.at_ms)?;
-        bind(&r.account.as_ref())?;
-        bind(&r.key_id)?;
-        bind(&client[i])?;
-        bind(&r.method.as_ref())?;
-        bind(&r.path)?;
-        bind(&r.status)?;
-        bind(&r.reason)?;
-        bind(&rule[i])?;
-        bind(&(r.latency_us as i64))?;
-        bind(&(r.bytes_in as i64))?;
-        bind(&(r.bytes_out as i64))?;
-    }
-    stmt.raw_execute().map(|_| ())
-}
-
-fn write(sink: &LogSink, dir: &Path, open: &mut HashMap<i64, Connection>, batch: Vec<LogRecord>) {
-    let mut by_day: HashMap<i64, Vec<LogRecord>> = HashMap::new();
-    for r in batch {
-        by_day.entry(day_of_ms(r.at_ms)).or_default().push(r);
-    }
-    let mut texts = Texts::default();
-    for (day, rows) in by_day {
-        let n = rows.len() as u64;
-        let result = (|| {
-            let conn = match open.entry(day) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(open_day(dir, day)?),
-            };
-            let tx = conn.transaction()?;
-            for chunk in rows.chunks(CHUNK) {
-                texts.fill(chunk);
-                // Full chunks share one cached statement; the remainder
-                // goes row by row, so at most two statements are cached.
-                if chunk.len() == CHUNK {
-                    let mut stmt = tx.prepare_cached(&insert_sql(CHUNK))?;
-                    insert(&mut stmt, chunk, &texts.rule, &texts.client)?;
-                } else {
-                    let mut stmt = tx.prepare_cached(&insert_sql(1))?;
-                    for (i, r) in chunk.iter().enumerate() {
-                        insert(
-                            &mut stmt,
-                            std::slice::from_ref(r),
-                            &texts.rule[i..=i],
-                            &texts.client[i..=i],
-                        )?;
-                    }
-                }
-            }
-            tx.commit()
-        })();
-        match result {
-            Ok(()) => {
-                sink.written.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                open.remove(&day);
-                sink.failed.fetch_add(n, Ordering::Relaxed);
-                tracing::warn!(error = %e, rows = n, file = %day_file(day), "writing usage logs");
-            }
-        }
-    }
 }

@@ -23,6 +23,7 @@ mod import;
 mod keys;
 mod listen;
 mod lists;
+mod logs;
 mod notify;
 mod schema;
 
@@ -58,6 +59,8 @@ pub struct PgStore {
     /// For the change feed's own connection.
     cfg: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// Usage-log days whose partition exists.
+    log_days: logs::MadeDays,
 }
 
 /// A URL's host, port and database, without user or password.
@@ -167,6 +170,7 @@ impl PgStore {
             rt,
             cfg,
             tls,
+            log_days: Default::default(),
         };
         store.migrate()?;
         Ok(store)

@@ -136,4 +136,24 @@ pub(super) const MIGRATIONS: &[&str] = &[
         last_seen_ms BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (account, cidr)
     );"#,
+    // 2: the usage log every edge writes, one partition per day (Unix
+    // day number), so retention drops whole days.
+    r#"CREATE SEQUENCE usage_log_id;
+    CREATE TABLE usage_log (
+        day BIGINT NOT NULL,
+        id BIGINT NOT NULL DEFAULT nextval('usage_log_id'),
+        at_ms BIGINT NOT NULL,
+        account TEXT COLLATE "C" NOT NULL,
+        key_id TEXT NOT NULL,
+        client TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        latency_us BIGINT NOT NULL,
+        bytes_in BIGINT NOT NULL,
+        bytes_out BIGINT NOT NULL
+    ) PARTITION BY LIST (day);
+    CREATE INDEX usage_log_account_at ON usage_log(account, at_ms);"#,
 ];
