@@ -234,8 +234,14 @@ impl Collector for Metrics {
             counter(
                 &mut enc,
                 "allowlist_log_failed",
-                "Usage-log records the writer could not write (see the daemon's log)",
+                "Usage-log records lost: the store refused them for longer than the writer could hold them (see the daemon's log)",
                 sink.failed.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                &mut enc,
+                "allowlist_log_held",
+                "Usage-log records a failed write left, held for the next try (the store is away)",
+                sink.held.load(Ordering::Relaxed) as f64,
             )?;
         }
         let stats = match self.daemon.stats() {

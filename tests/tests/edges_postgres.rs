@@ -64,10 +64,14 @@ impl Edge {
     }
 
     fn call(&self, src: &str, key: &str) -> u16 {
+        self.call_path(src, key, "/v1/things")
+    }
+
+    fn call_path(&self, src: &str, key: &str, path: &str) -> u16 {
         curl(
             &self.pair.client,
             src,
-            &format!("https://{SERVER_V4}:{EDGE}/v1/things"),
+            &format!("https://{SERVER_V4}:{EDGE}{path}"),
             &["-H", &format!("api-key: {key}"), "--max-time", "5"],
         )
         .status
@@ -163,6 +167,8 @@ fn a_change_on_one_edge_is_enforced_on_the_other_and_an_outage_fails_closed() {
         assert_eq!(e.call(SRC, &key), 200);
         assert_eq!(e.call(SRC, "al_0000000000000000_nope"), 401);
         assert_eq!(e.call(STRANGER, &key), 403);
+        // Logged while the server is away: held, written when it is back.
+        assert_eq!(e.call_path(SRC, &key, "/v1/during-outage"), 200);
     }
     // The outage shows in stats and /metrics once the edge notices.
     assert!(
@@ -215,6 +221,18 @@ fn a_change_on_one_edge_is_enforced_on_the_other_and_an_outage_fails_closed() {
         "the refusals from the outage were not recorded"
     );
     assert_eq!(a.setup.ctl_json(&["stats"])["store"]["reachable"], true);
+    // The usage-log rows of the outage reached the shared log.
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            pg.psql(
+                "edges",
+                "SELECT count(*) FROM usage_log WHERE path = '/v1/during-outage'",
+            )
+            .trim()
+                == "2"
+        }),
+        "the outage's log rows were not written"
+    );
     // The outage was logged, without the URL's password.
     for e in [&a, &b] {
         let log = e.daemon.as_ref().unwrap().log_plain();

@@ -105,9 +105,11 @@ pub struct LogSink {
     pub dropped: AtomicU64,
     /// Records written.
     pub written: AtomicU64,
-    /// Batches the writer could not write (their records are lost and
-    /// counted here too).
+    /// Records lost because the store refused them for longer than the
+    /// writer could hold them (one queue's worth).
     pub failed: AtomicU64,
+    /// Records a failed write left, held for the next try.
+    pub held: AtomicUsize,
 }
 
 impl LogSink {
@@ -121,6 +123,7 @@ impl LogSink {
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            held: AtomicUsize::new(0),
         }
     }
 
