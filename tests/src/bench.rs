@@ -188,6 +188,33 @@ pub fn state(rng: &mut Rng) -> (State, Vec<Vec<Ipv4Net>>) {
     (st, nets_of)
 }
 
+/// `st` as the records a store import takes: accounts, keys (in the
+/// state's order) and `(account, entry)` authorized entries.
+pub fn records(
+    st: &State,
+) -> (
+    Vec<AccountRecord>,
+    Vec<KeyRecord>,
+    Vec<(String, AuthorizedRecord)>,
+) {
+    let accounts = st.accounts.values().map(|a| a.record.clone()).collect();
+    let keys = st
+        .accounts
+        .values()
+        .flat_map(|a| a.keys.values().cloned())
+        .collect();
+    let authorized = st
+        .accounts
+        .values()
+        .flat_map(|a| {
+            a.authorized
+                .values()
+                .map(|e| (a.record.name.clone(), e.clone()))
+        })
+        .collect();
+    (accounts, keys, authorized)
+}
+
 /// The value at quantile `p` of sorted samples.
 pub fn pct(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]

@@ -16,11 +16,12 @@ use std::{
 use allowlist::{
     config::Config,
     daemon::{Clock, Daemon},
-    store::{AccountRecord, AuthorizedRecord, KeyRecord, SqliteStore},
+    store::{AuthorizedRecord, KeyRecord, SqliteStore},
 };
 use allowlist_tests::{
     bench::{
-        ACCOUNTS, AUTHORIZED_PER_ACCOUNT, ENTRIES, KEYS, KEYS_PER_ACCOUNT, Rng, admin, pct, state,
+        ACCOUNTS, AUTHORIZED_PER_ACCOUNT, ENTRIES, KEYS, KEYS_PER_ACCOUNT, Rng, admin, pct,
+        records, state,
     },
     kernel_tests_enabled,
     proc::Setup,
@@ -155,17 +156,7 @@ fn bench_policy() {
     if kernel_tests_enabled("bench_policy (change-to-enforced)") {
         let setup = Setup::new(true, "guard_capacity = 4194304");
         let store = SqliteStore::open(&setup.dir.path().join("allowlist.db")).unwrap();
-        let accounts: Vec<AccountRecord> = st.accounts.values().map(|a| a.record.clone()).collect();
-        let keys: Vec<KeyRecord> = all.iter().map(|k| (*k).clone()).collect();
-        let authorized: Vec<(String, AuthorizedRecord)> = st
-            .accounts
-            .values()
-            .flat_map(|a| {
-                a.authorized
-                    .values()
-                    .map(|e| (a.record.name.clone(), e.clone()))
-            })
-            .collect();
+        let (accounts, keys, authorized) = records(&st);
         store
             .import_policy(&accounts, &keys, &authorized, "bench")
             .unwrap();

@@ -12,9 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use allowlist::store::{AccountRecord, AuthorizedRecord, KeyRecord, PgOptions, PgStore};
+use allowlist::store::{PgOptions, PgStore};
 use allowlist_tests::{
-    bench::{ACCOUNTS, KEYS, Rng, admin, pct, publish, state},
+    bench::{ACCOUNTS, KEYS, Rng, admin, pct, publish, records, state},
     kernel_tests_enabled,
     net::wait_for,
     postgres::{PgServer, postgres_available},
@@ -78,21 +78,7 @@ fn bench_store() {
     }
     let mut rng = Rng(0xB0B);
     let (st, _) = state(&mut rng);
-    let accounts: Vec<AccountRecord> = st.accounts.values().map(|a| a.record.clone()).collect();
-    let keys: Vec<KeyRecord> = st
-        .accounts
-        .values()
-        .flat_map(|a| a.keys.values().cloned())
-        .collect();
-    let authorized: Vec<(String, AuthorizedRecord)> = st
-        .accounts
-        .values()
-        .flat_map(|a| {
-            a.authorized
-                .values()
-                .map(|e| (a.record.name.clone(), e.clone()))
-        })
-        .collect();
+    let (accounts, keys, authorized) = records(&st);
 
     let pg = PgServer::start();
     pg.create_db("bench");

@@ -3,8 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::{PgStore, Tx, by_account};
-use crate::policy::{RateLimit, Scope};
-use crate::store::codec::{hash32, parse_status, status_str};
+use crate::store::codec::{decode_key, status_str};
 use crate::store::{AllowRecord, KeyRecord, KeyStore, StoreError};
 
 impl PgStore {
@@ -152,36 +151,25 @@ impl KeyStore for PgStore {
             let prev: Option<Vec<u8>> = r.try_get(7).map_err(get)?;
             let prev_exp: Option<i64> = r.try_get(8).map_err(get)?;
             let rate: Option<String> = r.try_get(9).map_err(get)?;
-            let scopes = scopes
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(|s| Scope::parse(s).map_err(|_| self.corrupt("keys.scopes", s)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let previous = match (prev, prev_exp) {
-                (Some(h), Some(exp)) => Some((
-                    hash32(h).ok_or_else(|| self.corrupt("keys.prev_hash", "wrong length"))?,
-                    exp,
-                )),
-                _ => None,
-            };
+            let k = decode_key(
+                &scopes,
+                &status,
+                hash,
+                (prev, prev_exp),
+                rate,
+                |column, value| self.corrupt(column, value),
+            )?;
             out.push(KeyRecord {
                 kid: u32::try_from(kid).map_err(|_| self.corrupt("keys.kid", kid.to_string()))?,
                 id: r.try_get(1).map_err(get)?,
                 account: r.try_get(14).map_err(get)?,
                 name: r.try_get(2).map_err(get)?,
                 description: r.try_get(3).map_err(get)?,
-                scopes,
-                status: parse_status(&status)
-                    .ok_or_else(|| self.corrupt("keys.status", status.clone()))?,
-                secret_hash: hash32(hash)
-                    .ok_or_else(|| self.corrupt("keys.secret_hash", "wrong length"))?,
-                previous,
-                rate: match rate {
-                    Some(r) => {
-                        Some(RateLimit::parse(&r).map_err(|_| self.corrupt("keys.rate", r))?)
-                    }
-                    None => None,
-                },
+                scopes: k.scopes,
+                status: k.status,
+                secret_hash: k.secret_hash,
+                previous: k.previous,
+                rate: k.rate,
                 created_at: r.try_get(10).map_err(get)?,
                 last_used_ms: r.try_get(11).map_err(get)?,
                 requests_day: r.try_get(12).map_err(get)?,

@@ -3,8 +3,7 @@
 use rusqlite::{Connection, params};
 
 use super::SqliteStore;
-use crate::policy::{RateLimit, Scope};
-use crate::store::codec::{hash32, parse_status, status_str};
+use crate::store::codec::{decode_key, status_str};
 use crate::store::{AllowRecord, KeyRecord, KeyStore, StoreError};
 
 impl SqliteStore {
@@ -187,32 +186,21 @@ impl KeyStore for SqliteStore {
             account,
         ) in rows
         {
-            let scopes = scopes
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(|s| Scope::parse(s).map_err(|_| self.corrupt("keys.scopes", s)))
-                .collect::<Result<Vec<_>, _>>()?;
-            let previous = match (prev, prev_exp) {
-                (Some(h), Some(exp)) => Some((
-                    hash32(h).ok_or_else(|| self.corrupt("keys.prev_hash", "wrong length"))?,
-                    exp,
-                )),
-                _ => None,
-            };
+            let k = decode_key(
+                &scopes,
+                &status,
+                hash,
+                (prev, prev_exp),
+                rate,
+                |column, value| self.corrupt(column, value),
+            )?;
             out.push(KeyRecord {
                 kid,
-                scopes,
-                status: parse_status(&status)
-                    .ok_or_else(|| self.corrupt("keys.status", status.clone()))?,
-                secret_hash: hash32(hash)
-                    .ok_or_else(|| self.corrupt("keys.secret_hash", "wrong length"))?,
-                previous,
-                rate: match rate {
-                    Some(r) => {
-                        Some(RateLimit::parse(&r).map_err(|_| self.corrupt("keys.rate", r))?)
-                    }
-                    None => None,
-                },
+                scopes: k.scopes,
+                status: k.status,
+                secret_hash: k.secret_hash,
+                previous: k.previous,
+                rate: k.rate,
                 created_at,
                 last_used_ms,
                 requests_day: day,
