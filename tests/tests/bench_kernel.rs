@@ -147,6 +147,7 @@ fn test_run_table(bpffs: PathBuf) -> (Vec<Row>, String) {
         drop_capacity: 1 << 20,
         guard_capacity: 1024,
         cgroup: None,
+        batch_writes: true,
     })
     .expect("load edge_filter");
     let edge_fd = bpf::edge_filter(&bpffs);
@@ -418,6 +419,7 @@ fn flood_table(bpffs: PathBuf, dir: &std::path::Path) -> String {
                 drop_capacity: 1 << 20,
                 guard_capacity: 1024,
                 cgroup: None,
+                batch_writes: true,
             })
             .unwrap();
             k.sync_drops(&specs).unwrap();

@@ -288,6 +288,7 @@ fn guard_drops_syns_from_outside_the_union_on_guarded_ports_only() {
             drop_capacity: 1024,
             guard_capacity: 1024,
             cgroup: None,
+            batch_writes: true,
         })
         .expect("load");
         let union = vec![

@@ -84,6 +84,7 @@ fn fragmented_and_extension_header_syns_do_not_pass_the_guard() {
             drop_capacity: 1024,
             guard_capacity: 1024,
             cgroup: None,
+            batch_writes: true,
         })
         .expect("load");
         k.sync_guard(&unions, &ports).expect("guard");

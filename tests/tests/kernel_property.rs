@@ -181,6 +181,7 @@ fn the_real_program_agrees_with_the_policy_on_random_rules_and_packets() {
             drop_capacity: 4096,
             guard_capacity: 4096,
             cgroup: None,
+            batch_writes: true,
         })
         .expect("load"),
     );

@@ -137,6 +137,7 @@ async fn run(config: Config, path: PathBuf, explicit: bool, no_kernel: bool) -> 
             drop_capacity: config.kernel.drop_capacity,
             guard_capacity: config.kernel.guard_capacity,
             cgroup: Some(config.kernel.cgroup),
+            batch_writes: true,
         };
         let k = tokio::task::spawn_blocking(move || Kernel::load(opts)).await??;
         if k.attached.is_empty() {

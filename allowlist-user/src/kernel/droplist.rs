@@ -41,7 +41,7 @@ pub struct DropSpec {
     pub expires_ns: u64,
 }
 
-pub use super::drop_maps::DropMaps;
+pub use super::drop_maps::{AdoptMaps, DropMaps};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DropListError {
@@ -89,15 +89,6 @@ pub fn validate(net: &IpNet) -> Result<(), DropListError> {
 const FULL_REPAINT_SLOTS: u64 = 1 << 20;
 
 type Wanted = (HashMap<Ipv4Net, (u32, u64)>, HashMap<Ipv6Net, (u32, u64)>);
-
-/// What adoption needs to read back from maps an earlier daemon filled.
-pub trait AdoptMaps: DropMaps {
-    /// Indices of non-zero rules.
-    fn used_rules(&self) -> Vec<u32>;
-    fn v4_long_keys(&self) -> Vec<V4LongKey>;
-    fn v6_l1_keys(&self) -> Vec<u32>;
-    fn v6_long_keys(&self) -> Vec<V6LongKey>;
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
@@ -318,25 +309,26 @@ impl DropList {
         }
 
         // 2. Long prefixes added, then first levels recomputed where touched.
+        let mut long4 = Vec::new();
         for net in &added4 {
             if net.prefix_len() > 24 {
                 let key = v4_long_key(net);
-                maps.set_v4_long(key, self.v4[net].index)
-                    .map_err(maps_err)?;
+                long4.push((key, self.v4[net].index));
                 *self
                     .v4_long_count
                     .entry((key.addr >> 8, net.prefix_len()))
                     .or_default() += 1;
             }
         }
+        maps.set_v4_long(&long4).map_err(maps_err)?;
+        let mut long6 = Vec::new();
         for net in &added6 {
             if u32::from(net.prefix_len()) > V6_L1_PREFIX {
-                let key = v6_long_key(net);
-                maps.set_v6_long(key, self.v6[net].index)
-                    .map_err(maps_err)?;
+                long6.push((v6_long_key(net), self.v6[net].index));
                 self.count6(top32(net), net.prefix_len(), true);
             }
         }
+        maps.set_v6_long(&long6).map_err(maps_err)?;
         let touched: u64 = added4
             .iter()
             .chain(&removed4)
@@ -366,28 +358,48 @@ impl DropList {
             let count = 1u32 << (32u8.saturating_sub(net.prefix_len()));
             dirty6.extend(first..first + count);
         }
-        for top in dirty6 {
-            match self.v6_l1_value(top) {
-                Some(v) => maps.set_v6_l1(top, v).map_err(maps_err)?,
-                None => maps.del_v6_l1(top).map_err(maps_err)?,
-            }
-        }
+        self.write_v6_l1(maps, dirty6).map_err(maps_err)?;
 
         // 3. Only now that nothing points at them, drop removed long keys
         // and recycle the indices of removed rules.
-        for (net, e) in removed_entries4 {
-            if net.prefix_len() > 24 {
-                maps.del_v4_long(v4_long_key(&net)).map_err(maps_err)?;
-            }
-            self.release(maps, e.index).map_err(maps_err)?;
-        }
-        for (net, e) in removed_entries6 {
-            if u32::from(net.prefix_len()) > V6_L1_PREFIX {
-                maps.del_v6_long(v6_long_key(&net)).map_err(maps_err)?;
-            }
-            self.release(maps, e.index).map_err(maps_err)?;
-        }
+        let gone4: Vec<V4LongKey> = removed_entries4
+            .iter()
+            .filter(|(net, _)| net.prefix_len() > 24)
+            .map(|(net, _)| v4_long_key(net))
+            .collect();
+        maps.del_v4_long(&gone4).map_err(maps_err)?;
+        let gone6: Vec<V6LongKey> = removed_entries6
+            .iter()
+            .filter(|(net, _)| u32::from(net.prefix_len()) > V6_L1_PREFIX)
+            .map(|(net, _)| v6_long_key(net))
+            .collect();
+        maps.del_v6_long(&gone6).map_err(maps_err)?;
+        let released: Vec<u32> = removed_entries4
+            .iter()
+            .map(|(_, e)| e.index)
+            .chain(removed_entries6.iter().map(|(_, e)| e.index))
+            .collect();
+        self.release(maps, &released).map_err(maps_err)?;
         Ok(())
+    }
+
+    /// Writes the v6 first-level entry of every top in `tops`: its value,
+    /// or a delete where nothing is left below it.
+    fn write_v6_l1<M: DropMaps>(
+        &self,
+        maps: &mut M,
+        tops: impl IntoIterator<Item = u32>,
+    ) -> Result<(), M::Error> {
+        let mut set = Vec::new();
+        let mut gone = Vec::new();
+        for top in tops {
+            match self.v6_l1_value(top) {
+                Some(v) => set.push((top, v)),
+                None => gone.push(top),
+            }
+        }
+        maps.set_v6_l1(&set)?;
+        maps.del_v6_l1(&gone)
     }
 
     /// Indices run up to twice the capacity: within one change the new
@@ -431,7 +443,7 @@ impl DropList {
     ) -> Result<(), DropListError> {
         let (want4, want6) = self.wanted_sets(wanted)?;
         let maps_err = |e: M::Error| DropListError::Maps(Box::new(e));
-        let old_rules: Vec<u32> = maps.used_rules();
+        let old_rules: Vec<u32> = maps.used_rules().map_err(maps_err)?;
         *self = DropList::new(self.capacity);
         self.reserved = old_rules.iter().copied().collect();
         for (net, (reason, expires_ns)) in want4 {
@@ -459,75 +471,86 @@ impl DropList {
         self.reserved.clear();
         self.write_rules(maps).map_err(maps_err)?;
 
-        let mut long4 = HashSet::new();
+        let mut long4 = Vec::new();
         for (net, e) in &self.v4 {
             if net.prefix_len() > 24 {
                 let key = v4_long_key(net);
-                maps.set_v4_long(key, e.index).map_err(maps_err)?;
+                long4.push((key, e.index));
                 *self
                     .v4_long_count
                     .entry((key.addr >> 8, net.prefix_len()))
                     .or_default() += 1;
-                long4.insert(key);
             }
         }
-        let mut long6 = HashSet::new();
+        maps.set_v4_long(&long4).map_err(maps_err)?;
+        let mut long6 = Vec::new();
         let mut tops = HashSet::new();
         let mut counted6 = Vec::new();
         for (net, e) in &self.v6 {
             let first = top32(net);
             tops.extend(first..first + (1u32 << (32u8.saturating_sub(net.prefix_len()))));
             if u32::from(net.prefix_len()) > V6_L1_PREFIX {
-                let key = v6_long_key(net);
-                maps.set_v6_long(key, e.index).map_err(maps_err)?;
+                long6.push((v6_long_key(net), e.index));
                 counted6.push((first, net.prefix_len()));
-                long6.insert(key);
             }
         }
+        maps.set_v6_long(&long6).map_err(maps_err)?;
         for (top, len) in counted6 {
             self.count6(top, len, true);
         }
 
         self.repaint_v4(maps).map_err(maps_err)?;
-        for &top in &tops {
-            if let Some(v) = self.v6_l1_value(top) {
-                maps.set_v6_l1(top, v).map_err(maps_err)?;
-            }
-        }
-        for top in maps.v6_l1_keys() {
-            if !tops.contains(&top) {
-                maps.del_v6_l1(top).map_err(maps_err)?;
-            }
-        }
-        for key in maps.v4_long_keys() {
-            if !long4.contains(&key) {
-                maps.del_v4_long(key).map_err(maps_err)?;
-            }
-        }
-        for key in maps.v6_long_keys() {
-            if !long6.contains(&key) {
-                maps.del_v6_long(key).map_err(maps_err)?;
-            }
-        }
+        let l1: Vec<(u32, V6L1Value)> = tops
+            .iter()
+            .filter_map(|&top| Some((top, self.v6_l1_value(top)?)))
+            .collect();
+        maps.set_v6_l1(&l1).map_err(maps_err)?;
+        let stale: Vec<u32> = maps
+            .v6_l1_keys()
+            .map_err(maps_err)?
+            .into_iter()
+            .filter(|top| !tops.contains(top))
+            .collect();
+        maps.del_v6_l1(&stale).map_err(maps_err)?;
+        let wanted4: HashSet<V4LongKey> = long4.iter().map(|&(k, _)| k).collect();
+        let stale: Vec<V4LongKey> = maps
+            .v4_long_keys()
+            .map_err(maps_err)?
+            .into_iter()
+            .filter(|k| !wanted4.contains(k))
+            .collect();
+        maps.del_v4_long(&stale).map_err(maps_err)?;
+        let wanted6: HashSet<V6LongKey> = long6.iter().map(|&(k, _)| k).collect();
+        let stale: Vec<V6LongKey> = maps
+            .v6_long_keys()
+            .map_err(maps_err)?
+            .into_iter()
+            .filter(|k| !wanted6.contains(k))
+            .collect();
+        maps.del_v6_long(&stale).map_err(maps_err)?;
         let in_use: HashSet<u32> = self
             .v4
             .values()
             .chain(self.v6.values())
             .map(|e| e.index)
             .collect();
-        for index in old_rules {
-            if !in_use.contains(&index) {
-                self.release(maps, index).map_err(maps_err)?;
-            }
-        }
+        let unused: Vec<u32> = old_rules
+            .into_iter()
+            .filter(|i| !in_use.contains(i))
+            .collect();
+        self.release(maps, &unused).map_err(maps_err)?;
         Ok(())
     }
 
-    fn release<M: DropMaps>(&mut self, maps: &mut M, index: u32) -> Result<(), M::Error> {
+    fn release<M: DropMaps>(&mut self, maps: &mut M, indices: &[u32]) -> Result<(), M::Error> {
         // A zeroed rule never drops, should a stale pointer still reach it.
-        maps.set_rule(index, DropRule::default())?;
-        self.written.remove(&index);
-        self.free.push(index);
+        let zeroed: Vec<(u32, DropRule)> =
+            indices.iter().map(|&i| (i, DropRule::default())).collect();
+        maps.set_rules(&zeroed)?;
+        for &index in indices {
+            self.written.remove(&index);
+            self.free.push(index);
+        }
         Ok(())
     }
 
@@ -560,12 +583,9 @@ impl DropList {
             }
             values.push((e.index, rule(e.reason, expires)));
         }
-        for (index, value) in values {
-            if self.written.get(&index) != Some(&value) {
-                maps.set_rule(index, value)?;
-                self.written.insert(index, value);
-            }
-        }
+        values.retain(|(index, value)| self.written.get(index) != Some(value));
+        maps.set_rules(&values)?;
+        self.written.extend(values);
         Ok(())
     }
 

@@ -20,6 +20,7 @@ mod drop_maps;
 mod drop_sync;
 pub mod droplist;
 mod journal;
+mod map_batch;
 pub mod policy_maps;
 mod policy_sync;
 
@@ -40,8 +41,8 @@ use std::{
 use allowlist_common::{
     ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
     C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT,
-    C_MALFORMED, C_PASS, ConnInfo, DropEvent, DropRule, KeyState, LAYOUT_VERSION, REASON_AUTO,
-    REASON_DENIED, REASON_IMPORT, REASON_MANUAL, V4_L1_SLOTS, V4LongKey, V6L1Value, V6LongKey,
+    C_MALFORMED, C_PASS, ConnInfo, DropEvent, KeyState, LAYOUT_VERSION, REASON_AUTO, REASON_DENIED,
+    REASON_IMPORT, REASON_MANUAL, V4_L1_SLOTS,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -172,6 +173,11 @@ pub struct KernelOptions {
     pub guard_capacity: u32,
     /// Where the connection hooks go (see [`CgroupMode`]). `None`: no hooks.
     pub cgroup: Option<CgroupMode>,
+    /// Bulk drop-list writes through the kernel's batch map commands
+    /// (thousands of entries per syscall). Where the kernel has none they
+    /// are not used, whatever this says; `false` writes one entry per
+    /// syscall, which the benchmarks measure against.
+    pub batch_writes: bool,
 }
 
 /// A map write that failed.
@@ -180,11 +186,14 @@ pub struct KernelOptions {
 pub struct MapWriteError {
     name: &'static str,
     #[source]
-    source: MapError,
+    source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 fn mw(name: &'static str) -> impl FnOnce(MapError) -> MapWriteError {
-    move |source| MapWriteError { name, source }
+    move |source| MapWriteError {
+        name,
+        source: source.into(),
+    }
 }
 
 /// Deleting a key that is already gone is what we wanted anyway.
@@ -291,6 +300,21 @@ fn take<T: TryFrom<Map, Error = MapError>>(
         source: MapError::InvalidName { name: name.into() },
     })?;
     T::try_from(map).map_err(|source| KernelError::Map { name, source })
+}
+
+/// A hash or array map, to be read and written in batches.
+fn table<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    batched: bool,
+) -> Result<map_batch::Table<K, V>, KernelError> {
+    match ebpf.map(name) {
+        Some(Map::Array(data) | Map::HashMap(data)) => map_batch::Table::new(data, name, batched),
+        _ => Err(KernelError::Map {
+            name,
+            source: MapError::InvalidName { name: name.into() },
+        }),
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> KernelError + 'a {
@@ -412,12 +436,12 @@ impl Kernel {
         let v4_l1 = sys::MmapU32::new(v4_l1_map.fd().as_fd(), V4_L1_SLOTS as usize)
             .map_err(io_err("mmap", &maps.join("DROP4_L1")))?;
         let drop_maps = KernelDropMaps {
-            rules: take(&mut ebpf, "DROP_RULES")?,
+            rules: table(&ebpf, "DROP_RULES", opts.batch_writes)?,
             v4_l1,
             _v4_l1_map: v4_l1_map,
-            v4_long: take(&mut ebpf, "DROP4_LONG")?,
-            v6_l1: take(&mut ebpf, "DROP6_L1")?,
-            v6_long: take(&mut ebpf, "DROP6_LONG")?,
+            v4_long: table(&ebpf, "DROP4_LONG", opts.batch_writes)?,
+            v6_l1: table(&ebpf, "DROP6_L1", opts.batch_writes)?,
+            v6_long: table(&ebpf, "DROP6_LONG", opts.batch_writes)?,
         };
         let mut kernel = Kernel {
             drops: DropList::new(opts.drop_capacity as usize),

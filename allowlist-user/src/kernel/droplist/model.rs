@@ -29,8 +29,8 @@ impl Default for ModelMaps {
 
 impl DropMaps for ModelMaps {
     type Error = std::convert::Infallible;
-    fn set_rule(&mut self, index: u32, rule: DropRule) -> Result<(), Self::Error> {
-        self.rules.insert(index, rule);
+    fn set_rules(&mut self, rules: &[(u32, DropRule)]) -> Result<(), Self::Error> {
+        self.rules.extend(rules.iter().copied());
         Ok(())
     }
     fn v4_slot(&self, slot: u32) -> u32 {
@@ -40,60 +40,70 @@ impl DropMaps for ModelMaps {
         self.v4_l1[slot as usize] = value;
         Ok(())
     }
-    fn set_v4_long(&mut self, key: V4LongKey, rule: u32) -> Result<(), Self::Error> {
-        self.v4_long.insert(key, rule);
+    fn set_v4_long(&mut self, entries: &[(V4LongKey, u32)]) -> Result<(), Self::Error> {
+        self.v4_long.extend(entries.iter().copied());
         Ok(())
     }
-    fn del_v4_long(&mut self, key: V4LongKey) -> Result<(), Self::Error> {
-        self.v4_long.remove(&key);
+    fn del_v4_long(&mut self, keys: &[V4LongKey]) -> Result<(), Self::Error> {
+        for k in keys {
+            self.v4_long.remove(k);
+        }
         Ok(())
     }
-    fn set_v6_l1(&mut self, top: u32, value: V6L1Value) -> Result<(), Self::Error> {
-        self.v6_l1.insert(top, value);
+    fn set_v6_l1(&mut self, entries: &[(u32, V6L1Value)]) -> Result<(), Self::Error> {
+        self.v6_l1.extend(entries.iter().copied());
         Ok(())
     }
-    fn del_v6_l1(&mut self, top: u32) -> Result<(), Self::Error> {
-        self.v6_l1.remove(&top);
+    fn del_v6_l1(&mut self, tops: &[u32]) -> Result<(), Self::Error> {
+        for t in tops {
+            self.v6_l1.remove(t);
+        }
         Ok(())
     }
-    fn set_v6_long(&mut self, key: V6LongKey, rule: u32) -> Result<(), Self::Error> {
-        self.v6_long.insert(key, rule);
+    fn set_v6_long(&mut self, entries: &[(V6LongKey, u32)]) -> Result<(), Self::Error> {
+        self.v6_long.extend(entries.iter().copied());
         Ok(())
     }
-    fn del_v6_long(&mut self, key: V6LongKey) -> Result<(), Self::Error> {
-        self.v6_long.remove(&key);
+    fn del_v6_long(&mut self, keys: &[V6LongKey]) -> Result<(), Self::Error> {
+        for k in keys {
+            self.v6_long.remove(k);
+        }
         Ok(())
     }
-    fn rule(&self, index: u32) -> DropRule {
-        self.rules.get(&index).copied().unwrap_or_default()
+    fn rules(&self, indices: &[u32]) -> Result<Vec<DropRule>, Self::Error> {
+        Ok(indices
+            .iter()
+            .map(|i| self.rules.get(i).copied().unwrap_or_default())
+            .collect())
     }
-    fn v4_long(&self, key: V4LongKey) -> Option<u32> {
-        self.v4_long.get(&key).copied()
+    fn v4_long(&self, keys: &[V4LongKey]) -> Result<Vec<Option<u32>>, Self::Error> {
+        Ok(keys.iter().map(|k| self.v4_long.get(k).copied()).collect())
     }
-    fn v6_l1(&self, top: u32) -> Option<V6L1Value> {
-        self.v6_l1.get(&top).copied()
+    fn v6_l1(&self, tops: &[u32]) -> Result<Vec<Option<V6L1Value>>, Self::Error> {
+        Ok(tops.iter().map(|t| self.v6_l1.get(t).copied()).collect())
     }
-    fn v6_long(&self, key: V6LongKey) -> Option<u32> {
-        self.v6_long.get(&key).copied()
+    fn v6_long(&self, keys: &[V6LongKey]) -> Result<Vec<Option<u32>>, Self::Error> {
+        Ok(keys.iter().map(|k| self.v6_long.get(k).copied()).collect())
     }
 }
 
 impl AdoptMaps for ModelMaps {
-    fn used_rules(&self) -> Vec<u32> {
-        self.rules
+    fn used_rules(&self) -> Result<Vec<u32>, Self::Error> {
+        Ok(self
+            .rules
             .iter()
             .filter(|(_, r)| **r != DropRule::default())
             .map(|(i, _)| *i)
-            .collect()
+            .collect())
     }
-    fn v4_long_keys(&self) -> Vec<V4LongKey> {
-        self.v4_long.keys().copied().collect()
+    fn v4_long_keys(&self) -> Result<Vec<V4LongKey>, Self::Error> {
+        Ok(self.v4_long.keys().copied().collect())
     }
-    fn v6_l1_keys(&self) -> Vec<u32> {
-        self.v6_l1.keys().copied().collect()
+    fn v6_l1_keys(&self) -> Result<Vec<u32>, Self::Error> {
+        Ok(self.v6_l1.keys().copied().collect())
     }
-    fn v6_long_keys(&self) -> Vec<V6LongKey> {
-        self.v6_long.keys().copied().collect()
+    fn v6_long_keys(&self) -> Result<Vec<V6LongKey>, Self::Error> {
+        Ok(self.v6_long.keys().copied().collect())
     }
 }
 

@@ -125,7 +125,9 @@ fn probes_specs_rev(list: &DropList) -> Vec<DropSpec> {
 #[error("injected failure")]
 struct Injected;
 
-/// Model maps whose `n`-th write fails.
+/// Model maps whose `n`-th entry written fails. A write of several
+/// entries that reaches it makes the ones before it, as the kernel's batch
+/// commands do.
 struct FailAt<'a> {
     maps: &'a mut ModelMaps,
     n: usize,
@@ -133,72 +135,77 @@ struct FailAt<'a> {
 }
 
 impl FailAt<'_> {
-    fn write(&mut self) -> Result<(), Injected> {
-        self.seen += 1;
-        if self.seen == self.n {
-            Err(Injected)
+    /// How many of the next `len` entries go through, and whether the
+    /// write fails after them.
+    fn admit(&mut self, len: usize) -> (usize, Result<(), Injected>) {
+        let start = self.seen;
+        self.seen += len;
+        if self.n > start && self.n <= start + len {
+            (self.n - start - 1, Err(Injected))
         } else {
-            Ok(())
+            (len, Ok(()))
         }
     }
 }
 
 impl DropMaps for FailAt<'_> {
     type Error = Injected;
-    fn set_rule(&mut self, index: u32, rule: DropRule) -> Result<(), Injected> {
-        self.write()?;
-        let _ = self.maps.set_rule(index, rule);
-        Ok(())
+    fn set_rules(&mut self, rules: &[(u32, DropRule)]) -> Result<(), Injected> {
+        let (k, r) = self.admit(rules.len());
+        let _ = self.maps.set_rules(&rules[..k]);
+        r
     }
     fn v4_slot(&self, slot: u32) -> u32 {
         self.maps.v4_slot(slot)
     }
     fn set_v4_slot(&mut self, slot: u32, value: u32) -> Result<(), Injected> {
-        self.write()?;
-        let _ = self.maps.set_v4_slot(slot, value);
-        Ok(())
+        let (k, r) = self.admit(1);
+        if k == 1 {
+            let _ = self.maps.set_v4_slot(slot, value);
+        }
+        r
     }
-    fn set_v4_long(&mut self, key: V4LongKey, rule: u32) -> Result<(), Injected> {
-        self.write()?;
-        let _ = self.maps.set_v4_long(key, rule);
-        Ok(())
+    fn set_v4_long(&mut self, entries: &[(V4LongKey, u32)]) -> Result<(), Injected> {
+        let (k, r) = self.admit(entries.len());
+        let _ = self.maps.set_v4_long(&entries[..k]);
+        r
     }
-    fn del_v4_long(&mut self, key: V4LongKey) -> Result<(), Injected> {
-        self.write()?;
-        let _ = self.maps.del_v4_long(key);
-        Ok(())
+    fn del_v4_long(&mut self, keys: &[V4LongKey]) -> Result<(), Injected> {
+        let (k, r) = self.admit(keys.len());
+        let _ = self.maps.del_v4_long(&keys[..k]);
+        r
     }
-    fn set_v6_l1(&mut self, top: u32, value: V6L1Value) -> Result<(), Injected> {
-        self.write()?;
-        let _ = self.maps.set_v6_l1(top, value);
-        Ok(())
+    fn set_v6_l1(&mut self, entries: &[(u32, V6L1Value)]) -> Result<(), Injected> {
+        let (k, r) = self.admit(entries.len());
+        let _ = self.maps.set_v6_l1(&entries[..k]);
+        r
     }
-    fn del_v6_l1(&mut self, top: u32) -> Result<(), Injected> {
-        self.write()?;
-        let _ = self.maps.del_v6_l1(top);
-        Ok(())
+    fn del_v6_l1(&mut self, tops: &[u32]) -> Result<(), Injected> {
+        let (k, r) = self.admit(tops.len());
+        let _ = self.maps.del_v6_l1(&tops[..k]);
+        r
     }
-    fn set_v6_long(&mut self, key: V6LongKey, rule: u32) -> Result<(), Injected> {
-        self.write()?;
-        let _ = self.maps.set_v6_long(key, rule);
-        Ok(())
+    fn set_v6_long(&mut self, entries: &[(V6LongKey, u32)]) -> Result<(), Injected> {
+        let (k, r) = self.admit(entries.len());
+        let _ = self.maps.set_v6_long(&entries[..k]);
+        r
     }
-    fn del_v6_long(&mut self, key: V6LongKey) -> Result<(), Injected> {
-        self.write()?;
-        let _ = self.maps.del_v6_long(key);
-        Ok(())
+    fn del_v6_long(&mut self, keys: &[V6LongKey]) -> Result<(), Injected> {
+        let (k, r) = self.admit(keys.len());
+        let _ = self.maps.del_v6_long(&keys[..k]);
+        r
     }
-    fn rule(&self, index: u32) -> DropRule {
-        self.maps.rule(index)
+    fn rules(&self, indices: &[u32]) -> Result<Vec<DropRule>, Injected> {
+        Ok(self.maps.rules(indices).unwrap())
     }
-    fn v4_long(&self, key: V4LongKey) -> Option<u32> {
-        self.maps.v4_long(key)
+    fn v4_long(&self, keys: &[V4LongKey]) -> Result<Vec<Option<u32>>, Injected> {
+        Ok(self.maps.v4_long(keys).unwrap())
     }
-    fn v6_l1(&self, top: u32) -> Option<V6L1Value> {
-        self.maps.v6_l1(top)
+    fn v6_l1(&self, tops: &[u32]) -> Result<Vec<Option<V6L1Value>>, Injected> {
+        Ok(self.maps.v6_l1(tops).unwrap())
     }
-    fn v6_long(&self, key: V6LongKey) -> Option<u32> {
-        self.maps.v6_long(key)
+    fn v6_long(&self, keys: &[V6LongKey]) -> Result<Vec<Option<u32>>, Injected> {
+        Ok(self.maps.v6_long(keys).unwrap())
     }
 }
 

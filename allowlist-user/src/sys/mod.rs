@@ -5,6 +5,10 @@
 //! tokio, and plain-data byte views of the kernel's shared types.
 #![allow(unsafe_code)]
 
+mod bpf_map;
+
+pub use bpf_map::{BatchError, BpfMap, map_update};
+
 use std::{
     ffi::CString,
     io,
@@ -163,44 +167,6 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
-/// `bpf(BPF_MAP_UPDATE_ELEM)` with `BPF_ANY`. A direct syscall on a shared
-/// fd needs no `&mut` handle, so the edge workers write without taking a
-/// lock around the syscall.
-pub fn map_update(map: std::os::fd::BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    #[repr(C)]
-    struct UpdateAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-    let attr = UpdateAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: key.as_ptr() as u64,
-        value: value.as_ptr() as u64,
-        flags: 0,
-    };
-    // SAFETY: attr is a valid bpf_attr prefix for this command; key and
-    // value point to buffers the sizes the map was created with (callers
-    // pass the map's own key and value types).
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            &attr as *const UpdateAttr,
-            std::mem::size_of::<UpdateAttr>() as libc::c_uint,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The socket cookie of `fd` (SO_COOKIE), the key of `CONNS`.
 pub fn socket_cookie(fd: std::os::fd::RawFd) -> io::Result<u64> {
     let mut cookie: u64 = 0;
@@ -316,8 +282,28 @@ pub fn euid() -> u32 {
 
 /// The bytes of a plain-data kernel type (a map key or value).
 pub fn pod_bytes<T: aya::Pod>(v: &T) -> &[u8] {
+    pod_slice_bytes(std::slice::from_ref(v))
+}
+
+/// The bytes of a slice of plain-data kernel types, back to back as a
+/// batch map call reads them.
+pub fn pod_slice_bytes<T: aya::Pod>(v: &[T]) -> &[u8] {
     // SAFETY: aya::Pod types are repr(C) plain data without padding.
-    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// The same, writable: a batch lookup fills it.
+pub fn pod_slice_bytes_mut<T: aya::Pod>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as above; and any bit pattern is a valid aya::Pod value, so
+    // whatever the kernel writes leaves valid values.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// A plain-data kernel type with every byte zero: a buffer for the kernel
+/// to fill.
+pub fn zeroed_pod<T: aya::Pod>() -> T {
+    // SAFETY: any bit pattern, zero included, is a valid aya::Pod value.
+    unsafe { std::mem::zeroed() }
 }
 
 /// A plain-data kernel type read from the front of `bytes` (a ring buffer
