@@ -50,9 +50,7 @@ impl DropMaps for KernelDropMaps {
         self.v6_long.delete(keys)
     }
     fn rules(&self, indices: &[u32]) -> Result<Vec<DropRule>, Self::Error> {
-        // An index past the array is never written, so it holds nothing.
-        let held = self.rules.get_many(indices)?;
-        Ok(held.into_iter().map(Option::unwrap_or_default).collect())
+        self.rules.array_values(indices)
     }
     fn v4_long(&self, keys: &[V4LongKey]) -> Result<Vec<Option<u32>>, Self::Error> {
         self.v4_long.get_many(keys)

@@ -220,3 +220,55 @@ impl<K: Pod + Eq + Hash, V: Pod> Table<K, V> {
         }
     }
 }
+
+impl<V: Pod> Table<u32, V> {
+    /// What each index of an array holds now. Many indices are read as the
+    /// one run of the array from the lowest to the highest, in batches.
+    pub(super) fn array_values(&self, indices: &[u32]) -> Result<Vec<V>, MapWriteError> {
+        let (Some(&lo), Some(&hi)) = (indices.iter().min(), indices.iter().max()) else {
+            return Ok(Vec::new());
+        };
+        let span = (hi - lo) as usize + 1;
+        // A run read costs far less per entry than a lookup, but not
+        // nothing: only when the indices fill a good part of it.
+        if !self.batched() || indices.len() < 64 || span > indices.len() * 8 {
+            return indices
+                .iter()
+                .map(|i| Ok(self.get(i)?.unwrap_or_else(sys::zeroed_pod)))
+                .collect();
+        }
+        let run = self.read_run(lo, span).map_err(|e| self.err(e))?;
+        Ok(indices.iter().map(|&i| run[(i - lo) as usize]).collect())
+    }
+
+    /// `span` values from index `lo` on.
+    fn read_run(&self, lo: u32, span: usize) -> io::Result<Vec<V>> {
+        let mut run = Vec::with_capacity(span);
+        // A batch lookup starts after the index in its position.
+        let mut token = lo.checked_sub(1).map(|p| p.to_ne_bytes().to_vec());
+        let mut next = vec![0u8; self.map.token_size()];
+        while run.len() < span {
+            let want = (span - run.len()).min(CHUNK);
+            let mut keys = vec![0u32; want];
+            let mut values = vec![sys::zeroed_pod::<V>(); want];
+            let (n, more) = self.map.lookup_batch(
+                token.as_deref(),
+                &mut next,
+                sys::pod_slice_bytes_mut(&mut keys),
+                sys::pod_slice_bytes_mut(&mut values),
+            )?;
+            run.extend_from_slice(&values[..n]);
+            if !more || n == 0 {
+                break;
+            }
+            token = Some(next.clone());
+        }
+        if run.len() < span {
+            return Err(io::Error::other(format!(
+                "the array ended after {} of the {span} entries read from index {lo}",
+                run.len()
+            )));
+        }
+        Ok(run)
+    }
+}
