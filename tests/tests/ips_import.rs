@@ -87,6 +87,51 @@ fn a_file_of_entries_is_authorized_whole_or_not_at_all() {
         good.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2));
+
+    // A long file, with --progress while stderr is a pipe: what was read
+    // (every 100,000 lines, then the entries), what is sent, the answer's
+    // time; the result alone on stdout, still JSON.
+    let long = setup.dir.path().join("long.txt");
+    let mut text = "# filler\n".repeat(100_000);
+    text.push_str("10.20.0.0/16 a\n10.21.0.0/16\n");
+    std::fs::write(&long, text).unwrap();
+    let out = setup.ctl(&[
+        "--json",
+        "--account",
+        "acme",
+        "ips",
+        "authorize",
+        "--file",
+        long.to_str().unwrap(),
+        "--progress",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(r["added"], 2, "{r}");
+    for want in [
+        "read 100000 lines of ",
+        "read 2 entries from ",
+        "authorizing 2 entries in one change...",
+        "answered in ",
+    ] {
+        assert!(err.contains(want), "{want:?} not in the progress: {err}");
+    }
+    // Without --progress, a pipe gets no progress at all.
+    let quiet = setup.ctl(&[
+        "--account",
+        "acme",
+        "ips",
+        "authorize",
+        "--file",
+        good.to_str().unwrap(),
+    ]);
+    assert!(quiet.status.success());
+    assert!(
+        quiet.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&quiet.stderr)
+    );
 }
 
 /// `allowlistctl drop add --file`: every line in one change, written to

@@ -6,6 +6,7 @@ use clap::Subcommand;
 use crate::{
     Output,
     client::{Client, CtlError, query_value},
+    import_file::Progress,
 };
 
 #[derive(Subcommand, Debug)]
@@ -28,6 +29,10 @@ pub enum DropCmd {
         /// Why (shown in `drop list` and the audit log).
         #[arg(long)]
         reason: Option<String>,
+        /// Report the import's progress on stderr even when it is not a
+        /// terminal (on a terminal it always is).
+        #[arg(long, requires = "file")]
+        progress: bool,
     },
     /// Remove a prefix from the drop list.
     Remove { cidr: String },
@@ -71,35 +76,25 @@ pub async fn run(client: &Client, cmd: DropCmd) -> Result<Output, CtlError> {
             file: Some(file),
             ttl,
             reason,
+            progress,
             ..
         } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|e| CtlError::Setup(format!("reading {}: {e}", file.display())))?;
-            let entries: Vec<AddDrop> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(|l| {
-                    let (cidr, why) = match l.split_once(char::is_whitespace) {
-                        Some((c, w)) => (c, Some(w.trim().to_string())),
-                        None => (l, reason.clone()),
-                    };
-                    AddDrop {
-                        cidr: cidr.to_string(),
-                        ttl: ttl.clone(),
-                        reason: why,
-                    }
+            let progress = Progress::new(progress);
+            let entries: Vec<AddDrop> = progress
+                .read(&file)?
+                .into_iter()
+                .map(|l| AddDrop {
+                    cidr: l.cidr,
+                    ttl: ttl.clone(),
+                    reason: l.rest.or_else(|| reason.clone()),
                 })
                 .collect();
-            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                eprintln!(
-                    "read {} entries from {}; adding them in one change...",
-                    entries.len(),
-                    file.display()
-                );
-            }
-            let r: DropImportOutcome = client
-                .post("/v1/drop/import", &ImportDrops { entries })
+            let doing = format!("adding {} drop entries", entries.len());
+            let r: DropImportOutcome = progress
+                .wait(
+                    &doing,
+                    client.post("/v1/drop/import", &ImportDrops { entries }),
+                )
                 .await?;
             let text = format!(
                 "wrote {} drop entries; the drop list holds {}\n",

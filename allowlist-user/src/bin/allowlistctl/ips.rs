@@ -12,6 +12,7 @@ use clap::Subcommand;
 use crate::{
     Output,
     client::{Client, CtlError, query_value},
+    import_file::Progress,
 };
 
 #[derive(Subcommand, Debug)]
@@ -33,6 +34,10 @@ pub enum IpsCmd {
         /// removable only by the organization).
         #[arg(long)]
         share: bool,
+        /// Report the import's progress on stderr even when it is not a
+        /// terminal (on a terminal it always is).
+        #[arg(long, requires = "file")]
+        progress: bool,
     },
     /// Remove a network from the authorized list.
     Remove { cidr: String },
@@ -101,8 +106,9 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
         IpsCmd::Authorize {
             file: Some(file),
             share,
+            progress,
             ..
-        } => import(client, &file, share).await,
+        } => import(client, &file, share, Progress::new(progress)).await,
         IpsCmd::Authorize {
             cidr, label, share, ..
         } => {
@@ -203,39 +209,26 @@ pub async fn run(client: &Client, cmd: IpsCmd) -> Result<Output, CtlError> {
     }
 }
 
-/// The entries of an import file: `CIDR [label]` per line.
-fn read_entries(path: &std::path::Path) -> Result<Vec<AllowEntry>, CtlError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| CtlError::Setup(format!("reading {}: {e}", path.display())))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| match l.split_once(char::is_whitespace) {
-            Some((cidr, label)) => AllowEntry {
-                cidr: cidr.to_string(),
-                label: Some(label.trim().to_string()),
-            },
-            None => AllowEntry {
-                cidr: l.to_string(),
-                label: None,
-            },
+async fn import(
+    client: &Client,
+    file: &std::path::Path,
+    share: bool,
+    progress: Progress,
+) -> Result<Output, CtlError> {
+    let entries: Vec<AllowEntry> = progress
+        .read(file)?
+        .into_iter()
+        .map(|l| AllowEntry {
+            cidr: l.cidr,
+            label: l.rest,
         })
-        .collect())
-}
-
-async fn import(client: &Client, file: &std::path::Path, share: bool) -> Result<Output, CtlError> {
-    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let entries = read_entries(file)?;
-    if progress {
-        eprintln!(
-            "read {} entries from {}; authorizing them in one change...",
-            entries.len(),
-            file.display()
-        );
-    }
-    let r: ImportOutcome = client
-        .post("/v1/ips/import", &ImportEntries { entries, share })
+        .collect();
+    let doing = format!("authorizing {} entries", entries.len());
+    let r: ImportOutcome = progress
+        .wait(
+            &doing,
+            client.post("/v1/ips/import", &ImportEntries { entries, share }),
+        )
         .await?;
     let text = format!(
         "authorized {} new entries in account {} ({} already listed)\n",

@@ -10,6 +10,7 @@ mod blocking;
 mod client;
 mod drop;
 mod error;
+mod import_file;
 mod ips;
 mod keys;
 mod logs;
