@@ -14,9 +14,9 @@ use crate::{Repo, build, cmd, describe, ensure_bpffs, fix, output, say, setup::s
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Suite {
     Kernel,
-    /// Bulk loads of the kernel drop list: batch map commands against one
-    /// syscall per entry.
-    Drops,
+    /// Bulk kernel map writes (the drop list, the policy maps): batch map
+    /// commands against one syscall per entry.
+    Writes,
     Policy,
     Edge,
     /// The usage log: writer rows/s, CSV export rows/s and memory.
@@ -223,7 +223,7 @@ fn clippy_ebpf(repo: &Repo) -> Result<()> {
 pub fn bench(repo: &Repo, suite: Suite) -> Result<ExitCode> {
     let name = match suite {
         Suite::Kernel => "kernel",
-        Suite::Drops => "drops",
+        Suite::Writes => "writes",
         Suite::Policy => "policy",
         Suite::Edge => "edge",
         Suite::Logs => "logs",
@@ -249,7 +249,7 @@ fn bench_tools(suite: Suite) -> Result<()> {
     // (command, Debian package)
     let tools: &[(&str, &str)] = match suite {
         Suite::Kernel => &[("trafgen", "netsniff-ng"), ("nft", "nftables")],
-        Suite::Policy | Suite::Drops => &[],
+        Suite::Policy | Suite::Writes => &[],
         Suite::Logs => &[("ls /usr/lib/postgresql/*/bin/postgres", "postgresql")],
         Suite::Store => &[("ls /usr/lib/postgresql/*/bin/postgres", "postgresql")],
         Suite::Edge => &[

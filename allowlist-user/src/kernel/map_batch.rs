@@ -48,7 +48,7 @@ fn no_such_command(e: &io::Error) -> bool {
     )
 }
 
-impl<K: Pod + Eq + Hash, V: Pod> Table<K, V> {
+impl<K: Pod, V: Pod> Table<K, V> {
     /// `batched: false` writes one entry per syscall from the start.
     pub(super) fn new(
         data: &MapData,
@@ -159,19 +159,6 @@ impl<K: Pod + Eq + Hash, V: Pod> Table<K, V> {
         Ok(())
     }
 
-    /// What each key holds now. Many keys at once are answered from one
-    /// read of the whole map, a few by a lookup each.
-    pub(super) fn get_many(&self, keys: &[K]) -> Result<Vec<Option<V>>, MapWriteError> {
-        // A whole read costs about a lookup per 16 entries the map can
-        // hold (bucket walks plus copies); past that, it is the cheaper.
-        if self.batched() && keys.len() >= 64 && keys.len() * 16 >= self.map.max_entries() as usize
-        {
-            let all: HashMap<K, V> = self.entries()?.into_iter().collect();
-            return Ok(keys.iter().map(|k| all.get(k).copied()).collect());
-        }
-        keys.iter().map(|k| self.get(k)).collect()
-    }
-
     /// Every entry the map holds (for an array: every index).
     pub(super) fn entries(&self) -> Result<Vec<(K, V)>, MapWriteError> {
         let mut out = Vec::new();
@@ -218,6 +205,21 @@ impl<K: Pod + Eq + Hash, V: Pod> Table<K, V> {
             std::mem::swap(&mut token, &mut next);
             first = false;
         }
+    }
+}
+
+impl<K: Pod + Eq + Hash, V: Pod> Table<K, V> {
+    /// What each key holds now. Many keys at once are answered from one
+    /// read of the whole map, a few by a lookup each.
+    pub(super) fn get_many(&self, keys: &[K]) -> Result<Vec<Option<V>>, MapWriteError> {
+        // A whole read costs about a lookup per 16 entries the map can
+        // hold (bucket walks plus copies); past that, it is the cheaper.
+        if self.batched() && keys.len() >= 64 && keys.len() * 16 >= self.map.max_entries() as usize
+        {
+            let all: HashMap<K, V> = self.entries()?.into_iter().collect();
+            return Ok(keys.iter().map(|k| all.get(k).copied()).collect());
+        }
+        keys.iter().map(|k| self.get(k)).collect()
     }
 }
 

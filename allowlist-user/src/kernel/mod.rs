@@ -23,13 +23,14 @@ mod journal;
 mod map_batch;
 pub mod policy_maps;
 mod policy_sync;
+mod policy_tables;
 
 pub use conns::{
     CgroupMode, ConnClientKind, ConnTable, HookCgroup, child_cgroup_name, own_cgroup, under_systemd,
 };
 use drop_sync::KernelDropMaps;
 pub use policy_maps::{AccountSpec, KeySpec};
-use policy_maps::{ExecError, GuardRecord, KeyRecord, PolicyMaps, PolicyOp, TooMany};
+use policy_maps::{ExecError, GuardRecord, KeyRecord, TooMany};
 
 use std::{
     collections::BTreeMap,
@@ -41,15 +42,12 @@ use std::{
 use allowlist_common::{
     ALL_STATS_SLOTS, C_CONN_CUT_ACCOUNT, C_CONN_CUT_ALLOW, C_CONN_CUT_REVOKED, C_DROP_GUARD,
     C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT,
-    C_MALFORMED, C_PASS, ConnInfo, DropEvent, KeyState, LAYOUT_VERSION, REASON_AUTO, REASON_DENIED,
+    C_MALFORMED, C_PASS, ConnInfo, DropEvent, LAYOUT_VERSION, REASON_AUTO, REASON_DENIED,
     REASON_IMPORT, REASON_MANUAL, V4_L1_SLOTS,
 };
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, RingBuf,
-        lpm_trie::Key,
-    },
+    maps::{Array, Map, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -189,22 +187,6 @@ pub struct MapWriteError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-fn mw(name: &'static str) -> impl FnOnce(MapError) -> MapWriteError {
-    move |source| MapWriteError {
-        name,
-        source: source.into(),
-    }
-}
-
-/// Deleting a key that is already gone is what we wanted anyway.
-fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
-    match r {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other,
-    }
-}
-
 /// Kernel counters, summed over CPUs.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct KernelStats {
@@ -269,17 +251,10 @@ pub struct Kernel {
     /// False until the first sync, which rewrites whatever an earlier daemon
     /// left in the pinned maps.
     adopted: bool,
-    guard4: LpmTrie<MapData, [u8; 5], u8>,
-    guard6: LpmTrie<MapData, [u8; 17], u8>,
-    key_allow4: LpmTrie<MapData, [u8; 8], u8>,
-    key_allow6: LpmTrie<MapData, [u8; 20], u8>,
-    key_state: BpfHashMap<MapData, u32, KeyState>,
-    account_allow4: LpmTrie<MapData, [u8; 8], u8>,
-    account_allow6: LpmTrie<MapData, [u8; 20], u8>,
-    account_mode: BpfHashMap<MapData, u32, u32>,
+    /// The policy maps, written in runs (batched) and read back on adoption.
+    policy_tables: policy_tables::PolicyTables,
     /// What the per-key and per-account maps hold.
     keys: KeyRecord,
-    guard_ports: Array<MapData, u32>,
     guard: GuardRecord,
     policy_gen: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
@@ -303,13 +278,15 @@ fn take<T: TryFrom<Map, Error = MapError>>(
 }
 
 /// A hash or array map, to be read and written in batches.
-fn table<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+fn table<K: aya::Pod, V: aya::Pod>(
     ebpf: &Ebpf,
     name: &'static str,
     batched: bool,
 ) -> Result<map_batch::Table<K, V>, KernelError> {
     match ebpf.map(name) {
-        Some(Map::Array(data) | Map::HashMap(data)) => map_batch::Table::new(data, name, batched),
+        Some(Map::Array(data) | Map::HashMap(data) | Map::LpmTrie(data)) => {
+            map_batch::Table::new(data, name, batched)
+        }
         _ => Err(KernelError::Map {
             name,
             source: MapError::InvalidName { name: name.into() },
@@ -443,20 +420,13 @@ impl Kernel {
             v6_l1: table(&ebpf, "DROP6_L1", opts.batch_writes)?,
             v6_long: table(&ebpf, "DROP6_LONG", opts.batch_writes)?,
         };
+        let policy_tables = policy_tables::PolicyTables::new(&ebpf, opts.batch_writes)?;
         let mut kernel = Kernel {
             drops: DropList::new(opts.drop_capacity as usize),
+            policy_tables,
             drop_maps,
             adopted: !adopting,
-            guard4: take(&mut ebpf, "GUARD4")?,
-            guard6: take(&mut ebpf, "GUARD6")?,
-            key_allow4: take(&mut ebpf, "KEY_ALLOW4")?,
-            key_allow6: take(&mut ebpf, "KEY_ALLOW6")?,
-            key_state: take(&mut ebpf, "KEY_STATE")?,
-            account_allow4: take(&mut ebpf, "ACCOUNT_ALLOW4")?,
-            account_allow6: take(&mut ebpf, "ACCOUNT_ALLOW6")?,
-            account_mode: take(&mut ebpf, "ACCOUNT_MODE")?,
             keys: KeyRecord::default(),
-            guard_ports: take(&mut ebpf, "GUARD_PORTS")?,
             guard: GuardRecord::default(),
             policy_gen: take(&mut ebpf, "POLICY_GEN")?,
             stats: take(&mut ebpf, "STATS")?,

@@ -1,92 +1,9 @@
 //! The policy maps the connection hooks and the guard read, written as
-//! the plans of `policy_maps`: the pinned maps behind [`PolicyMaps`], their
-//! trie keys, and the `Kernel` methods that plan, write and record them.
+//! the plans of `policy_maps`: their trie keys, and the `Kernel` methods
+//! that plan, write (through `policy_tables`) and record them.
 
 use super::*;
-
-/// The policy maps, borrowed for one planned change.
-struct KernelPolicyMaps<'a> {
-    key_state: &'a mut BpfHashMap<MapData, u32, KeyState>,
-    key_allow4: &'a mut LpmTrie<MapData, [u8; 8], u8>,
-    key_allow6: &'a mut LpmTrie<MapData, [u8; 20], u8>,
-    account_allow4: &'a mut LpmTrie<MapData, [u8; 8], u8>,
-    account_allow6: &'a mut LpmTrie<MapData, [u8; 20], u8>,
-    account_mode: &'a mut BpfHashMap<MapData, u32, u32>,
-    guard4: &'a mut LpmTrie<MapData, [u8; 5], u8>,
-    guard6: &'a mut LpmTrie<MapData, [u8; 17], u8>,
-    guard_ports: &'a mut Array<MapData, u32>,
-}
-
-impl PolicyMaps for KernelPolicyMaps<'_> {
-    type Error = MapWriteError;
-    fn apply(&mut self, op: &PolicyOp) -> Result<(), MapWriteError> {
-        match *op {
-            PolicyOp::KeyState(kid, Some(st)) => {
-                self.key_state.insert(kid, st, 0).map_err(mw("KEY_STATE"))
-            }
-            PolicyOp::KeyState(kid, None) => {
-                ignore_missing(self.key_state.remove(&kid)).map_err(mw("KEY_STATE"))
-            }
-            PolicyOp::KeyAllow4(kid, n, true) => self
-                .key_allow4
-                .insert(&trie_key4(kid, &n), 1, 0)
-                .map_err(mw("KEY_ALLOW4")),
-            PolicyOp::KeyAllow4(kid, n, false) => {
-                ignore_missing(self.key_allow4.remove(&trie_key4(kid, &n)))
-                    .map_err(mw("KEY_ALLOW4"))
-            }
-            PolicyOp::KeyAllow6(kid, n, true) => self
-                .key_allow6
-                .insert(&trie_key6(kid, &n), 1, 0)
-                .map_err(mw("KEY_ALLOW6")),
-            PolicyOp::KeyAllow6(kid, n, false) => {
-                ignore_missing(self.key_allow6.remove(&trie_key6(kid, &n)))
-                    .map_err(mw("KEY_ALLOW6"))
-            }
-            PolicyOp::AccountAllow4(acc, n, Some(v)) => self
-                .account_allow4
-                .insert(&trie_key4(acc, &n), v, 0)
-                .map_err(mw("ACCOUNT_ALLOW4")),
-            PolicyOp::AccountAllow4(acc, n, None) => {
-                ignore_missing(self.account_allow4.remove(&trie_key4(acc, &n)))
-                    .map_err(mw("ACCOUNT_ALLOW4"))
-            }
-            PolicyOp::AccountAllow6(acc, n, Some(v)) => self
-                .account_allow6
-                .insert(&trie_key6(acc, &n), v, 0)
-                .map_err(mw("ACCOUNT_ALLOW6")),
-            PolicyOp::AccountAllow6(acc, n, None) => {
-                ignore_missing(self.account_allow6.remove(&trie_key6(acc, &n)))
-                    .map_err(mw("ACCOUNT_ALLOW6"))
-            }
-            PolicyOp::AccountMode(acc, Some(bits)) => self
-                .account_mode
-                .insert(acc, bits, 0)
-                .map_err(mw("ACCOUNT_MODE")),
-            PolicyOp::AccountMode(acc, None) => {
-                ignore_missing(self.account_mode.remove(&acc)).map_err(mw("ACCOUNT_MODE"))
-            }
-            PolicyOp::Guard4(svc, n, true) => self
-                .guard4
-                .insert(&guard_key4(svc, &n), 1, 0)
-                .map_err(mw("GUARD4")),
-            PolicyOp::Guard4(svc, n, false) => {
-                ignore_missing(self.guard4.remove(&guard_key4(svc, &n))).map_err(mw("GUARD4"))
-            }
-            PolicyOp::Guard6(svc, n, true) => self
-                .guard6
-                .insert(&guard_key6(svc, &n), 1, 0)
-                .map_err(mw("GUARD6")),
-            PolicyOp::Guard6(svc, n, false) => {
-                ignore_missing(self.guard6.remove(&guard_key6(svc, &n))).map_err(mw("GUARD6"))
-            }
-            PolicyOp::GuardPort(port, v) => self
-                .guard_ports
-                .set(u32::from(port), v, 0)
-                .map_err(mw("GUARD_PORTS")),
-        }
-    }
-}
+use policy_tables::KernelPolicyMaps;
 
 fn full(family: &'static str) -> impl Fn(TooMany) -> KernelError {
     move |t| KernelError::GuardFull {
@@ -109,7 +26,7 @@ fn exec_error(e: ExecError<MapWriteError>) -> KernelError {
     KernelError::Write(e.to_string())
 }
 
-fn guard_key4(service: u32, n: &Ipv4Net) -> Key<[u8; 5]> {
+pub(super) fn guard_key4(service: u32, n: &Ipv4Net) -> Key<[u8; 5]> {
     let o = n.network().octets();
     Key::new(
         8 + u32::from(n.prefix_len()),
@@ -117,7 +34,7 @@ fn guard_key4(service: u32, n: &Ipv4Net) -> Key<[u8; 5]> {
     )
 }
 
-fn guard_key6(service: u32, n: &Ipv6Net) -> Key<[u8; 17]> {
+pub(super) fn guard_key6(service: u32, n: &Ipv6Net) -> Key<[u8; 17]> {
     let mut k = [0u8; 17];
     k[0] = service as u8;
     k[1..].copy_from_slice(&n.network().octets());
@@ -126,14 +43,14 @@ fn guard_key6(service: u32, n: &Ipv6Net) -> Key<[u8; 17]> {
 
 /// Key of the per-key and per-account v4 tries: the key id or account
 /// index (big-endian), then the prefix.
-fn trie_key4(id: u32, n: &Ipv4Net) -> Key<[u8; 8]> {
+pub(super) fn trie_key4(id: u32, n: &Ipv4Net) -> Key<[u8; 8]> {
     let mut k = [0u8; 8];
     k[..4].copy_from_slice(&id.to_be_bytes());
     k[4..].copy_from_slice(&n.network().octets());
     Key::new(32 + u32::from(n.prefix_len()), k)
 }
 
-fn trie_key6(id: u32, n: &Ipv6Net) -> Key<[u8; 20]> {
+pub(super) fn trie_key6(id: u32, n: &Ipv6Net) -> Key<[u8; 20]> {
     let mut k = [0u8; 20];
     k[..4].copy_from_slice(&id.to_be_bytes());
     k[4..].copy_from_slice(&n.network().octets());
@@ -160,10 +77,14 @@ fn trie_entry6(key: &Key<[u8; 20]>) -> Option<(u32, Ipv6Net)> {
 }
 
 impl Kernel {
+    /// Reads back what an earlier daemon wrote to the pinned policy maps,
+    /// whole maps per syscall batch, so the next sync writes a diff.
     pub(super) fn load_guard_state(&mut self) -> Result<(), KernelError> {
-        let me = |name: &'static str| move |source| KernelError::Map { name, source };
-        for key in self.guard4.keys() {
-            let key = key.map_err(me("GUARD4"))?;
+        let read = self
+            .policy_tables
+            .read()
+            .map_err(|e| KernelError::Write(format!("reading the pinned policy maps: {e}")))?;
+        for (key, _) in read.guard4 {
             let d = key.data();
             if let Ok(net) = Ipv4Net::new(
                 [d[1], d[2], d[3], d[4]].into(),
@@ -172,8 +93,7 @@ impl Kernel {
                 self.guard.v4.insert((u32::from(d[0]), net));
             }
         }
-        for key in self.guard6.keys() {
-            let key = key.map_err(me("GUARD6"))?;
+        for (key, _) in read.guard6 {
             let d = key.data();
             let mut a = [0u8; 16];
             a.copy_from_slice(&d[1..]);
@@ -181,48 +101,30 @@ impl Kernel {
                 self.guard.v6.insert((u32::from(d[0]), net));
             }
         }
-        for port in 0..=u16::MAX {
-            let v = self
-                .guard_ports
-                .get(&u32::from(port), 0)
-                .map_err(me("GUARD_PORTS"))?;
-            if v != 0 {
+        for (port, v) in read.guard_ports {
+            if let (Ok(port), true) = (u16::try_from(port), v != 0) {
                 self.guard.ports.insert(port, v);
             }
         }
-        for key in self.key_allow4.keys() {
-            let key = key.map_err(me("KEY_ALLOW4"))?;
-            if let Some(entry) = trie_entry4(&key) {
-                self.keys.v4.insert(entry);
-            }
-        }
-        for key in self.key_allow6.keys() {
-            let key = key.map_err(me("KEY_ALLOW6"))?;
-            if let Some(entry) = trie_entry6(&key) {
-                self.keys.v6.insert(entry);
-            }
-        }
-        for item in self.key_state.iter() {
-            let (k, v) = item.map_err(me("KEY_STATE"))?;
-            self.keys.state.insert(k, v);
-        }
+        self.keys
+            .v4
+            .extend(read.key_allow4.iter().filter_map(|(k, _)| trie_entry4(k)));
+        self.keys
+            .v6
+            .extend(read.key_allow6.iter().filter_map(|(k, _)| trie_entry6(k)));
+        self.keys.state.extend(read.key_state);
         // With their values: an entry whose value changes is an update.
-        for item in self.account_allow4.iter() {
-            let (key, v) = item.map_err(me("ACCOUNT_ALLOW4"))?;
+        for (key, v) in read.account_allow4 {
             if let Some(entry) = trie_entry4(&key) {
                 self.keys.accounts.v4.insert(entry, v);
             }
         }
-        for item in self.account_allow6.iter() {
-            let (key, v) = item.map_err(me("ACCOUNT_ALLOW6"))?;
+        for (key, v) in read.account_allow6 {
             if let Some(entry) = trie_entry6(&key) {
                 self.keys.accounts.v6.insert(entry, v);
             }
         }
-        for item in self.account_mode.iter() {
-            let (acc, bits) = item.map_err(me("ACCOUNT_MODE"))?;
-            self.keys.accounts.mode.insert(acc, bits);
-        }
+        self.keys.accounts.mode.extend(read.account_mode);
         Ok(())
     }
 
@@ -358,17 +260,7 @@ impl Kernel {
         Ok(())
     }
 
-    fn policy_maps(&mut self) -> KernelPolicyMaps<'_> {
-        KernelPolicyMaps {
-            key_state: &mut self.key_state,
-            key_allow4: &mut self.key_allow4,
-            key_allow6: &mut self.key_allow6,
-            account_allow4: &mut self.account_allow4,
-            account_allow6: &mut self.account_allow6,
-            account_mode: &mut self.account_mode,
-            guard4: &mut self.guard4,
-            guard6: &mut self.guard6,
-            guard_ports: &mut self.guard_ports,
-        }
+    fn policy_maps(&self) -> KernelPolicyMaps<'_> {
+        KernelPolicyMaps(&self.policy_tables)
     }
 }

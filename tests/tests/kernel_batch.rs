@@ -1,9 +1,9 @@
-//! Bulk drop-list writes through the kernel's batch map commands, against
+//! Bulk kernel map writes through the kernel's batch map commands, against
 //! the real maps: what they leave must be exactly what one write per entry
-//! leaves (loading, changing, and adopting after a restart), and a change
-//! that fails partway through a batch — a hash map filling up — must leave
-//! the maps as they were. The maps are read back with aya, not with the
-//! code under test.
+//! leaves (loading, changing, and adopting after a restart), for the drop
+//! list and the policy maps; and a change that fails partway through a
+//! batch — a hash map filling up — must leave the maps as they were. The
+//! maps are read back with aya, not with the code under test.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -12,10 +12,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use allowlist::kernel::{AttachMode, DropSpec, Kernel, KernelOptions};
+use allowlist::kernel::{AccountSpec, AttachMode, DropSpec, Kernel, KernelOptions, KeySpec};
 use allowlist_common::{DropRule, V4_L1_SLOTS, V4LongKey, V6L1Value, V6LongKey};
 use allowlist_tests::{bench::Rng, kernel_tests_enabled};
-use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, LpmTrie, Map, MapData};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// A private bpffs folder, unloaded however the test ends.
@@ -39,7 +39,7 @@ fn load(bpffs: &Path, capacity: u32, batch_writes: bool) -> Kernel {
         interfaces: vec![],
         mode: AttachMode::Generic,
         drop_capacity: capacity,
-        guard_capacity: 1024,
+        guard_capacity: 1 << 16,
         cgroup: None,
         batch_writes,
     })
@@ -261,4 +261,122 @@ fn a_change_that_fills_a_map_partway_through_a_batch_is_undone() {
         let distinct: std::collections::HashSet<IpNet> = smaller.iter().map(|s| s.net).collect();
         assert_eq!(meaning(&pins.0).v6_long.len(), distinct.len());
     }
+}
+
+/// Random keys (10 per account) with IPv4 and IPv6 allowlists, and
+/// accounts with authorized and denied entries.
+fn policy(rng: &mut Rng, accounts: u32) -> (Vec<KeySpec>, Vec<AccountSpec>) {
+    let mut net = |rng: &mut Rng| -> IpNet {
+        if rng.range(0, 3) == 0 {
+            let a = (0x2001_0db8u128 << 96) | (u128::from(rng.next_u64()) << 32);
+            IpNet::V6(
+                Ipv6Net::new(Ipv6Addr::from(a), rng.range(32, 128) as u8)
+                    .unwrap()
+                    .trunc(),
+            )
+        } else {
+            let a = Ipv4Addr::from(rng.next_u64() as u32);
+            IpNet::V4(Ipv4Net::new(a, rng.range(8, 32) as u8).unwrap().trunc())
+        }
+    };
+    let mut keys = Vec::new();
+    let mut specs = Vec::new();
+    for idx in 1..=accounts {
+        for k in 0..10 {
+            let allow: std::collections::HashSet<IpNet> =
+                (0..rng.range(0, 12)).map(|_| net(rng)).collect();
+            keys.push(KeySpec {
+                kid: idx * 10 + k,
+                revoked: rng.range(0, 9) == 0,
+                allow: allow.into_iter().collect(),
+                account: idx,
+            });
+        }
+        let entries: std::collections::HashMap<IpNet, bool> = (0..rng.range(0, 20))
+            .map(|_| (net(rng), rng.range(0, 4) != 0))
+            .collect();
+        specs.push(AccountSpec {
+            idx,
+            api_active: rng.range(0, 1) == 0,
+            entries: entries.into_iter().collect(),
+        });
+    }
+    (keys, specs)
+}
+
+/// Every entry of every policy map (LPM tries as raw keys).
+type PolicyMeaning = (
+    Vec<(u32, Vec<u8>, u8)>,
+    Vec<(u32, allowlist_common::KeyState)>,
+    Vec<(u32, u32)>,
+);
+
+fn policy_meaning(bpffs: &Path) -> PolicyMeaning {
+    fn trie<const N: usize>(bpffs: &Path, name: &str, tag: u32, out: &mut Vec<(u32, Vec<u8>, u8)>) {
+        let t: LpmTrie<MapData, [u8; N], u8> =
+            LpmTrie::try_from(Map::LpmTrie(map(bpffs, name))).unwrap();
+        for e in t.iter() {
+            let (k, v) = e.unwrap();
+            let mut raw = k.prefix_len().to_ne_bytes().to_vec();
+            raw.extend_from_slice(&k.data());
+            out.push((tag, raw, v));
+        }
+    }
+    let mut tries = Vec::new();
+    trie::<8>(bpffs, "KEY_ALLOW4", 0, &mut tries);
+    trie::<20>(bpffs, "KEY_ALLOW6", 1, &mut tries);
+    trie::<8>(bpffs, "ACCOUNT_ALLOW4", 2, &mut tries);
+    trie::<20>(bpffs, "ACCOUNT_ALLOW6", 3, &mut tries);
+    tries.sort();
+    let states: BpfHashMap<MapData, u32, allowlist_common::KeyState> =
+        BpfHashMap::try_from(Map::HashMap(map(bpffs, "KEY_STATE"))).unwrap();
+    let mut states: Vec<_> = states.iter().map(Result::unwrap).collect();
+    states.sort_by_key(|(k, _)| *k);
+    let modes: BpfHashMap<MapData, u32, u32> =
+        BpfHashMap::try_from(Map::HashMap(map(bpffs, "ACCOUNT_MODE"))).unwrap();
+    let mut modes: Vec<_> = modes.iter().map(Result::unwrap).collect();
+    modes.sort();
+    (tries, states, modes)
+}
+
+#[test]
+fn policy_maps_batched_and_read_back_after_a_restart_match_single_writes() {
+    if !kernel_tests_enabled(
+        "policy_maps_batched_and_read_back_after_a_restart_match_single_writes",
+    ) {
+        return;
+    }
+    // 1,500 accounts, 15,000 keys: runs longer than one batch (8192).
+    let mut rng = Rng(0xba7c_0003);
+    let first = policy(&mut rng, 1_500);
+    let second = policy(&mut rng, 1_200);
+    let mut seen = Vec::new();
+    for batch_writes in [true, false] {
+        let pins = Pins::new();
+        let mut k = load(&pins.0, 1 << 16, batch_writes);
+        k.sync_keys(&first.0, &first.1).expect("first policy");
+        let a = policy_meaning(&pins.0);
+        drop(k);
+        // A restarted daemon reads the maps back, then writes only the
+        // difference: if it missed an entry, that entry would stay.
+        let mut k = load(&pins.0, 1 << 16, batch_writes);
+        k.sync_keys(&second.0, &second.1)
+            .expect("second policy, after a restart");
+        let b = policy_meaning(&pins.0);
+        // The same policy into fresh maps must give the same maps.
+        let fresh = Pins::new();
+        let mut f = load(&fresh.0, 1 << 16, batch_writes);
+        f.sync_keys(&second.0, &second.1)
+            .expect("second policy, fresh");
+        assert!(
+            policy_meaning(&fresh.0) == b,
+            "batch_writes={batch_writes}: the restarted daemon's maps differ from fresh ones"
+        );
+        seen.push((a, b));
+    }
+    assert!(
+        seen[0] == seen[1],
+        "batched and single writes left different policy maps"
+    );
+    assert!(!seen[0].0.0.is_empty() && !seen[0].1.1.is_empty());
 }
