@@ -266,7 +266,7 @@ fn a_change_that_fills_a_map_partway_through_a_batch_is_undone() {
 /// Random keys (10 per account) with IPv4 and IPv6 allowlists, and
 /// accounts with authorized and denied entries.
 fn policy(rng: &mut Rng, accounts: u32) -> (Vec<KeySpec>, Vec<AccountSpec>) {
-    let mut net = |rng: &mut Rng| -> IpNet {
+    let net = |rng: &mut Rng| -> IpNet {
         if rng.range(0, 3) == 0 {
             let a = (0x2001_0db8u128 << 96) | (u128::from(rng.next_u64()) << 32);
             IpNet::V6(
