@@ -36,57 +36,44 @@ use core::mem::size_of;
 
 use allowlist_common::{
     ALL_STATS_SLOTS, C_DROP_GUARD, C_DROP_GUARD_SMTP, C_DROP_LIST_BASE, C_DROP_UNCLASSIFIED,
-    C_EVENTS_LOST, C_EVENTS_RATE_LIMITED, C_EVENTS_SENT, C_MALFORMED, C_PASS, DropEvent, DropRule,
-    EVENT_CACHE_SLOTS, EVENT_INTERVAL_NS, EVENTS_BYTES, EVENTS_PER_CPU_PER_SEC, EventCacheSlot,
-    GUARD_PORT_SLOTS, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_API, SERVICE_SMTP, V4_L1_ELEMENTS,
-    V4_L1_LEN_BITS, V4LongKey, V6L1Value, V6LongKey, VERDICT_DROP_GUARD, VERDICT_DROP_LIST,
-    armed_services, guard_service,
+    C_MALFORMED, C_PASS, GUARD_PORT_SLOTS, PROTO_TCP, PROTO_UDP, REASON_MAX, SERVICE_API,
+    SERVICE_SMTP, VERDICT_DROP_GUARD, VERDICT_DROP_LIST, armed_services, guard_service,
 };
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     cty::c_void,
     helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 
 /// The connection hooks (`conn_ops`, `conn_ingress`, `conn_egress`) and
 /// the maps only they read.
 mod conn;
+/// The drop list's maps and its longest-prefix match.
+mod droplist;
+/// Drop events to userspace, with their per-source and per-CPU limits.
+mod events;
+
+use droplist::{drop4, drop6};
+use events::{may_report, send_event};
 
 /// `BPF_F_NO_PREALLOC`: required for LPM tries, and keeps hash maps from
 /// reserving their full capacity up front.
-const NO_PREALLOC: u32 = 1;
+pub(crate) const NO_PREALLOC: u32 = 1;
 /// `BPF_F_MMAPABLE`: the daemon writes the 16M-slot v4 table through mmap,
 /// since expanding a short prefix touches up to 65536 slots.
-const MMAPABLE: u32 = 1 << 10;
+pub(crate) const MMAPABLE: u32 = 1 << 10;
 
 /// Default capacities; the daemon overrides them from its configuration.
-const DEFAULT_RULES: u32 = 1 << 20;
-const DEFAULT_LONG: u32 = 1 << 20;
+pub(crate) const DEFAULT_RULES: u32 = 1 << 20;
+pub(crate) const DEFAULT_LONG: u32 = 1 << 20;
 const DEFAULT_GUARD: u32 = 1 << 18;
 
 /// Layout version of the pinned maps (slot 0), written by the daemon.
 #[map]
 static LAYOUT: Array<u32> = Array::pinned(1, 0);
-
-/// v4 drop first level: one `u32` slot per /24, two per element; see
-/// `allowlist_common::{v4_slot, V4_L1_ELEMENTS}`.
-#[map]
-static DROP4_L1: Array<u64> = Array::pinned(V4_L1_ELEMENTS, MMAPABLE);
-/// v4 drop prefixes of length 25..=32 -> rule index.
-#[map]
-static DROP4_LONG: HashMap<V4LongKey, u32> = HashMap::pinned(DEFAULT_LONG, NO_PREALLOC);
-/// v6 drop first level: top 32 bits -> rule for <= /32 + lengths below.
-#[map]
-static DROP6_L1: HashMap<u32, V6L1Value> = HashMap::pinned(DEFAULT_LONG, NO_PREALLOC);
-/// v6 drop prefixes of length 33..=128 -> rule index.
-#[map]
-static DROP6_LONG: HashMap<V6LongKey, u32> = HashMap::pinned(DEFAULT_LONG, NO_PREALLOC);
-/// Rule index -> reason and expiry, shared by both families.
-#[map]
-static DROP_RULES: Array<DropRule> = Array::pinned(DEFAULT_RULES, 0);
 
 /// Guard unions, one per service: every source that some rule could allow
 /// for that service. Key: the service (`SERVICE_*`, one byte) then the
@@ -103,16 +90,6 @@ static GUARD_PORTS: Array<u32> = Array::pinned(GUARD_PORT_SLOTS, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(ALL_STATS_SLOTS, 0);
-
-#[map]
-static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
-/// Source (v4 as ::ffff:a.b.c.d) -> time of its last event. Authoritative.
-#[map]
-static EVENT_LAST: LruHashMap<[u8; 16], u64> = LruHashMap::pinned(65536, 0);
-/// Per-CPU direct-mapped cache of `EVENT_LAST`: a flood from one source is
-/// suppressed by an inlined array load instead of an LRU hash lookup.
-#[map]
-static EVENT_CACHE: PerCpuArray<EventCacheSlot> = PerCpuArray::pinned(EVENT_CACHE_SLOTS, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -196,7 +173,7 @@ fn rd<T: Copy>(ctx: &XdpContext, offset: usize, variable: bool) -> Result<T, ()>
 }
 
 #[inline(always)]
-fn count(slot: u32) {
+pub(crate) fn count(slot: u32) {
     if let Some(c) = STATS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *c += 1 };
@@ -204,7 +181,7 @@ fn count(slot: u32) {
 }
 
 /// What the L4 header says, when there is one we can read.
-struct L4 {
+pub(crate) struct L4 {
     proto: u8,
     dport: u16,
     /// TCP SYN without ACK, or any UDP datagram.
@@ -595,95 +572,6 @@ fn mapped4(saddr_be: u32) -> [u8; 16] {
     ]
 }
 
-/// The reason of the rule that drops `rule`, if it has not expired.
-#[inline(always)]
-fn rule_verdict(rule: u32) -> Option<u32> {
-    if rule == 0 {
-        return None;
-    }
-    let r = DROP_RULES.get(rule)?;
-    if r.expires_ns != 0 && r.expires_ns <= now_ns() {
-        return None;
-    }
-    Some(r.reason)
-}
-
-/// Longest-prefix match of `addr` (host order) in the v4 drop list.
-#[inline(always)]
-fn drop4(addr: u32) -> Option<u32> {
-    let pair = *DROP4_L1.get(addr >> 9)?;
-    let slot = if addr & (1 << 8) == 0 {
-        pair as u32
-    } else {
-        (pair >> 32) as u32
-    };
-    let mut bits = (slot & ((1 << V4_L1_LEN_BITS) - 1)) as u8;
-    // Lengths 32 down to 25 present under this /24, longest first.
-    for _ in 0..8 {
-        if bits == 0 {
-            break;
-        }
-        let top = 7 - bits.leading_zeros();
-        bits &= !(1u8 << top);
-        let len = 25 + top;
-        let key = V4LongKey {
-            addr: addr & (u32::MAX << (32 - len)),
-            len,
-        };
-        // SAFETY: plain value read of a map entry.
-        if let Some(rule) = unsafe { DROP4_LONG.get(key) } {
-            return rule_verdict(*rule);
-        }
-    }
-    rule_verdict(slot >> V4_L1_LEN_BITS)
-}
-
-/// Longest-prefix match of `hi:lo` (host order) in the v6 drop list.
-#[inline(always)]
-fn drop6(hi: u64, lo: u64) -> Option<u32> {
-    // SAFETY: plain value read of a map entry.
-    let l1 = unsafe { DROP6_L1.get((hi >> 32) as u32) }?;
-    let mut low = l1.bits_65_128;
-    for _ in 0..64 {
-        if low == 0 {
-            break;
-        }
-        let top = 63 - low.leading_zeros();
-        low &= !(1u64 << top);
-        let len = 65 + top;
-        let key = V6LongKey {
-            hi,
-            lo: lo & (u64::MAX << (128 - len)),
-            len,
-            _pad: 0,
-        };
-        // SAFETY: plain value read of a map entry.
-        if let Some(rule) = unsafe { DROP6_LONG.get(key) } {
-            return rule_verdict(*rule);
-        }
-    }
-    let mut high = l1.bits_33_64;
-    for _ in 0..32 {
-        if high == 0 {
-            break;
-        }
-        let top = 31 - high.leading_zeros();
-        high &= !(1u32 << top);
-        let len = 33 + top;
-        let key = V6LongKey {
-            hi: hi & (u64::MAX << (64 - len)),
-            lo: 0,
-            len,
-            _pad: 0,
-        };
-        // SAFETY: plain value read of a map entry.
-        if let Some(rule) = unsafe { DROP6_LONG.get(key) } {
-            return rule_verdict(*rule);
-        }
-    }
-    rule_verdict(l1.rule)
-}
-
 /// `l4_at`: protocol and offset of the L4 header, parsed only if an event
 /// is actually sent (the rate limiter suppresses nearly all in a flood).
 #[inline(always)]
@@ -719,126 +607,9 @@ fn drop_guard(ctx: &XdpContext, saddr: [u8; 16], family: u8, service: u32, l4: &
 /// Coarse monotonic time (CLOCK_MONOTONIC_COARSE, a few ms behind
 /// CLOCK_MONOTONIC): cheaper, and ample for one-second limits and expiries.
 #[inline(always)]
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// The total budget: at most `EVENTS_PER_CPU_PER_SEC` events per CPU per
-/// second, whatever the sources. The per-source limit alone lets a flood
-/// of spoofed sources (every address of a dropped /8) send one event each.
-/// Kept in the last slot of this CPU's `EVENT_CACHE` (`addr[0]`: start of
-/// the current second, `addr[1]`: events sent in it), so the pinned layout
-/// is unchanged.
-#[inline(always)]
-fn within_budget(now: u64) -> bool {
-    let Some(b) = EVENT_CACHE.get_ptr_mut(EVENT_CACHE_SLOTS - 1) else {
-        return true;
-    };
-    // SAFETY: this CPU's own slot; no other writer.
-    let b = unsafe { &mut *b };
-    if now.wrapping_sub(b.addr[0]) >= 1_000_000_000 {
-        b.addr = [now, 0];
-    }
-    if b.addr[1] >= EVENTS_PER_CPU_PER_SEC {
-        return false;
-    }
-    b.addr[1] += 1;
-    true
-}
-
-/// Whether an event about this source may be sent now: at most one per
-/// source per `EVENT_INTERVAL_NS`. The LRU map decides; the per-CPU cache in
-/// front of it only ever holds the LRU's own last-event times, so it
-/// suppresses nothing the LRU would let through, and turns a one-source
-/// flood into one array load per packet.
-#[inline(always)]
-fn may_report(saddr: &[u8; 16]) -> bool {
-    let now = now_ns();
-    let w = [
-        u64::from_ne_bytes([
-            saddr[0], saddr[1], saddr[2], saddr[3], saddr[4], saddr[5], saddr[6], saddr[7],
-        ]),
-        u64::from_ne_bytes([
-            saddr[8], saddr[9], saddr[10], saddr[11], saddr[12], saddr[13], saddr[14], saddr[15],
-        ]),
-    ];
-    let h = (w[0] ^ w[1]) as u32 ^ ((w[0] ^ w[1]) >> 32) as u32;
-    let idx = h.wrapping_mul(0x9E37_79B1) >> 22;
-    // The last slot is this CPU's budget, not a cache entry.
-    let cache = EVENT_CACHE.get_ptr_mut(idx % (EVENT_CACHE_SLOTS - 1));
-    if let Some(c) = cache {
-        // SAFETY: this CPU's own slot.
-        let c = unsafe { &*c };
-        if c.addr == w && now.wrapping_sub(c.last_ns) < EVENT_INTERVAL_NS {
-            count(C_EVENTS_RATE_LIMITED);
-            return false;
-        }
-    }
-    // The per-source limit first, then the total budget; the source's time
-    // is recorded only for an event actually sent, so a source the budget
-    // turned away is not also silenced for the next second.
-    let last = EVENT_LAST.get_ptr_mut(saddr);
-    // SAFETY: a racing writer on another CPU can at worst let one extra
-    // event through; the value is a plain u64.
-    let last_event = last.map(|l| unsafe { *l });
-    let allowed =
-        last_event.is_none_or(|t| now.wrapping_sub(t) >= EVENT_INTERVAL_NS) && within_budget(now);
-    if allowed {
-        match last {
-            // SAFETY: as above.
-            Some(l) => unsafe { *l = now },
-            None => {
-                let _ = EVENT_LAST.insert(saddr, now, 0);
-            }
-        }
-    }
-    if let Some(c) = cache {
-        // SAFETY: this CPU's own slot.
-        unsafe {
-            *c = EventCacheSlot {
-                addr: w,
-                last_ns: if allowed {
-                    now
-                } else {
-                    last_event.unwrap_or(0)
-                },
-            }
-        };
-    }
-    if !allowed {
-        count(C_EVENTS_RATE_LIMITED);
-    }
-    allowed
-}
-
-#[inline(always)]
-fn send_event(
-    ctx: &XdpContext,
-    saddr: [u8; 16],
-    family: u8,
-    verdict: u32,
-    reason: u32,
-    l4: Option<&L4>,
-) {
-    match EVENTS.reserve::<DropEvent>(0) {
-        Some(mut entry) => {
-            entry.write(DropEvent {
-                ts_ns: now_ns(),
-                saddr,
-                // SAFETY: ctx points at a live xdp_md.
-                ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
-                dport: l4.map_or(0, |l| l.dport),
-                family,
-                proto: l4.map_or(0, |l| l.proto),
-                verdict,
-                reason,
-            });
-            entry.submit(0);
-            count(C_EVENTS_SENT);
-        }
-        None => count(C_EVENTS_LOST),
-    }
 }
 
 #[cfg(not(test))]
