@@ -114,22 +114,22 @@ fn meaning(bpffs: &Path) -> Meaning {
             v4_l1.insert(slot, (v & 0xff, rule(index)));
         }
     }
-    let v4_long: HashMap<_, _> = v4_long
-        .iter()
-        .map(|e| {
-            let (k, i) = e.unwrap();
-            used.insert(i);
-            (k, rule(i))
-        })
-        .collect();
-    let v6_long: HashMap<_, _> = v6_long
-        .iter()
-        .map(|e| {
-            let (k, i) = e.unwrap();
-            used.insert(i);
-            (k, rule(i))
-        })
-        .collect();
+    // A long-prefix hash with each rule number resolved (and counted).
+    fn resolved<K: aya::Pod + Eq + std::hash::Hash>(
+        hash: &BpfHashMap<MapData, K, u32>,
+        used: &mut std::collections::HashSet<u32>,
+        rule: &impl Fn(u32) -> (u32, u64),
+    ) -> HashMap<K, (u32, u64)> {
+        hash.iter()
+            .map(|e| {
+                let (k, i) = e.unwrap();
+                used.insert(i);
+                (k, rule(i))
+            })
+            .collect()
+    }
+    let v4_long = resolved(&v4_long, &mut used, &rule);
+    let v6_long = resolved(&v6_long, &mut used, &rule);
     let v6_l1: HashMap<_, _> = v6_l1
         .iter()
         .map(|e| {

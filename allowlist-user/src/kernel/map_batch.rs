@@ -82,7 +82,7 @@ impl<K: Pod, V: Pod> Table<K, V> {
     fn err(&self, source: io::Error) -> MapWriteError {
         MapWriteError {
             name: self.name,
-            source: source.into(),
+            source,
         }
     }
 
@@ -163,7 +163,7 @@ impl<K: Pod, V: Pod> Table<K, V> {
     pub(super) fn entries(&self) -> Result<Vec<(K, V)>, MapWriteError> {
         let mut out = Vec::new();
         if self.batched() {
-            match self.read_all(&mut out) {
+            match self.read_batches(None, usize::MAX, &mut out) {
                 Ok(()) => return Ok(out),
                 Err(e) if out.is_empty() && no_such_command(&e) => self.refused_batches(),
                 Err(e) => return Err(self.err(e)),
@@ -185,26 +185,37 @@ impl<K: Pod, V: Pod> Table<K, V> {
         Ok(out)
     }
 
-    fn read_all(&self, out: &mut Vec<(K, V)>) -> io::Result<()> {
-        let mut keys = vec![sys::zeroed_pod::<K>(); CHUNK];
-        let mut values = vec![sys::zeroed_pod::<V>(); CHUNK];
-        let mut token = vec![0u8; self.map.token_size()];
+    /// Entries in the map's own order (an array's: by index) after the
+    /// position `after` (`None`: from the first), at most `limit` of them,
+    /// a batch per syscall.
+    fn read_batches(
+        &self,
+        after: Option<Vec<u8>>,
+        limit: usize,
+        out: &mut Vec<(K, V)>,
+    ) -> io::Result<()> {
+        // On the heap: a chunk of keys and values is hundreds of KiB.
+        let mut keys: Vec<K> = std::iter::repeat_n(sys::zeroed_pod(), CHUNK).collect();
+        let mut values: Vec<V> = std::iter::repeat_n(sys::zeroed_pod(), CHUNK).collect();
+        let mut token = after;
         let mut next = vec![0u8; self.map.token_size()];
-        let mut first = true;
-        loop {
+        let mut read = 0;
+        while read < limit {
+            let want = (limit - read).min(CHUNK);
             let (n, more) = self.map.lookup_batch(
-                (!first).then_some(&token[..]),
+                token.as_deref(),
                 &mut next,
-                sys::pod_slice_bytes_mut(&mut keys),
-                sys::pod_slice_bytes_mut(&mut values),
+                sys::pod_slice_bytes_mut(&mut keys[..want]),
+                sys::pod_slice_bytes_mut(&mut values[..want]),
             )?;
             out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-            if !more {
-                return Ok(());
+            read += n;
+            if !more || n == 0 {
+                break;
             }
-            std::mem::swap(&mut token, &mut next);
-            first = false;
+            token = Some(next.clone());
         }
+        Ok(())
     }
 }
 
@@ -247,30 +258,14 @@ impl<V: Pod> Table<u32, V> {
     fn read_run(&self, lo: u32, span: usize) -> io::Result<Vec<V>> {
         let mut run = Vec::with_capacity(span);
         // A batch lookup starts after the index in its position.
-        let mut token = lo.checked_sub(1).map(|p| p.to_ne_bytes().to_vec());
-        let mut next = vec![0u8; self.map.token_size()];
-        while run.len() < span {
-            let want = (span - run.len()).min(CHUNK);
-            let mut keys = vec![0u32; want];
-            let mut values = vec![sys::zeroed_pod::<V>(); want];
-            let (n, more) = self.map.lookup_batch(
-                token.as_deref(),
-                &mut next,
-                sys::pod_slice_bytes_mut(&mut keys),
-                sys::pod_slice_bytes_mut(&mut values),
-            )?;
-            run.extend_from_slice(&values[..n]);
-            if !more || n == 0 {
-                break;
-            }
-            token = Some(next.clone());
-        }
+        let after = lo.checked_sub(1).map(|p| p.to_ne_bytes().to_vec());
+        self.read_batches(after, span, &mut run)?;
         if run.len() < span {
             return Err(io::Error::other(format!(
                 "the array ended after {} of the {span} entries read from index {lo}",
                 run.len()
             )));
         }
-        Ok(run)
+        Ok(run.into_iter().map(|(_, v)| v).collect())
     }
 }

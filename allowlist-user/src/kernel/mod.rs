@@ -171,10 +171,11 @@ pub struct KernelOptions {
     pub guard_capacity: u32,
     /// Where the connection hooks go (see [`CgroupMode`]). `None`: no hooks.
     pub cgroup: Option<CgroupMode>,
-    /// Bulk drop-list writes through the kernel's batch map commands
-    /// (thousands of entries per syscall). Where the kernel has none they
-    /// are not used, whatever this says; `false` writes one entry per
-    /// syscall, which the benchmarks measure against.
+    /// Bulk writes and reads of the drop list and the policy maps through
+    /// the kernel's batch map commands (thousands of entries per syscall).
+    /// Where the kernel has none they are not used, whatever this says;
+    /// `false` moves one entry per syscall, which the benchmarks measure
+    /// against.
     pub batch_writes: bool,
 }
 
@@ -184,7 +185,7 @@ pub struct KernelOptions {
 pub struct MapWriteError {
     name: &'static str,
     #[source]
-    source: Box<dyn std::error::Error + Send + Sync>,
+    source: io::Error,
 }
 
 /// Kernel counters, summed over CPUs.
@@ -277,7 +278,7 @@ fn take<T: TryFrom<Map, Error = MapError>>(
     T::try_from(map).map_err(|source| KernelError::Map { name, source })
 }
 
-/// A hash or array map, to be read and written in batches.
+/// A hash, array or LPM trie map, to be read and written in batches.
 fn table<K: aya::Pod, V: aya::Pod>(
     ebpf: &Ebpf,
     name: &'static str,

@@ -73,11 +73,8 @@ impl DropList {
         }
 
         self.repaint_v4(maps).map_err(maps_err)?;
-        let l1: Vec<(u32, V6L1Value)> = tops
-            .iter()
-            .filter_map(|&top| Some((top, self.v6_l1_value(top)?)))
-            .collect();
-        maps.set_v6_l1(&l1).map_err(maps_err)?;
+        self.write_v6_l1(maps, tops.iter().copied())
+            .map_err(maps_err)?;
         let stale = not_in(maps.v6_l1_keys().map_err(maps_err)?, &tops);
         maps.del_v6_l1(&stale).map_err(maps_err)?;
         let wanted4: HashSet<V4LongKey> = long4.iter().map(|&(k, _)| k).collect();
