@@ -110,7 +110,8 @@ impl Daemon {
         kind: DropKind,
         actor: &str,
     ) -> Result<api::DropView, DaemonError> {
-        let rec = self.drop_record(req.clone(), kind, actor, unix_now())?;
+        let now = unix_now();
+        let rec = self.drop_record(req.clone(), kind, actor, now)?;
         let cidr = rec.cidr;
         let _guard = self.changes.lock().await;
         let mut all = self.store.list_drops()?;
@@ -127,7 +128,10 @@ impl Daemon {
             return Err(e.into());
         }
         tracing::info!(%cidr, ttl = ?req.ttl, actor, "drop list: added");
-        Ok(view(rec))
+        // As made: its expiry counted from the same clock reading that set
+        // it, so `--ttl 1h` answers 3600 even when a second ticks over
+        // while the change is written.
+        Ok(view_at(rec, now))
     }
 
     /// The entry `req` asks for, checked: a valid prefix outside

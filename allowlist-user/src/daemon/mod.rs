@@ -308,7 +308,12 @@ fn wall_now_ms() -> i64 {
 }
 
 fn view(record: DropRecord) -> api::DropView {
-    let expires_in = record.expires_at.map(|at| (at - unix_now()).max(0));
+    view_at(record, unix_now())
+}
+
+/// The entry as seen at `now` (Unix seconds).
+fn view_at(record: DropRecord, now: i64) -> api::DropView {
+    let expires_in = record.expires_at.map(|at| (at - now).max(0));
     api::DropView { record, expires_in }
 }
 impl Daemon {
